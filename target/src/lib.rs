@@ -1,0 +1,1 @@
+//! Engine (issue 2).

@@ -1,0 +1,1 @@
+//! Ordered writeback (issue 3).
