@@ -1,0 +1,419 @@
+//! Starting and stopping an engine's threads, the writeback seam (`CacheLog`), drain and status.
+//!
+//! Threads: `wb-log` and `wb-log-leg<i>` (log writer), `wb-sync` (seals an open segment once the
+//! sync interval passes), `wb-writeback` (ordered replay onto the backing device).
+//! Every shutdown path seals and flushes the log before the threads stop.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use logfmt::{
+    checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader,
+    SEGMENT_HEADER_SIZE_BYTES,
+};
+use parking_lot::Mutex;
+use writeback::{Activity, CacheLog, Policy, Writeback};
+
+use crate::device::AlignedBuf;
+use crate::engine::{Engine, Shared, Slot};
+use crate::error::{EngineError, Result};
+use crate::log_writer::{self, LogJob};
+
+/// How often `wb-sync` looks at the open segment.
+const SYNC_TICK: Duration = Duration::from_millis(50);
+
+impl Engine {
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        log_jobs: Receiver<LogJob>,
+        policy: Option<Policy>,
+    ) -> Engine {
+        let mut threads = log_writer::start(&shared, log_jobs);
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("wb-sync".into())
+                .spawn(move || {
+                    while !s.stopping.load(Ordering::Acquire) {
+                        std::thread::sleep(SYNC_TICK);
+                        s.seal_if_stale();
+                    }
+                })
+                .expect("spawn wb-sync"),
+        );
+        if let Some(policy) = policy {
+            *shared.policy.lock() = Some(policy);
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("wb-writeback".into())
+                    .spawn(move || {
+                        let log: Arc<dyn CacheLog> = s.clone();
+                        let mut wb = Writeback::new(log);
+                        if let Err(e) = wb.run() {
+                            s.fail(format!("writeback stopped: {e}"));
+                        }
+                    })
+                    .expect("spawn wb-writeback"),
+            );
+        }
+        Engine {
+            shared,
+            threads: Mutex::new(threads),
+        }
+    }
+
+    /// Seals and flushes the log, then stops every thread. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        let flushed = {
+            let failed = self.shared.state.lock().failure.is_some();
+            if failed || self.shared.stopping.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                self.shared.flush()
+            }
+        };
+        self.stop_threads();
+        flushed
+    }
+
+    /// Stops the threads without flushing: what a killed daemon leaves behind (tests).
+    pub fn abandon(&self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&self) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let mut state = self.shared.state.lock();
+            state.shutting_down = true;
+        }
+        self.shared.space_freed.notify_all();
+        self.shared.progress.notify_all();
+        self.shared.writeback_wakeup.notify_all();
+        let mut threads = std::mem::take(&mut *self.threads.lock());
+        // Sync and writeback stop first (they may still hand jobs to the log writer).
+        let log_threads: Vec<JoinHandle<()>> = threads
+            .extract_if(.., |t| t.thread().name().is_some_and(|n| n.starts_with("wb-log")))
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = self.shared.log_jobs.send(LogJob::Stop);
+        for t in log_threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Writes everything back; `progress` is called about every `interval` with the blocks and
+    /// segments left. Returns when the cache is clean.
+    pub fn drain(&self, interval: Duration, mut progress: impl FnMut(&DrainProgress)) -> Result<()> {
+        self.shared.flush()?;
+        let started = Instant::now();
+        let first = self.status();
+        let mut state = self.shared.state.lock();
+        state.drain_requested = true;
+        self.shared.writeback_wakeup.notify_all();
+        let result = loop {
+            if let Some(why) = &state.failure {
+                break Err(EngineError::CacheFailed(why.clone()));
+            }
+            if state.shutting_down {
+                break Err(EngineError::ShuttingDown);
+            }
+            let left = state.sealed_id - state.written_back_id;
+            if left == 0 && state.open.is_none() {
+                break Ok(());
+            }
+            if state.open.is_some() && left == 0 {
+                // Writes arrived during the drain: seal them too.
+                self.shared.seal(&mut state, crate::engine::SealReason::Timer);
+            }
+            let done = state.written_back_id.saturating_sub(first.segments.last_written_back_id);
+            let p = DrainProgress {
+                segments_left: left,
+                segments_done: done,
+                elapsed: started.elapsed(),
+            };
+            drop(state);
+            progress(&p);
+            std::thread::sleep(interval.min(Duration::from_millis(200)));
+            state = self.shared.state.lock();
+        };
+        state.drain_requested = false;
+        drop(state);
+        result
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        let s = &self.shared;
+        let state = s.state.lock();
+        let n = s.geometry.segment_count;
+        let live = state.sealed_id - state.written_back_id + state.open.is_some() as u64;
+        let block = logfmt::BLOCK_SIZE_BYTES as u64;
+        EngineStatus {
+            capacity_bytes: n * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
+            used_bytes: live * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
+            dirty_bytes: state.map.len() as u64 * block,
+            segments: SegmentIds {
+                current_id: state.next_segment_id - 1,
+                last_flushed_id: state.durable_id,
+                last_written_back_id: state.written_back_id,
+            },
+            epoch_id: state.epoch_id,
+            legs: s
+                .legs
+                .all()
+                .iter()
+                .map(|l| LegStatus {
+                    path: l.device.name().to_string(),
+                    healthy: l.is_healthy(),
+                    read_errors: l.read_errors.load(Ordering::Relaxed),
+                    write_errors: l.write_errors.load(Ordering::Relaxed),
+                })
+                .collect(),
+            failure: state.failure.clone(),
+            map_bytes: state.map.memory_bytes() as u64,
+            reads: s.stats.reads.load(Ordering::Relaxed),
+            read_hits: s.stats.read_hits.load(Ordering::Relaxed),
+            read_misses: s.stats.read_misses.load(Ordering::Relaxed),
+            writes: s.stats.writes.load(Ordering::Relaxed),
+            write_bytes: s.stats.write_bytes.load(Ordering::Relaxed),
+            flushes: s.stats.flushes.load(Ordering::Relaxed),
+            stall_ms: s.stats.stall_ns.load(Ordering::Relaxed) / 1_000_000,
+            written_back_bytes: s.stats.written_back_bytes.load(Ordering::Relaxed),
+            backing_write_ios: s.stats.backing_write_ios.load(Ordering::Relaxed),
+            policy: s.policy.lock().clone(),
+        }
+    }
+
+    /// Replaces the writeback policy at run time.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.shared.policy.lock() = Some(policy);
+        self.shared.writeback_wakeup.notify_all();
+    }
+
+    /// What recovery found when this engine was opened.
+    pub fn recovery_report(&self) -> &crate::recovery::ScanReport {
+        &self.shared.recovery
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            log::error!("shutting down the engine: {e}");
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DrainProgress {
+    pub segments_left: u64,
+    pub segments_done: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SegmentIds {
+    pub current_id: u64,
+    pub last_flushed_id: u64,
+    pub last_written_back_id: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LegStatus {
+    pub path: String,
+    pub healthy: bool,
+    pub read_errors: u64,
+    pub write_errors: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineStatus {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub dirty_bytes: u64,
+    pub segments: SegmentIds,
+    pub epoch_id: u64,
+    pub legs: Vec<LegStatus>,
+    pub failure: Option<String>,
+    pub map_bytes: u64,
+    pub reads: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub stall_ms: u64,
+    pub written_back_bytes: u64,
+    pub backing_write_ios: u64,
+    pub policy: Option<Policy>,
+}
+
+impl CacheLog for Shared {
+    fn written_id(&self) -> u64 {
+        self.state.lock().written_id
+    }
+
+    fn written_back_id(&self) -> u64 {
+        self.state.lock().written_back_id
+    }
+
+    fn written_back_epoch(&self) -> u64 {
+        self.state.lock().written_back_epoch
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy.lock().clone().unwrap_or_default()
+    }
+
+    fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
+        let n = self.geometry.segment_count;
+        let offset = segment_offset(slot_of(id, n));
+        {
+            let state = self.state.lock();
+            assert!(id <= state.written_id && id > state.written_back_id);
+            assert_eq!(state.slots[slot_of(id, n) as usize].segment_id, id);
+        }
+        let mut buf = AlignedBuf::new(image.len());
+        let mut last_error = io::Error::other("no healthy cache leg");
+        for leg in self.legs.all().iter().filter(|l| l.is_healthy()) {
+            let attempt = leg
+                .device
+                .read_at(&mut buf[..SEGMENT_HEADER_SIZE_BYTES], offset)
+                .and_then(|()| {
+                    SegmentHeader::decode_expecting(&buf, &self.geometry.uuid, id)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+                })
+                .and_then(|header| {
+                    let len = header.used_bytes();
+                    leg.device
+                        .read_at(&mut buf[SEGMENT_HEADER_SIZE_BYTES..len], offset + SEGMENT_HEADER_SIZE_BYTES as u64)?;
+                    header
+                        .verify_data(&buf)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    Ok(header)
+                });
+            match attempt {
+                Ok(header) => {
+                    image.copy_from_slice(&buf);
+                    return Ok(header);
+                }
+                Err(e) => {
+                    leg.read_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("segment {id} on {}: {e}", leg.device.name());
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .written_back_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.backing.write_at(buf, offset)
+    }
+
+    fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
+        self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
+        self.backing.zero_range(offset, len, discard)
+    }
+
+    fn backing_flush(&self) -> io::Result<()> {
+        self.backing.flush()
+    }
+
+    fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
+        let sequence = {
+            let state = self.state.lock();
+            assert!(through_id > state.written_back_id && through_id <= state.written_id);
+            state.checkpoint_sequence + 1
+        };
+        // The checkpoint must be durable before any slot it covers is reused.
+        let checkpoint = Checkpoint {
+            uuid: self.geometry.uuid,
+            sequence,
+            last_written_back_id: through_id,
+            last_written_back_epoch: epoch,
+        };
+        let mut buf = AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
+        buf.copy_from_slice(&checkpoint.encode());
+        self.legs
+            .write_all(&buf, checkpoint_offset(checkpoint.ring_index()))?;
+        self.legs.flush_all()?;
+
+        let n = self.geometry.segment_count;
+        let mut state = self.state.lock();
+        // Readers of these segments' blocks finish before the slots can be reused.
+        while headers
+            .iter()
+            .any(|h| state.slots[slot_of(h.segment_id, n) as usize].readers > 0)
+        {
+            self.progress.wait(&mut state);
+        }
+        for h in headers {
+            let slot = slot_of(h.segment_id, n);
+            assert_eq!(state.slots[slot as usize].segment_id, h.segment_id);
+            for e in h.entries.iter().filter(|e| e.kind == EntryKind::Data) {
+                let location = self.geometry.location(slot, e.data_slot as usize);
+                if state.map.remove_if(e.block(), location) {
+                    state.partial.remove(&location);
+                }
+            }
+            state.slots[slot as usize] = Slot::default();
+        }
+        state.zeros.release_through(through_id);
+        state.written_back_id = through_id;
+        state.written_back_epoch = epoch;
+        state.checkpoint_sequence = sequence;
+        self.stats
+            .written_back_segments
+            .fetch_add(headers.len() as u64, Ordering::Relaxed);
+        drop(state);
+        self.space_freed.notify_all();
+        Ok(())
+    }
+
+    fn activity(&self, now: Instant) -> Activity {
+        let state = self.state.lock();
+        let n = self.geometry.segment_count;
+        let oldest = state.written_back_id + 1;
+        let oldest_dirty_age = if oldest <= state.sealed_id {
+            state.slots[slot_of(oldest, n) as usize]
+                .sealed_at
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+        } else {
+            Duration::ZERO
+        };
+        Activity {
+            dirty_segments: state.dirty_segments(),
+            capacity_segments: n,
+            oldest_dirty_age,
+            idle_for: now.saturating_duration_since(*self.last_request.lock()),
+            writers_waiting: state.writers_waiting > 0,
+            drain_requested: state.drain_requested,
+        }
+    }
+
+    fn wait_for_work(&self, timeout: Duration) {
+        let mut state = self.state.lock();
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.writeback_wakeup.wait_for(&mut state, timeout);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,148 @@
+//! The log writer: turns sealed RAM buffers into segments on the cache legs.
+//!
+//! Threads: `wb-log` finalises each sealed segment (data CRCs, header checksum, the durable id it
+//! may vouch for) and hands it to one `wb-log-leg<i>` thread per leg, which writes it with one
+//! sequential 512 KiB write and flushes its leg when asked (FLUSH, FUA, sync timer) or every
+//! `SEGMENTS_BETWEEN_LEG_FLUSHES`. Each leg thread handles jobs in id order, so "written up to k"
+//! per leg is a single number; the engine takes the minimum over healthy legs.
+//!
+//! Segments in flight are bounded by the RAM buffers: a buffer is reused only once its segment
+//! is on every leg.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use logfmt::{segment_offset, slot_of, SegmentHeader};
+
+use crate::engine::Shared;
+use crate::legs::Leg;
+
+/// Leg flushes happen at least this often even without FLUSH requests, so that recovery after a
+/// power cut has to verify the data of only the few newest segments (SPEC §3, §8: start-up reads
+/// at most 1 % of the cache).
+pub const SEGMENTS_BETWEEN_LEG_FLUSHES: u64 = 8;
+
+pub(crate) enum LogJob {
+    Segment {
+        header: SegmentHeader,
+        buffer: usize,
+        /// Flush the legs after writing (FLUSH, FUA, timer).
+        flush_legs: bool,
+    },
+    /// Flush every leg once everything up to this id is written.
+    Flush,
+    Stop,
+}
+
+enum LegJob {
+    Write {
+        id: u64,
+        buffer: usize,
+        len: usize,
+        flush: bool,
+    },
+    Flush,
+    Stop,
+}
+
+pub(crate) fn start(shared: &Arc<Shared>, jobs: Receiver<LogJob>) -> Vec<JoinHandle<()>> {
+    let mut threads = Vec::new();
+    let mut leg_queues: Vec<Sender<LegJob>> = Vec::new();
+    for leg in 0..shared.legs.all().len() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        leg_queues.push(tx);
+        let shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("wb-log-leg{leg}"))
+                .spawn(move || leg_writer(&shared, leg, rx))
+                .expect("spawn leg writer"),
+        );
+    }
+    let shared = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("wb-log".into())
+            .spawn(move || sealer(&shared, jobs, leg_queues))
+            .expect("spawn log writer"),
+    );
+    threads
+}
+
+fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
+    let send_all = |job: &dyn Fn() -> LegJob| {
+        for q in &legs {
+            let _ = q.send(job());
+        }
+    };
+    for job in jobs {
+        match job {
+            LogJob::Segment {
+                mut header,
+                buffer,
+                flush_legs,
+            } => {
+                header.durable_id = shared
+                    .durable_hint
+                    .load(std::sync::atomic::Ordering::Acquire);
+                shared.ram.finalise(buffer, &mut header);
+                let len = header.used_bytes();
+                let id = header.segment_id;
+                send_all(&|| LegJob::Write {
+                    id,
+                    buffer,
+                    len,
+                    flush: flush_legs,
+                });
+            }
+            LogJob::Flush => send_all(&|| LegJob::Flush),
+            LogJob::Stop => break,
+        }
+    }
+    send_all(&|| LegJob::Stop);
+}
+
+fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
+    let leg: &Leg = &shared.legs.all()[leg_index];
+    let mut written = 0u64;
+    let mut durable = 0u64;
+    for job in jobs {
+        let (flush, wrote) = match job {
+            LegJob::Write {
+                id,
+                buffer,
+                len,
+                flush,
+            } => {
+                if leg.is_healthy() {
+                    let slot = slot_of(id, shared.geometry.segment_count);
+                    let image = &shared.ram.image(buffer)[..len];
+                    if let Err(e) = leg.device.write_at(image, segment_offset(slot)) {
+                        leg.write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        leg.mark_failed(&e);
+                    }
+                }
+                written = id;
+                (
+                    flush || written - durable >= SEGMENTS_BETWEEN_LEG_FLUSHES,
+                    true,
+                )
+            }
+            LegJob::Flush => (true, false),
+            LegJob::Stop => break,
+        };
+        if flush && leg.is_healthy() && durable < written {
+            match leg.device.flush() {
+                Ok(()) => durable = written,
+                Err(e) => {
+                    leg.write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    leg.mark_failed(&e);
+                }
+            }
+        }
+        if wrote || flush {
+            shared.on_leg_progress(leg_index, written, durable);
+        }
+    }
+}
