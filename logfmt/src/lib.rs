@@ -21,7 +21,7 @@ mod superblock;
 pub use checkpoint::Checkpoint;
 pub use error::FormatError;
 pub use layout::*;
-pub use segment::{Entry, EntryKind, SegmentHeader};
+pub use segment::{Entry, EntryKind, SegmentHeader, FLAG_FLUSH};
 pub use superblock::Superblock;
 
 /// CRC32C (Castagnoli) of `bytes`: the one checksum of the whole format.
@@ -45,9 +45,6 @@ pub(crate) fn get_u32(b: &[u8], off: usize) -> u32 {
 }
 pub(crate) fn get_u64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-}
-pub(crate) fn put_u16(b: &mut [u8], off: usize, v: u16) {
-    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
 }
 pub(crate) fn put_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
