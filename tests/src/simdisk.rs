@@ -1,0 +1,187 @@
+//! A simulated block device with a volatile write cache, for crash and fault tests.
+//!
+//! Writes land in a volatile layer (readable at once, like a disk's cache) and reach the durable
+//! image only on `flush`. `power_cut` freezes the device (later writes vanish, as in a dead
+//! host), then keeps a random subset of the unflushed writes — tearing one of them at a random
+//! byte — and drops the rest. Faults for mirror tests: I/O errors on reads or writes, silent
+//! corruption of what is read, a dead device.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rand::Rng;
+use wb_target::Device;
+
+pub struct SimDisk {
+    name: String,
+    size: u64,
+    inner: Mutex<Inner>,
+    frozen: AtomicBool,
+    pub faults: Faults,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+struct Inner {
+    /// What the device holds including unflushed writes.
+    current: Vec<u8>,
+    /// What survives a power cut.
+    durable: Vec<u8>,
+    /// Unflushed writes, in order.
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+/// Injected faults, each a probability in parts per million or a switch.
+#[derive(Default)]
+pub struct Faults {
+    pub dead: AtomicBool,
+    pub read_error_ppm: AtomicU64,
+    pub write_error_ppm: AtomicU64,
+    pub corrupt_read_ppm: AtomicU64,
+    pub seed: AtomicU64,
+}
+
+impl Faults {
+    fn roll(&self, ppm: &AtomicU64) -> bool {
+        let p = ppm.load(Ordering::Relaxed);
+        if p == 0 {
+            return false;
+        }
+        // A cheap deterministic generator per device, so faults reproduce from the seed.
+        let mut x = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x % 1_000_000 < p
+    }
+}
+
+impl SimDisk {
+    pub fn new(name: &str, size: u64) -> Arc<SimDisk> {
+        Arc::new(SimDisk {
+            name: name.to_string(),
+            size,
+            inner: Mutex::new(Inner {
+                current: vec![0; size as usize],
+                durable: vec![0; size as usize],
+                pending: Vec::new(),
+            }),
+            frozen: AtomicBool::new(false),
+            faults: Faults::default(),
+            writes: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    /// Everything the device holds now (including unflushed writes).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.inner.lock().current.clone()
+    }
+
+    /// Overwrites bytes directly (test set-up and corruption), durably.
+    pub fn poke(&self, offset: u64, bytes: &[u8]) {
+        let mut inner = self.inner.lock();
+        let r = offset as usize..offset as usize + bytes.len();
+        inner.current[r.clone()].copy_from_slice(bytes);
+        inner.durable[r].copy_from_slice(bytes);
+    }
+
+    pub fn power_cut(&self, rng: &mut impl Rng) {
+        self.frozen.store(true, Ordering::SeqCst);
+        let mut inner = self.inner.lock();
+        let pending = std::mem::take(&mut inner.pending);
+        let mut image = inner.durable.clone();
+        let torn = if pending.is_empty() {
+            usize::MAX
+        } else {
+            rng.gen_range(0..pending.len())
+        };
+        for (i, (offset, data)) in pending.iter().enumerate() {
+            let keep = if i == torn {
+                rng.gen_range(0..=data.len())
+            } else if rng.gen_bool(0.5) {
+                data.len()
+            } else {
+                0
+            };
+            let o = *offset as usize;
+            image[o..o + keep].copy_from_slice(&data[..keep]);
+        }
+        inner.durable = image.clone();
+        inner.current = image;
+    }
+
+    pub fn power_on(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        if self.faults.dead.load(Ordering::Relaxed) {
+            return Err(io::Error::other(format!("{}: device is dead", self.name)));
+        }
+        if offset + len as u64 > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: I/O beyond the end", self.name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Device for SimDisk {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        if self.faults.roll(&self.faults.read_error_ppm) {
+            return Err(io::Error::other(format!("{}: injected read error", self.name)));
+        }
+        let inner = self.inner.lock();
+        buf.copy_from_slice(&inner.current[offset as usize..offset as usize + buf.len()]);
+        drop(inner);
+        if !buf.is_empty() && self.faults.roll(&self.faults.corrupt_read_ppm) {
+            let i = (offset as usize * 31 + buf.len()) % buf.len();
+            buf[i] ^= 0x5a;
+        }
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        if self.faults.roll(&self.faults.write_error_ppm) {
+            return Err(io::Error::other(format!("{}: injected write error", self.name)));
+        }
+        if self.frozen.load(Ordering::SeqCst) {
+            return Ok(()); // the power is off: the write never happens
+        }
+        let mut inner = self.inner.lock();
+        inner.current[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        inner.pending.push((offset, buf.to_vec()));
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.check(0, 0)?;
+        if self.frozen.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut inner = self.inner.lock();
+        let pending = std::mem::take(&mut inner.pending);
+        for (offset, data) in pending {
+            let o = offset as usize;
+            inner.durable[o..o + data.len()].copy_from_slice(&data);
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
