@@ -17,7 +17,8 @@
 #   need_vm              fail unless running inside the run.sh VM
 #   need_module NAME...  modprobe NAME from the VM kernel's module tree
 #   need_ublk            ublk_drv loaded and /dev/ublk-control present
-#   wb_bin NAME          path of $WB_REPO/build/release/NAME (fail if not built)
+#   wb_bin NAME          path of $WB_BIN_DIR/NAME (default $WB_REPO/build/release;
+#                        fail if not built)
 #   disk N               N-th --disk of run.sh: disk 0 -> /dev/vda
 #   wait_for_blockdev DEV [SECS]   wait until DEV is a block device
 #   start_wb_null [ARGS] start the null ublk target in the background; sets
@@ -81,7 +82,7 @@ need_ublk() {
 }
 
 wb_bin() {
-    local p="${WB_REPO:-$PWD}/build/release/$1"
+    local p="${WB_BIN_DIR:-${WB_REPO:-$PWD}/build/release}/$1"
     [[ -x "$p" ]] || fail "$p is missing: run 'cargo build --release --workspace' on the host before booting the VM"
     echo "$p"
 }

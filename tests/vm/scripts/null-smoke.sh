@@ -8,6 +8,7 @@
 #
 # Prints "null-smoke: randwrite 4k QD32 IOPS=<n>" and "null-smoke: PASS".
 set -euo pipefail
+# shellcheck source=tests/vm/guest-lib.sh
 source "$(dirname "$0")/../guest-lib.sh"
 need_vm
 RUNTIME="${1:-10}"
