@@ -10,9 +10,14 @@
 //! - `recovery`    — open a cache: replay the log, adopt a crashed daemon's buffer;
 //! - `format`      — create a cache set;
 //! - `lifecycle`   — threads, shutdown, drain, status, the writeback seam;
-//! - `device`      — files and block devices (O_DIRECT).
+//! - `device`      — files and block devices (O_DIRECT);
+//! - `ublk`        — the kernel glue: the engine as /dev/ublkbN (libublk, copy mode);
+//! - `daemon`      — one process per device: create/recover checks, start, every shutdown path;
+//! - `control`     — the run folder, the state file, the control socket's JSON-lines protocol.
 
 pub mod block_map;
+pub mod control;
+pub mod daemon;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -22,6 +27,7 @@ pub mod lifecycle;
 mod log_writer;
 pub mod ram_buffer;
 pub mod recovery;
+pub mod ublk;
 pub mod zero_ranges;
 
 pub use device::{AlignedBuf, Device, FileDevice};

@@ -1,0 +1,1346 @@
+//! The daemon: one process per device, holding the engine, its ublk device and its control
+//! socket. `wbctl create` and `wbctl recover` run it (detached, or in the foreground for systemd).
+//!
+//! Two phases, in this order:
+//! 1. `check_create` / `check_recover` — every check of SPEC §7, read-only, cheapest first: the
+//!    name, the device count, the paths, their sizes, their superblocks, the RAM buffer file, and
+//!    only then root and `/dev/ublk-control`. Nothing is written before all of them pass.
+//! 2. `run` — claims the name (the control socket), formats or opens the cache (adopting a
+//!    crashed predecessor's RAM buffer), adds or recovers the ublk device, records the state file
+//!    for a successor, and serves until a signal, `wbctl delete`, or the device going away.
+//!
+//! Invariant: every way out of `run` after the engine opened goes through `Engine::shutdown`
+//! (seal and flush the log), except a kill -9, which the RAM buffer file and user recovery cover.
+//! Threads: `wb-signal` (SIGTERM/SIGINT/SIGHUP), `wb-ctl` (accepts control connections),
+//! `wb-ctl-conn` (one per connection), `wb-stats` (throughput sampling).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use libublk::ctrl::UblkCtrl;
+use logfmt::{FormatError, Superblock, BLOCK_SIZE_BYTES, MIN_CACHE_SIZE_BYTES};
+use parking_lot::Mutex;
+use thiserror::Error;
+use writeback::Policy;
+
+use crate::control::{
+    self, process_alive, validate_name, DeviceState, DeviceStatus, LegReport, Progress, ReadReport,
+    Reply, Request, RunDir, SegmentReport,
+};
+use crate::device::{AlignedBuf, Device, FileDevice};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::recovery::backing_fingerprint;
+use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
+
+/// Control connections served at once; more get a "busy" reply (a stuck client cannot pile up
+/// threads in the daemon).
+const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// How often a drain reports progress to its client.
+const DRAIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Throughput figures in `status` are averaged over this window.
+const STATS_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the main thread looks for queues that went down on their own.
+const MAIN_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// Bad input, refused before anything was written.
+    #[error("{thing}: {reason}")]
+    Refused { thing: String, reason: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Ublk(#[from] UblkSetupError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn refused(thing: impl Into<String>, reason: impl Into<String>) -> DaemonError {
+    DaemonError::Refused {
+        thing: thing.into(),
+        reason: reason.into(),
+    }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+pub type Result<T> = std::result::Result<T, DaemonError>;
+
+/// What `wbctl create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub backing: PathBuf,
+    pub caches: Vec<PathBuf>,
+    pub single_leg: bool,
+    pub force: bool,
+    /// For a new cache; default: the backing device's.
+    pub logical_block_size: Option<u32>,
+    pub policy: Policy,
+    pub queues: u16,
+    pub depth: u16,
+    /// ublk device id to ask for; -1: the kernel's choice.
+    pub dev_id: i32,
+    pub run_dir: RunDir,
+}
+
+/// Everything a daemon needs to run (also what a successor rebuilds from the state file).
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    pub name: String,
+    pub backing: PathBuf,
+    /// In leg-index order.
+    pub caches: Vec<PathBuf>,
+    pub policy: Policy,
+    pub queues: u16,
+    pub depth: u16,
+    pub io_buf_bytes: u32,
+    pub run_dir: RunDir,
+}
+
+/// How the daemon gets its cache and device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Format the legs as a new cache set, then add a device.
+    Format {
+        logical_block_size: u32,
+        force: bool,
+    },
+    /// Open the existing cache set, then add a device.
+    Attach { dev_id: i32 },
+    /// A daemon of this device died: open the cache (adopting its RAM buffer) and take over
+    /// its device through ublk user recovery.
+    Recover { dev_id: u32 },
+}
+
+/// What a leg's first 4 KiB say.
+enum LegContent {
+    /// No writeboost superblock at all: free to format.
+    Blank,
+    Member(Superblock),
+    Corrupt(FormatError),
+}
+
+fn read_leg(device: &FileDevice) -> Result<LegContent> {
+    let mut buf = AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
+    if device.size_bytes() < logfmt::SUPERBLOCK_SIZE_BYTES as u64 {
+        return Ok(LegContent::Blank);
+    }
+    device.read_at(&mut buf, 0).map_err(io_error(format!(
+        "{}: reading the superblock",
+        device.name()
+    )))?;
+    Ok(match Superblock::decode(&buf) {
+        Ok(sb) => LegContent::Member(sb),
+        Err(FormatError::BadMagic { .. }) => LegContent::Blank,
+        Err(e) => LegContent::Corrupt(e),
+    })
+}
+
+/// Opens `path` read-only for inspection, with an error that names it and says why.
+fn inspect(path: &Path, role: &str) -> Result<FileDevice> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        refused(
+            &shown,
+            match e.kind() {
+                io::ErrorKind::NotFound => format!("{role}: no such device or file"),
+                io::ErrorKind::PermissionDenied => {
+                    format!("{role}: permission denied (wbctl must run as root)")
+                }
+                _ => format!("{role}: {e}"),
+            },
+        )
+    })?;
+    if !(meta.file_type().is_block_device() || meta.is_file()) {
+        return Err(refused(
+            &shown,
+            format!("{role}: not a block device (or a regular file)"),
+        ));
+    }
+    FileDevice::open_read_only(path).map_err(|e| {
+        refused(
+            &shown,
+            match e.kind() {
+                io::ErrorKind::PermissionDenied => {
+                    format!("{role}: permission denied (wbctl must run as root)")
+                }
+                _ => format!("{role}: cannot open: {e}"),
+            },
+        )
+    })
+}
+
+/// Fails if a block device is mounted or claimed by someone else (a filesystem, device mapper,
+/// another writeboost daemon): an exclusive open would fail with EBUSY.
+fn check_not_in_use(path: &Path, role: &str) -> Result<()> {
+    if exclusive_hold(path).is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY)) {
+        return Err(refused(
+            path.display().to_string(),
+            format!(
+                "{role}: in use (mounted, part of a device-mapper or RAID device, or held by \
+                 another writeboost device)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An exclusive read-only open of a block device: while held, nobody can mount it or claim it.
+/// Regular files are opened without exclusivity (there is none for them).
+fn exclusive_hold(path: &Path) -> io::Result<File> {
+    let is_block = std::fs::metadata(path)?.file_type().is_block_device();
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    if is_block {
+        options.custom_flags(libc::O_EXCL);
+    }
+    options.open(path)
+}
+
+/// The logical block size of a block device (512 for files).
+fn logical_block_size_of(path: &Path) -> u32 {
+    use std::os::fd::AsRawFd;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 512;
+    };
+    if !meta.file_type().is_block_device() {
+        return 512;
+    }
+    let Ok(file) = File::open(path) else {
+        return 512;
+    };
+    let mut size: libc::c_int = 0;
+    // BLKSSZGET = _IO(0x12, 104)
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live c_int.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    if rc == 0 && (size == 512 || size == 4096) {
+        size as u32
+    } else {
+        512
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// What a RAM buffer file holds, read without mapping or locking it.
+struct BufferFileInfo {
+    uuid: [u8; 16],
+    /// Segment ids held by buffers (acknowledged writes not yet on the cache legs).
+    owned: Vec<u64>,
+}
+
+fn inspect_buffer_file(path: &Path) -> io::Result<Option<BufferFileInfo>> {
+    use logfmt::buffer_file as bf;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() < bf::BUFFER_FILE_HEADER_BYTES || &bytes[0..8] != bf::BUFFER_FILE_MAGIC {
+        return Ok(None);
+    }
+    let count =
+        (u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize).min(bf::MAX_BUFFERS);
+    let uuid: [u8; 16] = bytes[16..32].try_into().unwrap();
+    let owned = (0..count)
+        .map(|i| {
+            let o = bf::owner_word_offset(i);
+            u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap())
+        })
+        .filter(|&id| id != 0)
+        .collect();
+    Ok(Some(BufferFileInfo { uuid, owned }))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn check_root(command: &str) -> Result<()> {
+    if !is_root() {
+        return Err(refused(
+            command,
+            "must run as root (it creates ublk devices and opens block devices for direct I/O)",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the daemon recorded in `state` is still running.
+pub fn daemon_running(state: &DeviceState, run_dir: &RunDir) -> bool {
+    if control::daemon_answers(&run_dir.socket(&state.name)) {
+        return true;
+    }
+    process_alive(state.pid)
+        && std::fs::read_to_string(format!("/proc/{}/comm", state.pid))
+            .is_ok_and(|comm| comm.trim() == "wbctl")
+}
+
+/// Every check of `wbctl create`, read-only. Returns the spec to run and how to start.
+pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
+    validate_name(&req.name).map_err(|r| refused("name", r))?;
+    let first_cache = req
+        .caches
+        .first()
+        .map_or_else(|| "--cache".to_string(), |p| p.display().to_string());
+    match req.caches.len() {
+        0 => {
+            return Err(refused(
+                "--cache",
+                "a cache device is needed (two, for a mirror)",
+            ))
+        }
+        1 if !req.single_leg => {
+            return Err(refused(
+                first_cache,
+                "one cache device is no mirror: losing it loses every write not yet written \
+                 back. Give a second --cache, or pass --single-leg to accept that",
+            ))
+        }
+        2 if req.single_leg => {
+            return Err(refused(
+                "--single-leg",
+                "given together with two cache devices",
+            ))
+        }
+        n if n > 2 => {
+            return Err(refused(
+                "--cache",
+                format!("{n} cache devices given; a cache set has one or two (a mirror)"),
+            ))
+        }
+        _ => {}
+    }
+    if !(1..=ublk::MAX_QUEUES).contains(&req.queues) {
+        return Err(refused(
+            "--queues",
+            format!("{} is not between 1 and {}", req.queues, ublk::MAX_QUEUES),
+        ));
+    }
+    if !(1..=ublk::MAX_QUEUE_DEPTH).contains(&req.depth) {
+        return Err(refused(
+            "--depth",
+            format!(
+                "{} is not between 1 and {}",
+                req.depth,
+                ublk::MAX_QUEUE_DEPTH
+            ),
+        ));
+    }
+    if let Some(lbs) = req.logical_block_size {
+        if lbs != 512 && lbs != 4096 {
+            return Err(refused(
+                "--logical-block-size",
+                format!("{lbs} is not 512 or 4096"),
+            ));
+        }
+    }
+
+    // The name: free, or left by a daemon of this very device that died (then: recover).
+    let run_dir = &req.run_dir;
+    let mut recover_from: Option<DeviceState> = None;
+    let state_path = run_dir.state(&req.name);
+    if state_path.exists() {
+        let state =
+            DeviceState::load(&state_path).map_err(|e| refused(&req.name, e.to_string()))?;
+        if daemon_running(&state, run_dir) {
+            return Err(refused(
+                &req.name,
+                format!(
+                    "name in use: it is running as {} (pid {}); pick another name, or `wbctl \
+                     delete {}` first",
+                    state.device, state.pid, req.name
+                ),
+            ));
+        }
+        let same_devices = same_file(&state.backing, &req.backing)
+            && state.caches.len() == req.caches.len()
+            && req
+                .caches
+                .iter()
+                .all(|c| state.caches.iter().any(|s| same_file(s, c)));
+        if !same_devices {
+            return Err(refused(
+                &req.name,
+                format!(
+                    "name in use: its daemon died and left {} (backing {}, cache {}); run `wbctl \
+                     recover {}` to bring it back, or `wbctl delete {} --force` to remove it",
+                    state.device,
+                    state.backing.display(),
+                    display_paths(&state.caches),
+                    req.name,
+                    req.name
+                ),
+            ));
+        }
+        recover_from = Some(state);
+    } else if control::daemon_answers(&run_dir.socket(&req.name)) {
+        return Err(refused(
+            &req.name,
+            "name in use: a daemon answers on its control socket",
+        ));
+    }
+
+    // The devices: there, distinct, big enough, not in use.
+    let backing = inspect(&req.backing, "backing device")?;
+    let mut caches = Vec::new();
+    for path in &req.caches {
+        caches.push(inspect(path, "cache device")?);
+    }
+    for (i, c) in req.caches.iter().enumerate() {
+        if same_file(c, &req.backing) {
+            return Err(refused(
+                c.display().to_string(),
+                "given as both the backing device and a cache device",
+            ));
+        }
+        if req.caches[..i].iter().any(|o| same_file(o, c)) {
+            return Err(refused(
+                c.display().to_string(),
+                "given twice as a cache device; a mirror needs two different devices",
+            ));
+        }
+    }
+    let backing_size = backing.size_bytes();
+    if backing_size == 0 || backing_size % BLOCK_SIZE_BYTES as u64 != 0 {
+        return Err(refused(
+            backing.name(),
+            format!("backing device size {backing_size} bytes is not a non-zero multiple of 4096"),
+        ));
+    }
+    if recover_from.is_none() {
+        check_not_in_use(&req.backing, "backing device")?;
+        for path in &req.caches {
+            check_not_in_use(path, "cache device")?;
+        }
+    }
+
+    // What the caches hold.
+    let identity = backing.identity();
+    let contents: Vec<LegContent> = caches.iter().map(read_leg).collect::<Result<_>>()?;
+    let mut ordered: Vec<PathBuf> = req.caches.clone();
+    let start;
+    let mut existing_uuid = None;
+    let all_blank = contents.iter().all(|c| matches!(c, LegContent::Blank));
+    if all_blank {
+        start = Start::Format {
+            logical_block_size: req
+                .logical_block_size
+                .unwrap_or_else(|| logical_block_size_of(&req.backing)),
+            force: req.force,
+        };
+    } else {
+        let mut problem: Option<DaemonError> = None;
+        for (cache, content) in caches.iter().zip(&contents) {
+            match content {
+                LegContent::Corrupt(e) => {
+                    problem.get_or_insert(refused(
+                        cache.name(),
+                        format!(
+                            "corrupted superblock ({e}); refusing to touch it. `wbctl check \
+                             --cache {}` shows what is left; --force formats it anew (whatever \
+                             it held is lost)",
+                            cache.name()
+                        ),
+                    ));
+                }
+                LegContent::Blank => {
+                    problem.get_or_insert(refused(
+                        cache.name(),
+                        "is not part of the cache set on the other cache device; --force \
+                         formats both as a new cache set",
+                    ));
+                }
+                LegContent::Member(_) => {}
+            }
+        }
+        let members: Vec<(usize, &Superblock)> = contents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c {
+                LegContent::Member(sb) => Some((i, sb)),
+                _ => None,
+            })
+            .collect();
+        if problem.is_none() {
+            let (_, sb0) = members[0];
+            if members.iter().any(|(_, sb)| sb.uuid != sb0.uuid) {
+                problem = Some(refused(
+                    caches[1].name(),
+                    format!(
+                        "belongs to another cache set than {}; --force formats both as a new \
+                         cache set",
+                        caches[0].name()
+                    ),
+                ));
+            } else if sb0.leg_count as usize != caches.len() {
+                problem = Some(refused(
+                    caches[0].name(),
+                    format!(
+                        "belongs to a cache set of {} legs, but {} cache device(s) were given",
+                        sb0.leg_count,
+                        caches.len()
+                    ),
+                ));
+            } else if sb0.backing_fingerprint != backing_fingerprint(&identity) {
+                problem = Some(refused(
+                    caches[0].name(),
+                    format!(
+                        "is the cache of another backing device (created {} for a device of {} \
+                         bytes), not of {}; refusing to attach it, its data would corrupt this \
+                         one. `wbctl check --cache {}` shows it; --force formats it anew (its \
+                         data not yet written back is lost)",
+                        format_unix_time(sb0.created_unix_secs),
+                        sb0.backing_size_bytes,
+                        backing.name(),
+                        caches[0].name()
+                    ),
+                ));
+            } else if backing_size < sb0.backing_size_bytes {
+                problem = Some(refused(
+                    backing.name(),
+                    format!(
+                        "backing device shrank from {} to {backing_size} bytes since its cache \
+                         was created; cached blocks may lie beyond its end. Restore its size; \
+                         --force formats the cache anew (its data not yet written back is lost)",
+                        sb0.backing_size_bytes
+                    ),
+                ));
+            } else {
+                for (i, cache) in caches.iter().enumerate() {
+                    if cache.size_bytes() < sb0.leg_size_bytes() {
+                        problem = Some(refused(
+                            cache.name(),
+                            format!(
+                                "cache device is {} bytes but its superblock describes {} (it \
+                                 shrank)",
+                                cache.size_bytes(),
+                                sb0.leg_size_bytes()
+                            ),
+                        ));
+                        break;
+                    }
+                    let LegContent::Member(sb) = &contents[i] else {
+                        unreachable!()
+                    };
+                    ordered[sb.leg_index as usize] = req.caches[i].clone();
+                }
+                let mut indexes: Vec<u32> = members.iter().map(|(_, sb)| sb.leg_index).collect();
+                indexes.sort();
+                indexes.dedup();
+                if problem.is_none() && indexes.len() != caches.len() {
+                    problem = Some(refused(
+                        caches[0].name(),
+                        "both cache devices claim the same leg of the cache set (one was copied \
+                         from the other?)",
+                    ));
+                }
+                existing_uuid = Some(sb0.uuid);
+            }
+        }
+        match problem {
+            None => start = Start::Attach { dev_id: req.dev_id },
+            Some(_) if req.force && recover_from.is_none() => {
+                existing_uuid = None;
+                ordered = req.caches.clone();
+                start = Start::Format {
+                    logical_block_size: req
+                        .logical_block_size
+                        .unwrap_or_else(|| logical_block_size_of(&req.backing)),
+                    force: true,
+                };
+            }
+            Some(p) => return Err(p),
+        }
+    }
+    let mut start = start;
+    if matches!(start, Start::Format { .. }) {
+        for cache in &caches {
+            if cache.size_bytes() < MIN_CACHE_SIZE_BYTES {
+                return Err(refused(
+                    cache.name(),
+                    format!(
+                        "cache device too small: {} bytes, need at least {MIN_CACHE_SIZE_BYTES} \
+                         (16 segments of 512 KiB and the superblock area)",
+                        cache.size_bytes()
+                    ),
+                ));
+            }
+        }
+    }
+
+    // A RAM buffer file under this name holds acknowledged writes of a crashed daemon.
+    let buffer_path = run_dir.buffer(&req.name);
+    let buffer = inspect_buffer_file(&buffer_path)
+        .map_err(io_error(format!("{}: reading", buffer_path.display())))?;
+    if let Some(info) = buffer {
+        if !info.owned.is_empty() && existing_uuid != Some(info.uuid) && !req.force {
+            return Err(refused(
+                buffer_path.display().to_string(),
+                format!(
+                    "holds acknowledged writes (segments {:?}) of a crashed daemon of another \
+                     cache set; bring that cache back under this name first (`wbctl create` with \
+                     its devices), or pass --force to discard them",
+                    info.owned
+                ),
+            ));
+        }
+    }
+
+    if let Some(state) = &recover_from {
+        if !matches!(start, Start::Attach { .. }) {
+            return Err(refused(
+                first_cache,
+                format!(
+                    "holds no cache set, yet the daemon of {} that died used it; refusing to \
+                     guess. `wbctl check --cache` shows what it holds",
+                    state.device
+                ),
+            ));
+        }
+        start = Start::Recover {
+            dev_id: state.dev_id,
+        };
+    }
+
+    check_root("wbctl create")?;
+    ublk::check_control_device()?;
+
+    let spec = DaemonSpec {
+        name: req.name.clone(),
+        backing: req.backing.clone(),
+        caches: ordered,
+        policy: req.policy.clone(),
+        queues: req.queues,
+        depth: req.depth,
+        io_buf_bytes: ublk::DEFAULT_IO_BUF_BYTES,
+        run_dir: run_dir.clone(),
+    };
+    Ok((spec, start))
+}
+
+/// Every check of `wbctl recover`, read-only.
+pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)> {
+    validate_name(name).map_err(|r| refused("name", r))?;
+    let state_path = run_dir.state(name);
+    if !state_path.exists() {
+        return Err(refused(
+            name,
+            format!(
+                "no such device (no state file {}); `wbctl list` shows the devices",
+                state_path.display()
+            ),
+        ));
+    }
+    let state = DeviceState::load(&state_path).map_err(|e| refused(name, e.to_string()))?;
+    if daemon_running(&state, run_dir) {
+        return Err(refused(
+            name,
+            format!(
+                "its daemon is running (pid {}, {}); nothing to recover",
+                state.pid, state.device
+            ),
+        ));
+    }
+    inspect(&state.backing, "backing device")?;
+    for c in &state.caches {
+        inspect(c, "cache device")?;
+    }
+    let mut policy = Policy::default();
+    for (k, v) in &state.policy {
+        policy
+            .set(k, v)
+            .map_err(|e| refused(state_path.display().to_string(), e.to_string()))?;
+    }
+    check_root("wbctl recover")?;
+    ublk::check_control_device()?;
+    Ok((
+        DaemonSpec {
+            name: state.name.clone(),
+            backing: state.backing.clone(),
+            caches: state.caches.clone(),
+            policy,
+            queues: state.queues,
+            depth: state.depth,
+            io_buf_bytes: state.io_buf_bytes,
+            run_dir: run_dir.clone(),
+        },
+        Start::Recover {
+            dev_id: state.dev_id,
+        },
+    ))
+}
+
+/// Why the main loop ended.
+enum Stop {
+    Signal(i32),
+    Delete { drain: bool, client: UnixStream },
+    QueuesDown,
+}
+
+/// What the control threads share with the main thread.
+struct Daemon {
+    spec: DaemonSpec,
+    engine: Arc<Engine>,
+    dev_id: u32,
+    device: String,
+    pid: u32,
+    started: Instant,
+    started_unix_secs: u64,
+    policy: Mutex<Policy>,
+    rates: Mutex<(u64, u64)>,
+    stopping: AtomicBool,
+    connections: AtomicUsize,
+    events: Sender<Stop>,
+}
+
+impl Daemon {
+    fn state(&self) -> DeviceState {
+        DeviceState {
+            name: self.spec.name.clone(),
+            backing: self.spec.backing.clone(),
+            caches: self.spec.caches.clone(),
+            dev_id: self.dev_id,
+            device: self.device.clone(),
+            queues: self.spec.queues,
+            depth: self.spec.depth,
+            io_buf_bytes: self.spec.io_buf_bytes,
+            policy: knob_map(&self.policy.lock()),
+            pid: self.pid,
+            started_unix_secs: self.started_unix_secs,
+        }
+    }
+
+    fn store_state(&self) -> io::Result<()> {
+        self.state()
+            .store(&self.spec.run_dir.state(&self.spec.name))
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let s = self.engine.status();
+        let (write_rate, writeback_rate) = *self.rates.lock();
+        let legs: Vec<LegReport> = s
+            .legs
+            .iter()
+            .map(|l| LegReport {
+                path: l.path.clone(),
+                health: if l.healthy { "ok" } else { "failed" }.into(),
+                errors: l.read_errors + l.write_errors,
+                read_errors: l.read_errors,
+                write_errors: l.write_errors,
+            })
+            .collect();
+        let mode = if s.failure.is_some() || legs.iter().all(|l| l.health != "ok") {
+            "failed"
+        } else if legs.iter().any(|l| l.health != "ok") {
+            "degraded"
+        } else {
+            "normal"
+        };
+        DeviceStatus {
+            name: self.spec.name.clone(),
+            device: self.device.clone(),
+            dev_id: self.dev_id,
+            pid: self.pid,
+            mode: mode.into(),
+            failure: s.failure.clone(),
+            backing: self.spec.backing.display().to_string(),
+            legs,
+            device_size_bytes: self.engine.device_size_bytes(),
+            logical_block_size: self.engine.geometry().logical_block_size,
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            dirty_bytes: s.dirty_bytes,
+            segments: SegmentReport {
+                current_id: s.segments.current_id,
+                last_flushed_id: s.segments.last_flushed_id,
+                last_written_back_id: s.segments.last_written_back_id,
+            },
+            epoch_id: s.epoch_id,
+            reads: ReadReport {
+                requests: s.reads,
+                hits: s.read_hits,
+                misses: s.read_misses,
+            },
+            writes: s.writes,
+            write_bytes: s.write_bytes,
+            flushes: s.flushes,
+            written_back_bytes: s.written_back_bytes,
+            backing_write_ios: s.backing_write_ios,
+            write_bytes_per_sec: write_rate,
+            written_back_bytes_per_sec: writeback_rate,
+            stall_ms: s.stall_ms,
+            map_bytes: s.map_bytes,
+            queues: self.spec.queues,
+            depth: self.spec.depth,
+            uptime_secs: self.started.elapsed().as_secs(),
+            policy: knob_map(&self.policy.lock()),
+        }
+    }
+}
+
+pub fn knob_map(policy: &Policy) -> BTreeMap<String, String> {
+    policy
+        .knobs()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `2024-05-01 12:00:00 UTC` from seconds since the epoch (no time-zone database needed).
+pub fn format_unix_time(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Blocks the stop signals in this thread and every thread it spawns afterwards, so that only
+/// `wb-signal` takes them (synchronously, with `sigwait`).
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-set manipulation on a local sigset_t; pthread_sigmask only changes
+    // this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, events: Sender<Stop>) {
+    std::thread::Builder::new()
+        .name("wb-signal".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid, initialised signal set and `sig` a live c_int.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc == 0 {
+                log::info!("signal {sig}: stopping");
+                if events.send(Stop::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn wb-signal");
+}
+
+/// Binds the control socket, replacing a stale one (no daemon behind it).
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if control::daemon_answers(path) {
+                return Err(refused(
+                    path.display().to_string(),
+                    "name in use: another daemon answers on this control socket",
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(io_error(format!("{}: removing", path.display())))?;
+            UnixListener::bind(path).map_err(io_error(format!("{}: binding", path.display())))
+        }
+        Err(e) => Err(DaemonError::Io {
+            what: format!("{}: binding the control socket", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Runs the daemon until it is stopped. `ready` is called with `/dev/ublkbN` once the device is
+/// live (and the state file written).
+pub fn run(
+    spec: DaemonSpec,
+    start: Start,
+    ready: impl FnOnce(&str) + Send + Sync + 'static,
+) -> Result<()> {
+    let signals = block_stop_signals();
+    let run_dir = spec.run_dir.clone();
+    let name = spec.name.clone();
+    std::fs::create_dir_all(&run_dir.path)
+        .map_err(io_error(format!("{}: creating", run_dir.path.display())))?;
+    let socket_path = run_dir.socket(&name);
+    let listener = bind_socket(&socket_path)?;
+    let cleanup_socket = || {
+        let _ = std::fs::remove_file(&socket_path);
+    };
+
+    let result = open_engine(&spec, &start);
+    let (engine, _holds) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            cleanup_socket();
+            return Err(e);
+        }
+    };
+    let engine = Arc::new(engine);
+    let attach = match start {
+        Start::Format { .. } => Attach::Add { dev_id: -1 },
+        Start::Attach { dev_id } => Attach::Add { dev_id },
+        Start::Recover { dev_id } => Attach::Recover { dev_id },
+    };
+    let options = UblkOptions {
+        queues: spec.queues,
+        depth: spec.depth,
+        io_buf_bytes: spec.io_buf_bytes,
+        attach,
+    };
+    let ctrl = match ublk::attach(&options) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Err(s) = engine.shutdown() {
+                log::error!("shutting down the engine: {s}");
+            }
+            cleanup_socket();
+            return Err(e.into());
+        }
+    };
+    let info = ctrl.dev_info();
+    let dev_id = info.dev_id;
+    let device = ctrl.get_bdev_path();
+    let spec = DaemonSpec {
+        // After a recovery the kernel's queue count and depth are what they were.
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        ..spec
+    };
+    log::info!(
+        "{name}: {device} ({} bytes, {} queues × depth {}, flags {:#x}) over {} with cache {}",
+        engine.device_size_bytes(),
+        info.nr_hw_queues,
+        info.queue_depth,
+        info.flags,
+        spec.backing.display(),
+        display_paths(&spec.caches)
+    );
+
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    spawn_signal_thread(signals, events_tx.clone());
+    let daemon = Arc::new(Daemon {
+        policy: Mutex::new(spec.policy.clone()),
+        spec,
+        engine: engine.clone(),
+        dev_id,
+        device: device.clone(),
+        pid: std::process::id(),
+        started: Instant::now(),
+        started_unix_secs: unix_now(),
+        rates: Mutex::new((0, 0)),
+        stopping: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        events: events_tx,
+    });
+
+    let queues_down = Arc::new(AtomicBool::new(false));
+    let stop_slot: Arc<Mutex<Option<Stop>>> = Arc::new(Mutex::new(None));
+    let live = {
+        let daemon = daemon.clone();
+        let queues_down = queues_down.clone();
+        let stop_slot = stop_slot.clone();
+        move |ctrl: &UblkCtrl| {
+            if let Err(e) = daemon.store_state() {
+                log::error!(
+                    "writing the state file: {e}; `wbctl recover` will not find this device"
+                );
+            }
+            spawn_control_thread(daemon.clone(), listener);
+            spawn_stats_thread(daemon.clone());
+            log::info!("{}: live as {}", daemon.spec.name, daemon.device);
+            ready(&daemon.device);
+            let stop = wait_for_stop(&events_rx, &queues_down);
+            daemon.stopping.store(true, Ordering::SeqCst);
+            *stop_slot.lock() = Some(stop);
+            // Stop the device: no new requests; the queue threads finish what they hold.
+            if let Err(e) = ctrl.kill_dev() {
+                log::error!("stopping {}: {}", daemon.device, ublk::describe(&e));
+            }
+        }
+    };
+    let served = ublk::serve(&ctrl, engine.clone(), queues_down, live);
+    daemon.stopping.store(true, Ordering::SeqCst);
+    let stop = stop_slot.lock().take();
+
+    // The device takes no more requests. Drain if asked, then seal and flush the log.
+    let mut client = None;
+    let mut drained = Ok(());
+    match stop {
+        Some(Stop::Delete {
+            drain,
+            client: mut stream,
+        }) => {
+            if drain {
+                drained = drain_with_progress(&daemon, &mut stream);
+            }
+            client = Some(stream);
+        }
+        Some(Stop::Signal(sig)) => log::info!("{name}: stopped by signal {sig}"),
+        Some(Stop::QueuesDown) => log::warn!("{name}: the device went away; shutting down"),
+        None => {}
+    }
+    let flushed = engine.shutdown();
+    match &flushed {
+        Ok(()) => log::info!("{name}: log sealed and flushed"),
+        Err(e) => log::error!("{name}: sealing and flushing the log failed: {e}"),
+    }
+    if let Err(e) = ctrl.del_dev() {
+        log::warn!("{name}: deleting {device}: {}", ublk::describe(&e));
+    }
+    let _ = std::fs::remove_file(run_dir.state(&name));
+    cleanup_socket();
+    drop(daemon);
+    drop(engine);
+    if flushed.is_ok() {
+        // Everything it held is on the cache legs now.
+        let _ = std::fs::remove_file(run_dir.buffer(&name));
+    }
+    let outcome: Result<()> = served
+        .map_err(DaemonError::from)
+        .and(drained)
+        .and(flushed.map_err(DaemonError::from));
+    if let Some(mut stream) = client {
+        let reply = match &outcome {
+            Ok(()) => Reply::Done {
+                message: format!("{name}: {device} deleted; the cache holds its data"),
+            },
+            Err(e) => Reply::Error {
+                error: format!("{name}: {e}"),
+            },
+        };
+        let _ = control::send_line(&mut stream, &reply);
+    }
+    outcome
+}
+
+/// Opens (after formatting, for a new cache) the engine; returns it with the exclusive holds
+/// on the block devices, which must live as long as it.
+fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> {
+    let mut holds = Vec::new();
+    for path in std::iter::once(&spec.backing).chain(&spec.caches) {
+        match exclusive_hold(path) {
+            Ok(f) => holds.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(refused(
+                    path.display().to_string(),
+                    "in use (mounted, part of a device-mapper or RAID device, or held by another \
+                     writeboost device)",
+                ))
+            }
+            Err(e) => return Err(io_error(format!("{}: opening", path.display()))(e)),
+        }
+    }
+    let open = |p: &PathBuf| -> Result<Arc<dyn Device>> {
+        Ok(Arc::new(
+            FileDevice::open(p).map_err(io_error(format!("{}: opening", p.display())))?,
+        ))
+    };
+    let backing_file = FileDevice::open(&spec.backing)
+        .map_err(io_error(format!("{}: opening", spec.backing.display())))?;
+    let identity = backing_file.identity();
+    let backing: Arc<dyn Device> = Arc::new(backing_file);
+    let legs: Vec<Arc<dyn Device>> = spec.caches.iter().map(open).collect::<Result<_>>()?;
+    let buffer_path = spec.run_dir.buffer(&spec.name);
+    if let Start::Format {
+        logical_block_size,
+        force,
+    } = *start
+    {
+        // A buffer file of an earlier cache under this name: checked to hold nothing (or
+        // --force given); the new cache set starts without it.
+        if buffer_path.exists() {
+            std::fs::remove_file(&buffer_path)
+                .map_err(io_error(format!("{}: removing", buffer_path.display())))?;
+        }
+        let sb = crate::format::format(
+            &legs,
+            backing.as_ref(),
+            &identity,
+            &crate::format::FormatOptions {
+                logical_block_size,
+                force,
+            },
+        )?;
+        log::info!(
+            "{}: formatted {} as a new cache set ({} segments, logical block size {})",
+            spec.name,
+            display_paths(&spec.caches),
+            sb.segment_count,
+            sb.logical_block_size
+        );
+    }
+    let mut options = crate::recovery::OpenOptions::new(buffer_path);
+    options.writeback = Some(spec.policy.clone());
+    let engine = crate::recovery::open(legs, backing, &identity, options)?;
+    let report = engine.recovery_report();
+    log::info!(
+        "{}: cache opened: log {}..={}, {} dirty blocks, read {} bytes at start-up",
+        spec.name,
+        report.written_back_id() + 1,
+        report.head_id(),
+        report.dirty_data_blocks(),
+        report.bytes_read
+    );
+    Ok((engine, holds))
+}
+
+fn wait_for_stop(events: &Receiver<Stop>, queues_down: &AtomicBool) -> Stop {
+    loop {
+        match events.recv_timeout(MAIN_POLL_INTERVAL) {
+            Ok(stop) => return stop,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Stop::QueuesDown,
+        }
+        if queues_down.load(Ordering::SeqCst) {
+            return Stop::QueuesDown;
+        }
+    }
+}
+
+fn drain_with_progress(daemon: &Daemon, stream: &mut UnixStream) -> Result<()> {
+    let mut client_gone = false;
+    let result = daemon.engine.drain(DRAIN_PROGRESS_INTERVAL, |p| {
+        if client_gone {
+            return;
+        }
+        let progress = Reply::Progress(Progress {
+            segments_left: p.segments_left,
+            segments_done: p.segments_done,
+            dirty_bytes: daemon.engine.status().dirty_bytes,
+            elapsed_ms: p.elapsed.as_millis() as u64,
+        });
+        // A client that went away does not stop the drain.
+        client_gone = control::send_line(stream, &progress).is_err();
+    });
+    result.map_err(DaemonError::from)
+}
+
+fn spawn_stats_thread(daemon: Arc<Daemon>) {
+    std::thread::Builder::new()
+        .name("wb-stats".into())
+        .spawn(move || {
+            let mut last = daemon.engine.status();
+            let mut at = Instant::now();
+            while !daemon.stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(STATS_SAMPLE_INTERVAL);
+                let now = daemon.engine.status();
+                let secs = at.elapsed().as_secs_f64().max(1e-3);
+                at = Instant::now();
+                *daemon.rates.lock() = (
+                    ((now.write_bytes - last.write_bytes) as f64 / secs) as u64,
+                    ((now.written_back_bytes - last.written_back_bytes) as f64 / secs) as u64,
+                );
+                last = now;
+            }
+        })
+        .expect("spawn wb-stats");
+}
+
+fn spawn_control_thread(daemon: Arc<Daemon>, listener: UnixListener) {
+    std::thread::Builder::new()
+        .name("wb-ctl".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("control socket: accept: {e}");
+                        continue;
+                    }
+                };
+                if daemon.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONTROL_CONNECTIONS {
+                    daemon.connections.fetch_sub(1, Ordering::SeqCst);
+                    let _ = control::send_line(
+                        &mut stream,
+                        &Reply::Error {
+                            error: "busy: too many control connections".into(),
+                        },
+                    );
+                    continue;
+                }
+                let d = daemon.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("wb-ctl-conn".into())
+                    .spawn(move || {
+                        serve_connection(&d, stream);
+                        d.connections.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    log::error!("control socket: cannot spawn a connection thread: {e}");
+                    daemon.connections.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .expect("spawn wb-ctl");
+}
+
+fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(control::REPLY_TIMEOUT));
+    let request = {
+        let Ok(read_half) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        control::read_line::<Request>(&mut reader)
+    };
+    let request = match request {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = control::send_line(
+                &mut stream,
+                &Reply::Error {
+                    error: format!("bad request: {e}"),
+                },
+            );
+            return;
+        }
+    };
+    if daemon.stopping.load(Ordering::SeqCst) && !matches!(request, Request::Status) {
+        let _ = control::send_line(
+            &mut stream,
+            &Reply::Error {
+                error: format!("{}: the daemon is shutting down", daemon.spec.name),
+            },
+        );
+        return;
+    }
+    let reply = match request {
+        Request::Status => Reply::Status {
+            status: Box::new(daemon.status()),
+        },
+        Request::Set { knobs } => set_knobs(daemon, &knobs),
+        Request::Drain => match drain_with_progress(daemon, &mut stream) {
+            Ok(()) => Reply::Done {
+                message: format!("{}: clean (everything written back)", daemon.spec.name),
+            },
+            Err(e) => Reply::Error {
+                error: format!("{}: drain failed: {e}", daemon.spec.name),
+            },
+        },
+        Request::Delete { drain, force } => {
+            if !force {
+                if let Err(e) = exclusive_hold(Path::new(&daemon.device)) {
+                    if e.raw_os_error() == Some(libc::EBUSY) {
+                        let _ = control::send_line(
+                            &mut stream,
+                            &Reply::Error {
+                                error: format!(
+                                    "{}: in use (mounted, or claimed by device mapper or a \
+                                     target); unmount it first, or pass --force",
+                                    daemon.device
+                                ),
+                            },
+                        );
+                        return;
+                    }
+                }
+            }
+            // The main thread stops the device, drains, shuts down and answers.
+            let _ = daemon.events.send(Stop::Delete {
+                drain,
+                client: stream,
+            });
+            return;
+        }
+    };
+    let _ = control::send_line(&mut stream, &reply);
+}
+
+fn set_knobs(daemon: &Daemon, knobs: &[(String, String)]) -> Reply {
+    let mut policy = daemon.policy.lock();
+    let mut next = policy.clone();
+    for (k, v) in knobs {
+        if let Err(e) = next.set(k, v) {
+            return Reply::Error {
+                error: format!("{}: {e}; nothing changed", daemon.spec.name),
+            };
+        }
+    }
+    daemon.engine.set_policy(next.clone());
+    *policy = next;
+    drop(policy);
+    if let Err(e) = daemon.store_state() {
+        log::error!("writing the state file: {e}");
+    }
+    let text = knobs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    log::info!("{}: set {text}", daemon.spec.name);
+    Reply::Done {
+        message: format!("{}: set {text}", daemon.spec.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_unix_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+}

@@ -1,0 +1,1024 @@
+//! `wbctl` — manage writeboost devices: log-structured write-back SSD caches exported as
+//! `/dev/ublkbN`.
+//!
+//! `create` and `recover` run the device's daemon (detached, or in the foreground for systemd);
+//! `status`, `list`, `set`, `drain` and `delete` talk to running daemons over their control
+//! sockets; `check` inspects a cache device offline and writes nothing.
+//!
+//! Errors name the device or argument and the reason; `anyhow` is used only here, at the edge.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write as _};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use wb_target::control::{self, DeviceState, DeviceStatus, Progress, Reply, Request, RunDir};
+use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
+use wb_target::device::{Device, FileDevice};
+use wb_target::legs::CacheLegs;
+use writeback::Policy;
+
+/// Set in the environment of a detached daemon: after it reports its device on stdout, it
+/// points stdout at /dev/null (its parent stops reading).
+const DETACHED_ENV: &str = "WRITEBOOST_DETACHED";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wbctl",
+    version,
+    about = "Manage writeboost devices: log-structured write-back SSD caches as /dev/ublkbN"
+)]
+struct Cli {
+    /// Folder of the devices' state files, control sockets and RAM buffer files
+    /// [default: $WRITEBOOST_RUN_DIR, else /run/writeboost].
+    #[arg(long, global = true, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a device: format new caches, or re-attach a cache already formatted for this
+    /// backing device. Prints the /dev/ublkbN it made.
+    Create(Box<CreateArgs>),
+    /// Show devices: a table for people, JSON (--json) for scripts.
+    Status {
+        /// One device (default: all).
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices and whether their daemons run.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a device: seal and flush its log, remove /dev/ublkbN. The cache keeps its data;
+    /// `create` with the same devices re-attaches it.
+    Delete {
+        name: String,
+        /// Write everything back first, so the backing device alone holds all the data.
+        #[arg(long)]
+        drain: bool,
+        /// Delete even if the device is mounted or claimed; for a device whose daemon died,
+        /// remove the kernel device without recovering it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write everything back now (progress bar); returns when the cache is clean.
+    Drain { name: String },
+    /// Change writeback knobs at run time: KNOB=VALUE ... (all or none).
+    Set {
+        name: String,
+        #[arg(required = true, value_name = "KNOB=VALUE")]
+        knobs: Vec<String>,
+    },
+    /// Bring back a device whose daemon was killed: adopt its RAM buffer, re-attach to the
+    /// same /dev/ublkbN (ublk user recovery); I/O in flight is re-issued.
+    Recover {
+        name: String,
+        /// Stay in the foreground (for systemd).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Inspect cache devices offline: superblock, checkpoint, live log, dirty blocks. Opens
+    /// them read-only; starts nothing, writes nothing.
+    Check {
+        #[arg(long = "cache", required = true, value_name = "DEV")]
+        caches: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct CreateArgs {
+    /// Device name (letters, digits, '_', '.', '-').
+    name: String,
+    /// The slow device to cache (e.g. a zvol).
+    #[arg(long, value_name = "DEV")]
+    backing: Option<PathBuf>,
+    /// A cache device (SSD); give two for a mirror.
+    #[arg(long = "cache", value_name = "DEV")]
+    caches: Vec<PathBuf>,
+    /// Accept a single cache device (no mirror: losing it loses what is not written back).
+    #[arg(long)]
+    single_leg: bool,
+    /// Format over a cache that holds data, belongs to another backing device, or is damaged.
+    #[arg(long)]
+    force: bool,
+    /// Stay in the foreground (for systemd); otherwise the daemon detaches.
+    #[arg(long)]
+    foreground: bool,
+    /// Per-device TOML configuration (see tools/systemd/example.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// ublk queues (default: one per CPU).
+    #[arg(long)]
+    queues: Option<u16>,
+    /// Requests in flight per queue.
+    #[arg(long)]
+    depth: Option<u16>,
+    /// Logical block size of a new cache, 512 or 4096 (default: the backing device's).
+    #[arg(long)]
+    logical_block_size: Option<u32>,
+    /// ublk device id to ask for (default: the kernel's choice).
+    #[arg(long)]
+    dev_id: Option<i32>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// Writeback knobs (SPEC §4); `wbctl set` changes them at run time.
+#[derive(Args, Debug, Clone, Default)]
+struct PolicyArgs {
+    /// Start background writeback when more than this is dirty (0.1 or 10%).
+    #[arg(long)]
+    low_watermark: Option<String>,
+    /// linear | exponential | step.
+    #[arg(long)]
+    pressure_curve: Option<String>,
+    /// Fullness where the pressure curve starts.
+    #[arg(long)]
+    pressure_start: Option<String>,
+    /// Fullness where writeback runs at full speed.
+    #[arg(long)]
+    pressure_full: Option<String>,
+    /// Write back anything dirty for longer than this.
+    #[arg(long)]
+    age_threshold_secs: Option<String>,
+    /// Cap on writeback bandwidth, MiB/s (0: unlimited).
+    #[arg(long)]
+    max_bandwidth_mib: Option<String>,
+    /// Full speed while users leave the backing device alone (on/off).
+    #[arg(long)]
+    idle_aware: Option<String>,
+    /// How long without user I/O counts as idle.
+    #[arg(long)]
+    idle_after_ms: Option<String>,
+    /// Speed of background writeback when no pressure applies (fraction of full).
+    #[arg(long)]
+    background_rate: Option<String>,
+    /// Any knob as KNOB=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KNOB=VALUE")]
+    set: Vec<String>,
+}
+
+impl PolicyArgs {
+    fn pairs(&self) -> Result<Vec<(String, String)>> {
+        let mut pairs = Vec::new();
+        let named = [
+            ("low_watermark", &self.low_watermark),
+            ("pressure_curve", &self.pressure_curve),
+            ("pressure_start", &self.pressure_start),
+            ("pressure_full", &self.pressure_full),
+            ("age_threshold_secs", &self.age_threshold_secs),
+            ("max_bandwidth_mib", &self.max_bandwidth_mib),
+            ("idle_aware", &self.idle_aware),
+            ("idle_after_ms", &self.idle_after_ms),
+            ("background_rate", &self.background_rate),
+        ];
+        for (k, v) in named {
+            if let Some(v) = v {
+                pairs.push((k.to_string(), v.clone()));
+            }
+        }
+        for s in &self.set {
+            pairs.push(parse_knob(s)?);
+        }
+        Ok(pairs)
+    }
+}
+
+fn parse_knob(s: &str) -> Result<(String, String)> {
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        anyhow!(
+            "'{s}': expected KNOB=VALUE (knobs: {})",
+            writeback::KNOBS.join(", ")
+        )
+    })?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+/// The per-device configuration file (`/etc/writeboost/NAME.toml`).
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeviceConfig {
+    backing: Option<PathBuf>,
+    #[serde(default)]
+    caches: Vec<PathBuf>,
+    #[serde(default)]
+    single_leg: bool,
+    queues: Option<u16>,
+    depth: Option<u16>,
+    logical_block_size: Option<u32>,
+    /// Writeback knobs, by the names `wbctl set` takes.
+    #[serde(default)]
+    policy: BTreeMap<String, toml::Value>,
+}
+
+fn load_config(path: &Path) -> Result<DeviceConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the configuration", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn toml_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
+    )
+    .init();
+    let run_dir = cli
+        .run_dir
+        .clone()
+        .map_or_else(RunDir::from_env, RunDir::new);
+    let result = match cli.command {
+        Cmd::Create(args) => create(&run_dir, *args),
+        Cmd::Status { name, json } => status(&run_dir, name.as_deref(), json),
+        Cmd::List { json } => list(&run_dir, json),
+        Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
+        Cmd::Drain { name } => drain(&run_dir, &name),
+        Cmd::Set { name, knobs } => set(&run_dir, &name, &knobs),
+        Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
+        Cmd::Check { caches, json } => check(&caches, json),
+    };
+    if let Err(e) = result {
+        eprintln!("wbctl: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+// ------------------------------------------------------------------------------------ create
+
+fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => load_config(path)?,
+        None => DeviceConfig::default(),
+    };
+    let backing = args
+        .backing
+        .clone()
+        .or(config.backing.clone())
+        .ok_or_else(|| {
+            anyhow!("--backing: no backing device given (flag or `backing` in --config)")
+        })?;
+    let caches = if args.caches.is_empty() {
+        config.caches.clone()
+    } else {
+        args.caches.clone()
+    };
+    let mut policy = Policy::default();
+    for (k, v) in &config.policy {
+        policy.set(k, &toml_text(v)).map_err(|e| {
+            anyhow!(
+                "{}: policy: {e}",
+                args.config
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            )
+        })?;
+    }
+    for (k, v) in args.policy.pairs()? {
+        policy.set(&k, &v).map_err(|e| anyhow!("{e}"))?;
+    }
+    let request = CreateRequest {
+        name: args.name.clone(),
+        backing,
+        caches,
+        single_leg: args.single_leg || config.single_leg,
+        force: args.force,
+        logical_block_size: args.logical_block_size.or(config.logical_block_size),
+        policy,
+        queues: args
+            .queues
+            .or(config.queues)
+            .unwrap_or_else(wb_target::ublk::default_queue_count),
+        depth: args
+            .depth
+            .or(config.depth)
+            .unwrap_or(wb_target::ublk::DEFAULT_QUEUE_DEPTH),
+        dev_id: args.dev_id.unwrap_or(-1),
+        run_dir: run_dir.clone(),
+    };
+    let (spec, start) = daemon::check_create(&request)?;
+    if let Start::Recover { dev_id } = start {
+        log::warn!(
+            "{}: its daemon died and left /dev/ublkb{dev_id}; recovering it",
+            spec.name
+        );
+    }
+    if args.foreground {
+        run_foreground(spec, start)
+    } else {
+        spawn_detached(run_dir, &args.name)
+    }
+}
+
+fn run_foreground(spec: DaemonSpec, start: Start) -> Result<()> {
+    let detached = std::env::var_os(DETACHED_ENV).is_some();
+    daemon::run(spec, start, move |device: &str| {
+        println!("{device}");
+        let _ = std::io::stdout().flush();
+        if detached {
+            redirect_stdout_to_null();
+        }
+    })?;
+    Ok(())
+}
+
+/// After the parent read the device line it stops reading; later prints must not fail.
+fn redirect_stdout_to_null() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 1 replaces stdout atomically; both fds are valid and owned.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+/// Re-runs this very command with `--foreground` as a detached daemon (own session, stdin
+/// closed, log in the run folder) and waits until it reports its device or fails.
+fn spawn_detached(run_dir: &RunDir, name: &str) -> Result<()> {
+    std::fs::create_dir_all(&run_dir.path)
+        .with_context(|| format!("{}: cannot create", run_dir.path.display()))?;
+    let log_path = run_dir.log(name);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("{}: cannot open the daemon log", log_path.display()))?;
+    let log_start = log.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
+    let exe = std::env::current_exe().context("cannot find the wbctl executable")?;
+    let mut command = Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .env(DETACHED_ENV, "1")
+        .env(control::RUN_DIR_ENV, &run_dir.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone()?);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("cannot start the daemon")?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let device = line.trim();
+    if device.starts_with("/dev/") {
+        println!("{device}");
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(&log_path) {
+        let _ = f.seek(std::io::SeekFrom::Start(log_start));
+        let _ = f.read_to_string(&mut text);
+    }
+    let _ = writeln!(log, "(daemon exited: {status})");
+    let reason = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .unwrap_or("no message")
+        .trim()
+        .trim_start_matches("wbctl: error: ")
+        .to_string();
+    bail!(
+        "{name}: the daemon failed to start ({status}): {reason} (log: {})",
+        log_path.display()
+    )
+}
+
+fn recover(run_dir: &RunDir, name: &str, foreground: bool) -> Result<()> {
+    let (spec, start) = daemon::check_recover(name, run_dir)?;
+    if foreground {
+        run_foreground(spec, start)
+    } else {
+        spawn_detached(run_dir, name)
+    }
+}
+
+// ------------------------------------------------------------------------------ talking to daemons
+
+/// The socket of a running daemon, or an error saying why there is none.
+fn daemon_socket(run_dir: &RunDir, name: &str) -> Result<PathBuf> {
+    control::validate_name(name).map_err(|e| anyhow!(e))?;
+    let socket = run_dir.socket(name);
+    let state_path = run_dir.state(name);
+    if control::daemon_answers(&socket) {
+        return Ok(socket);
+    }
+    match DeviceState::load(&state_path) {
+        Ok(state) => bail!(
+            "{name}: its daemon (pid {}) is not running; {} waits for it: `wbctl recover {name}`",
+            state.pid,
+            state.device
+        ),
+        Err(_) => bail!("{name}: no such device (`wbctl list` shows the devices)"),
+    }
+}
+
+fn call(socket: &Path, request: &Request, on_progress: impl FnMut(&Progress)) -> Result<Reply> {
+    let timeout = match request {
+        Request::Status | Request::Set { .. } => Some(control::REPLY_TIMEOUT),
+        // A drain reports progress; a delete waits for the device to stop and the log to flush.
+        Request::Drain | Request::Delete { .. } => None,
+    };
+    control::call(socket, request, timeout, on_progress)
+        .with_context(|| format!("{}: talking to the daemon", socket.display()))
+}
+
+fn fetch_status(run_dir: &RunDir, name: &str) -> Result<DeviceStatus> {
+    let socket = daemon_socket(run_dir, name)?;
+    match call(&socket, &Request::Status, |_| {})? {
+        Reply::Status { status } => Ok(*status),
+        Reply::Error { error } => bail!("{error}"),
+        other => bail!("{name}: unexpected reply {other:?}"),
+    }
+}
+
+fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
+    if let Some(name) = name {
+        let s = fetch_status(run_dir, name)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", human_status(&s));
+        }
+        return Ok(());
+    }
+    let mut all = Vec::new();
+    let mut text = String::new();
+    for name in run_dir.names()? {
+        match fetch_status(run_dir, &name) {
+            Ok(s) => {
+                text.push_str(&human_status(&s));
+                all.push(serde_json::to_value(&s)?);
+            }
+            Err(e) => {
+                text.push_str(&format!("{name}: DOWN: {e:#}\n"));
+                all.push(
+                    serde_json::json!({ "name": name, "mode": "down", "error": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() {
+        println!("no writeboost devices");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+fn human_status(s: &DeviceStatus) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    let _ = writeln!(
+        w,
+        "{}: {} (pid {}), mode {}",
+        s.name, s.device, s.pid, s.mode
+    );
+    if let Some(f) = &s.failure {
+        let _ = writeln!(w, "  FAILURE    {f}");
+    }
+    let _ = writeln!(
+        w,
+        "  backing    {} ({}, logical block {})",
+        s.backing,
+        bytes(s.device_size_bytes),
+        s.logical_block_size
+    );
+    for (i, l) in s.legs.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "  leg {i}      {} {} (errors: {} read, {} write)",
+            l.path, l.health, l.read_errors, l.write_errors
+        );
+    }
+    let _ = writeln!(
+        w,
+        "  cache      {} used of {} ({:.1} %), {} dirty",
+        bytes(s.used_bytes),
+        bytes(s.capacity_bytes),
+        pct(s.used_bytes, s.capacity_bytes),
+        bytes(s.dirty_bytes)
+    );
+    let _ = writeln!(
+        w,
+        "  segments   current {}, last flushed {}, last written back {} (epoch {})",
+        s.segments.current_id,
+        s.segments.last_flushed_id,
+        s.segments.last_written_back_id,
+        s.epoch_id
+    );
+    let _ = writeln!(
+        w,
+        "  reads      {} requests; blocks: {} hits, {} misses ({:.1} % hits)",
+        s.reads.requests,
+        s.reads.hits,
+        s.reads.misses,
+        pct(s.reads.hits, s.reads.hits + s.reads.misses)
+    );
+    let _ = writeln!(
+        w,
+        "  writes     {} requests, {}, {} flushes; now {}/s",
+        s.writes,
+        bytes(s.write_bytes),
+        s.flushes,
+        bytes(s.write_bytes_per_sec)
+    );
+    let _ = writeln!(
+        w,
+        "  writeback  {} in {} I/Os; now {}/s",
+        bytes(s.written_back_bytes),
+        s.backing_write_ios,
+        bytes(s.written_back_bytes_per_sec)
+    );
+    let _ = writeln!(w, "  stalls     {} ms waiting for cache space", s.stall_ms);
+    let knobs: Vec<String> = s.policy.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(w, "  policy     {}", knobs.join(" "));
+    let _ = writeln!(
+        w,
+        "  ublk       {} queues × depth {}, up {} s, map {}",
+        s.queues,
+        s.depth,
+        s.uptime_secs,
+        bytes(s.map_bytes)
+    );
+    out
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[derive(Serialize)]
+struct ListEntry {
+    name: String,
+    device: String,
+    pid: u32,
+    running: bool,
+    backing: PathBuf,
+    caches: Vec<PathBuf>,
+}
+
+fn list(run_dir: &RunDir, json: bool) -> Result<()> {
+    let mut entries = Vec::new();
+    for name in run_dir.names()? {
+        let state = match DeviceState::load(&run_dir.state(&name)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("wbctl: warning: {e}");
+                continue;
+            }
+        };
+        entries.push(ListEntry {
+            running: daemon::daemon_running(&state, run_dir),
+            name,
+            device: state.device,
+            pid: state.pid,
+            backing: state.backing,
+            caches: state.caches,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no writeboost devices");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<14} {:>8} {:<8} {:<20} CACHE",
+        "NAME", "DEVICE", "PID", "DAEMON", "BACKING"
+    );
+    for e in &entries {
+        let caches: Vec<String> = e.caches.iter().map(|c| c.display().to_string()).collect();
+        println!(
+            "{:<16} {:<14} {:>8} {:<8} {:<20} {}",
+            e.name,
+            e.device,
+            e.pid,
+            if e.running { "running" } else { "DEAD" },
+            e.backing.display(),
+            caches.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn set(run_dir: &RunDir, name: &str, knobs: &[String]) -> Result<()> {
+    let pairs: Vec<(String, String)> =
+        knobs.iter().map(|k| parse_knob(k)).collect::<Result<_>>()?;
+    // Catch typos before talking to the daemon (it checks again, all or none).
+    let mut probe = Policy::default();
+    for (k, v) in &pairs {
+        if let Err(e) = probe.set(k, v) {
+            if !e.0.contains("must be below") {
+                bail!("{name}: {e}; nothing changed");
+            }
+        }
+    }
+    let socket = daemon_socket(run_dir, name)?;
+    match call(&socket, &Request::Set { knobs: pairs }, |_| {})? {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { error } => bail!("{error}"),
+        other => bail!("{name}: unexpected reply {other:?}"),
+    }
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} segments written back, {msg} dirty, {elapsed} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn update_bar(bar: &ProgressBar, p: &Progress) {
+    bar.set_length(p.segments_done + p.segments_left);
+    bar.set_position(p.segments_done);
+    bar.set_message(bytes(p.dirty_bytes));
+}
+
+fn drain(run_dir: &RunDir, name: &str) -> Result<()> {
+    let socket = daemon_socket(run_dir, name)?;
+    let bar = progress_bar();
+    bar.set_prefix(name.to_string());
+    let reply = call(&socket, &Request::Drain, |p| update_bar(&bar, p))?;
+    bar.finish_and_clear();
+    match reply {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { error } => bail!("{error}"),
+        other => bail!("{name}: unexpected reply {other:?}"),
+    }
+}
+
+fn delete(run_dir: &RunDir, name: &str, drain: bool, force: bool) -> Result<()> {
+    control::validate_name(name).map_err(|e| anyhow!(e))?;
+    let socket = run_dir.socket(name);
+    if !control::daemon_answers(&socket) {
+        let state = DeviceState::load(&run_dir.state(name))
+            .map_err(|_| anyhow!("{name}: no such device (`wbctl list` shows the devices)"))?;
+        if daemon::daemon_running(&state, run_dir) {
+            bail!(
+                "{name}: its daemon (pid {}) runs but does not answer on {}; try again",
+                state.pid,
+                socket.display()
+            );
+        }
+        if !force {
+            bail!(
+                "{name}: its daemon (pid {}) is not running; run `wbctl recover {name}` first \
+                 (then delete), or pass --force to remove {} without recovering it",
+                state.pid,
+                state.device
+            );
+        }
+        if drain {
+            bail!("{name}: cannot drain without a running daemon; `wbctl recover {name}` first");
+        }
+        let removed = match wb_target::ublk::delete_device(state.dev_id) {
+            Ok(s) => format!("removed {} (it was {s})", state.device),
+            Err(e) => format!("{}: {e}", state.device),
+        };
+        let _ = std::fs::remove_file(run_dir.state(name));
+        let _ = std::fs::remove_file(&socket);
+        let buffer = run_dir.buffer(name);
+        let kept = if buffer.exists() {
+            format!(
+                "; acknowledged writes not yet on the cache stay in {}: `wbctl create {name}` \
+                 with the same devices adopts them",
+                buffer.display()
+            )
+        } else {
+            String::new()
+        };
+        println!("{name}: {removed}{kept}");
+        return Ok(());
+    }
+    let bar = progress_bar();
+    bar.set_prefix(name.to_string());
+    let reply = call(&socket, &Request::Delete { drain, force }, |p| {
+        update_bar(&bar, p)
+    })?;
+    bar.finish_and_clear();
+    match reply {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { error } => bail!("{error}"),
+        other => bail!("{name}: unexpected reply {other:?}"),
+    }
+}
+
+// ------------------------------------------------------------------------------------- check
+
+#[derive(Serialize)]
+struct LegCheck {
+    path: String,
+    size_bytes: u64,
+    leg_index: Option<u32>,
+    superblock: String,
+}
+
+#[derive(Serialize)]
+struct CheckReport {
+    legs: Vec<LegCheck>,
+    uuid: String,
+    format_version: u32,
+    created: String,
+    created_unix_secs: u64,
+    leg_count: u32,
+    backing_size_bytes: u64,
+    backing_fingerprint: String,
+    logical_block_size: u32,
+    segment_count: u64,
+    capacity_bytes: u64,
+    checkpoint: Option<CheckpointReport>,
+    /// First and last id of the live log (segments not yet written back), if any.
+    live_first_id: u64,
+    live_last_id: u64,
+    live_segments: u64,
+    dirty_blocks: u64,
+    dirty_bytes: u64,
+    clean: bool,
+    replay_stop_reason: String,
+    segments_data_verified: u64,
+    stale_segments_past_head: Vec<u64>,
+    bytes_read: u64,
+}
+
+#[derive(Serialize)]
+struct CheckpointReport {
+    sequence: u64,
+    last_written_back_id: u64,
+    last_written_back_epoch: u64,
+}
+
+fn check(caches: &[PathBuf], json: bool) -> Result<()> {
+    if caches.len() > 2 {
+        bail!(
+            "--cache: {} given; a cache set has one or two legs",
+            caches.len()
+        );
+    }
+    let mut devices: Vec<Arc<dyn Device>> = Vec::new();
+    let mut legs = Vec::new();
+    for path in caches {
+        let device = FileDevice::open_read_only(path).map_err(|e| {
+            anyhow!(
+                "{}: {}",
+                path.display(),
+                match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such device or file".to_string(),
+                    _ => e.to_string(),
+                }
+            )
+        })?;
+        let device: Arc<dyn Device> = Arc::new(device);
+        let sb = wb_target::recovery::read_superblocks(std::slice::from_ref(&device))
+            .map_err(|e| anyhow!("{e}: not a writeboost cache, or its superblock is damaged"))?;
+        legs.push(LegCheck {
+            path: path.display().to_string(),
+            size_bytes: device.size_bytes(),
+            leg_index: Some(sb[0].leg_index),
+            superblock: "ok".into(),
+        });
+        devices.push(device);
+    }
+    let superblocks = wb_target::recovery::read_superblocks(&devices)?;
+    let sb = superblocks[0].clone();
+    if sb.leg_count as usize != devices.len() && !json {
+        eprintln!(
+            "wbctl: note: the cache set has {} legs; {} given",
+            sb.leg_count,
+            devices.len()
+        );
+    }
+    let report = wb_target::scan(&CacheLegs::new(devices.clone()), &sb);
+    let block = logfmt::BLOCK_SIZE_BYTES as u64;
+    let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block;
+    let leg_size: u64 = legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
+    let r = CheckReport {
+        uuid: wb_target::recovery::hex(&sb.uuid),
+        format_version: logfmt::FORMAT_VERSION,
+        created: daemon::format_unix_time(sb.created_unix_secs),
+        created_unix_secs: sb.created_unix_secs,
+        leg_count: sb.leg_count,
+        backing_size_bytes: sb.backing_size_bytes,
+        backing_fingerprint: wb_target::recovery::hex(&sb.backing_fingerprint),
+        logical_block_size: sb.logical_block_size,
+        segment_count: sb.segment_count,
+        capacity_bytes: capacity,
+        checkpoint: report.checkpoint.map(|c| CheckpointReport {
+            sequence: c.sequence,
+            last_written_back_id: c.last_written_back_id,
+            last_written_back_epoch: c.last_written_back_epoch,
+        }),
+        live_first_id: report.written_back_id() + 1,
+        live_last_id: report.head_id(),
+        live_segments: report.headers.len() as u64,
+        dirty_blocks: report.dirty_data_blocks(),
+        dirty_bytes: report.dirty_data_blocks() * block,
+        clean: !report.is_dirty(),
+        replay_stop_reason: report.stop_reason.clone(),
+        segments_data_verified: report.data_verified,
+        stale_segments_past_head: report.stale_tail.clone(),
+        bytes_read: report.bytes_read,
+        legs,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "cache set {} (format v{}), created {}, {} leg(s)",
+        r.uuid, r.format_version, r.created, r.leg_count
+    );
+    for l in &r.legs {
+        println!(
+            "  leg {}     {} ({}), superblock {}",
+            l.leg_index.map_or("?".into(), |i| i.to_string()),
+            l.path,
+            bytes(l.size_bytes),
+            l.superblock
+        );
+    }
+    println!(
+        "  backing   {} bytes, identity fingerprint {}",
+        r.backing_size_bytes, r.backing_fingerprint
+    );
+    println!(
+        "  geometry  {} segments of 512 KiB ({} of data), logical block size {}",
+        r.segment_count,
+        bytes(r.capacity_bytes),
+        r.logical_block_size
+    );
+    match &r.checkpoint {
+        Some(c) => println!(
+            "  checkpoint sequence {}: written back through segment {} (epoch {})",
+            c.sequence, c.last_written_back_id, c.last_written_back_epoch
+        ),
+        None => {
+            println!("  checkpoint none valid (nothing written back yet, or the ring is damaged)")
+        }
+    }
+    if r.live_segments == 0 {
+        println!("  live log  empty");
+    } else {
+        println!(
+            "  live log  segments {}..={} ({} segments), {} dirty blocks ({})",
+            r.live_first_id,
+            r.live_last_id,
+            r.live_segments,
+            r.dirty_blocks,
+            bytes(r.dirty_bytes)
+        );
+    }
+    println!("  replay    stops: {}", r.replay_stop_reason);
+    if !r.stale_segments_past_head.is_empty() {
+        println!(
+            "  stale     segments past the head (written out of order, never durable): {:?}",
+            r.stale_segments_past_head
+        );
+    }
+    println!(
+        "  read      {} bytes ({:.3} % of the cache), data of {} segment(s) verified",
+        r.bytes_read,
+        100.0 * r.bytes_read as f64 / leg_size as f64,
+        r.segments_data_verified
+    );
+    println!(
+        "  state     {}",
+        if r.clean {
+            "clean: the backing device holds everything".to_string()
+        } else {
+            format!(
+                "DIRTY: {} to write back; attach it to its backing device (`wbctl create`) \
+                 and drain it",
+                bytes(r.dirty_bytes)
+            )
+        }
+    );
+    if std::io::stdout().is_terminal() {
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_shapes_parse() {
+        Cli::command_for_tests().debug_assert();
+        let cli = Cli::try_parse_from([
+            "wbctl",
+            "create",
+            "d0",
+            "--backing",
+            "/dev/b",
+            "--cache",
+            "/dev/c0",
+            "--cache",
+            "/dev/c1",
+            "--low-watermark",
+            "20%",
+            "--set",
+            "idle_aware=off",
+        ])
+        .unwrap();
+        let Cmd::Create(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.caches.len(), 2);
+        assert_eq!(
+            args.policy.pairs().unwrap(),
+            vec![
+                ("low_watermark".to_string(), "20%".to_string()),
+                ("idle_aware".to_string(), "off".to_string())
+            ]
+        );
+        assert!(Cli::try_parse_from(["wbctl", "set", "d0"]).is_err());
+        assert!(Cli::try_parse_from(["wbctl", "check"]).is_err());
+        Cli::try_parse_from(["wbctl", "delete", "d0", "--drain"]).unwrap();
+        Cli::try_parse_from(["wbctl", "status", "--json"]).unwrap();
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../systemd/example.toml");
+        let c: DeviceConfig = toml::from_str(text).unwrap();
+        assert!(c.backing.is_some());
+        assert_eq!(c.caches.len(), 2);
+        let mut p = Policy::default();
+        for (k, v) in &c.policy {
+            p.set(k, &toml_text(v)).unwrap();
+        }
+    }
+
+    impl Cli {
+        fn command_for_tests() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+}
