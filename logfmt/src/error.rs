@@ -23,7 +23,9 @@ pub enum FormatError {
     },
     #[error("{record}: belongs to another cache set (UUID differs)")]
     ForeignUuid { record: &'static str },
-    #[error("segment header: expected segment id {expected}, found {found} (stale slot or id gap)")]
+    #[error(
+        "segment header: expected segment id {expected}, found {found} (stale slot or id gap)"
+    )]
     WrongSegmentId { expected: u64, found: u64 },
     #[error("segment header: {count} entries, at most {max} fit")]
     TooManyEntries { count: usize, max: usize },

@@ -70,7 +70,8 @@ pub const SEGMENT_AREA_OFFSET: u64 = SEGMENT_SIZE_BYTES as u64;
 pub const MIN_SEGMENTS: u64 = 16;
 
 /// Smallest cache leg the format accepts.
-pub const MIN_CACHE_SIZE_BYTES: u64 = SEGMENT_AREA_OFFSET + MIN_SEGMENTS * SEGMENT_SIZE_BYTES as u64;
+pub const MIN_CACHE_SIZE_BYTES: u64 =
+    SEGMENT_AREA_OFFSET + MIN_SEGMENTS * SEGMENT_SIZE_BYTES as u64;
 
 pub const SUPERBLOCK_MAGIC: &[u8; 8] = b"WBSUPER1";
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"WBCHKPT1";

@@ -57,6 +57,15 @@ impl Superblock {
         if sb.segment_count < MIN_SEGMENTS {
             return Err(bad("fewer segments than the minimum"));
         }
+        // Every offset on the leg is computed from this count; one that overflows u64 would wrap
+        // to a small leg size that a real device could pass for.
+        let leg_size = sb
+            .segment_count
+            .checked_mul(SEGMENT_SIZE_BYTES as u64)
+            .and_then(|bytes| bytes.checked_add(SEGMENT_AREA_OFFSET));
+        if leg_size.is_none() {
+            return Err(bad("more segments than a 64-bit device can hold"));
+        }
         if sb.leg_count == 0 || sb.leg_count > 2 || sb.leg_index >= sb.leg_count {
             return Err(bad("leg count or leg index out of range"));
         }
