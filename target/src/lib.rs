@@ -36,4 +36,4 @@ pub use error::{EngineError, Result};
 pub use format::{format, FormatOptions};
 pub use lifecycle::{DrainProgress, EngineStatus, LegStatus, SegmentIds};
 pub use log_writer::SEGMENTS_BETWEEN_LEG_FLUSHES;
-pub use recovery::{open, scan, OpenOptions, ScanReport};
+pub use recovery::{open, read_superblocks, scan, OpenOptions, Repair, ScanReport};

@@ -75,7 +75,18 @@ pub struct ScanReport {
     pub stop_reason: String,
     /// Valid headers with ids past the head (out-of-order leftovers).
     pub stale_tail: Vec<u64>,
+    /// Live segments whose copy on one leg is torn or missing while another leg's is whole.
+    pub repairs: Vec<Repair>,
     pub bytes_read: u64,
+}
+
+/// A segment copy to rewrite on one leg from another (see `ScanReport::repairs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repair {
+    pub segment_id: u64,
+    pub from_leg: usize,
+    pub to_leg: usize,
+    pub len: usize,
 }
 
 impl ScanReport {
@@ -126,7 +137,10 @@ pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
             {
                 return Err(EngineError::refused(
                     leg.name(),
-                    format!("cache leg belongs to another cache set than {}", legs[0].name()),
+                    format!(
+                        "cache leg belongs to another cache set than {}",
+                        legs[0].name()
+                    ),
                 ));
             }
         }
@@ -145,7 +159,10 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
         if leg.device.read_at(&mut ring, checkpoint_offset(0)).is_ok() {
             report.bytes_read += ring.len() as u64;
             if let Some(c) = Checkpoint::newest_in_ring(&ring, &uuid) {
-                if report.checkpoint.is_none_or(|old| c.sequence > old.sequence) {
+                if report
+                    .checkpoint
+                    .is_none_or(|old| c.sequence > old.sequence)
+                {
                     report.checkpoint = Some(c);
                 }
             }
@@ -192,40 +209,58 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
             }
         }
     }
-    // Then the data of every segment no later header vouches for.
+    // Then the data of every segment no later header vouches for, on every leg: the legs lost
+    // power independently, so one may hold a torn copy where the other holds a whole one.
     if let Some(cut) = report
         .headers
         .iter()
         .position(|h| h.segment_id > newest_durable)
     {
         for i in cut..report.headers.len() {
-            let h = &report.headers[i];
+            let h = report.headers[i].clone();
             let offset = segment_offset(slot_of(h.segment_id, n));
             let len = h.used_bytes();
-            let mut good = false;
+            let mut good_leg = None;
+            let mut bad_legs = Vec::new();
             let mut last_error = String::new();
             for leg in legs.all().iter().filter(|l| l.is_healthy()) {
                 if let Err(e) = leg.device.read_at(&mut image[..len], offset) {
                     last_error = e.to_string();
+                    bad_legs.push(leg.index);
                     continue;
                 }
                 report.bytes_read += len as u64;
-                let same_header = SegmentHeader::decode_expecting(&image, &uuid, h.segment_id)
-                    .is_ok_and(|other| other == *h);
-                match h.verify_data(&image) {
-                    Ok(()) if same_header => {
-                        good = true;
-                        break;
+                let verdict = SegmentHeader::decode_expecting(&image, &uuid, h.segment_id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|other| {
+                        if other.entries != h.entries || other.epoch_id != h.epoch_id {
+                            return Err("header differs between legs".to_string());
+                        }
+                        h.verify_data(&image).map_err(|e| e.to_string())
+                    });
+                match verdict {
+                    Ok(()) => {
+                        good_leg.get_or_insert(leg.index);
                     }
-                    Ok(()) => last_error = "header differs between legs".into(),
-                    Err(e) => last_error = e.to_string(),
+                    Err(e) => {
+                        last_error = e;
+                        bad_legs.push(leg.index);
+                    }
                 }
             }
             report.data_verified += 1;
-            if !good {
+            let Some(good) = good_leg else {
                 report.stop_reason = format!("segment {}: {last_error}", h.segment_id);
                 report.headers.truncate(i);
                 break;
+            };
+            for bad in bad_legs {
+                report.repairs.push(Repair {
+                    segment_id: h.segment_id,
+                    from_leg: good,
+                    to_leg: bad,
+                    len,
+                });
             }
         }
     }
@@ -330,6 +365,26 @@ pub fn open(
             .map_err(|e| EngineError::CacheFailed(format!("invalidating stale segment: {e}")))?;
     }
 
+    // Make the legs agree again: a torn copy on one leg is rewritten from the other.
+    for r in &report.repairs {
+        let mut copy = AlignedBuf::new(r.len);
+        let offset = segment_offset(slot_of(r.segment_id, n));
+        let all = legs.all();
+        let repaired = all[r.from_leg]
+            .device
+            .read_at(&mut copy, offset)
+            .and_then(|()| all[r.to_leg].device.write_at(&copy, offset));
+        match repaired {
+            Ok(()) => log::warn!(
+                "segment {} was torn on {}; rewritten from {}",
+                r.segment_id,
+                all[r.to_leg].device.name(),
+                all[r.from_leg].device.name()
+            ),
+            Err(e) => all[r.to_leg].mark_failed(&e),
+        }
+    }
+
     let mut headers = report.headers.clone();
     // Adopt the predecessor's buffers: segments the log may not have yet. They must continue the
     // log without a gap (every id below the oldest buffer was on the legs when it was written).
@@ -412,7 +467,9 @@ pub fn open(
             }
         }
     }
-    let head = headers.last().map_or(report.written_back_id(), |h| h.segment_id);
+    let head = headers
+        .last()
+        .map_or(report.written_back_id(), |h| h.segment_id);
     let legs_count = legs.all().len();
     let checkpoint = report.checkpoint;
     let state = State {

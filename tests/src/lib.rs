@@ -26,8 +26,8 @@ pub struct Rig {
 impl Rig {
     /// `legs` cache legs of `cache_segments` segments over a backing device of `backing_bytes`.
     pub fn new(legs: usize, cache_segments: u64, backing_bytes: u64, lbs: u32) -> Rig {
-        let cache_bytes = logfmt::SEGMENT_AREA_OFFSET
-            + cache_segments * logfmt::SEGMENT_SIZE_BYTES as u64;
+        let cache_bytes =
+            logfmt::SEGMENT_AREA_OFFSET + cache_segments * logfmt::SEGMENT_SIZE_BYTES as u64;
         let rig = Rig {
             legs: (0..legs)
                 .map(|i| SimDisk::new(&format!("sim:leg{i}"), cache_bytes))
@@ -35,6 +35,10 @@ impl Rig {
             backing: SimDisk::new("sim:backing", backing_bytes),
             buffer_dir: tempfile::tempdir().expect("tempdir"),
         };
+        // Devices are never blank in real life: old content must not pass for valid data.
+        for (i, disk) in rig.legs.iter().chain([&rig.backing]).enumerate() {
+            disk.fill_garbage(i as u64 + 1);
+        }
         wb_target::format(
             &rig.leg_devices(),
             rig.backing.as_ref(),
@@ -83,6 +87,10 @@ impl Rig {
     /// The host lost power: every device forgets what it did not flush (and may tear the writes
     /// in flight), and the tmpfs buffer file is gone.
     pub fn power_cut(&self, rng: &mut impl rand::Rng) {
+        // Every device loses power at the same instant, before any is examined.
+        for disk in self.legs.iter().chain([&self.backing]) {
+            disk.freeze();
+        }
         for leg in &self.legs {
             leg.power_cut(rng);
         }

@@ -75,7 +75,10 @@ impl Model {
             if d == self.boundaries[last][s] {
                 continue;
             }
-            if self.epochs[last].get(&s).is_some_and(|set| set.contains(&d)) {
+            if self.epochs[last]
+                .get(&s)
+                .is_some_and(|set| set.contains(&d))
+            {
                 continue;
             }
             return Err(format!(

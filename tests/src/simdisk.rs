@@ -51,7 +51,9 @@ impl Faults {
             return false;
         }
         // A cheap deterministic generator per device, so faults reproduce from the seed.
-        let mut x = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let mut x = self
+            .seed
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         x ^= x >> 33;
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
@@ -82,6 +84,21 @@ impl SimDisk {
         self.inner.lock().current.clone()
     }
 
+    /// Fills the whole device, durably, with pseudo-random bytes from `seed`.
+    pub fn fill_garbage(&self, seed: u64) {
+        let mut inner = self.inner.lock();
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for chunk in inner.current.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bytes = x.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        inner.durable = inner.current.clone();
+        inner.pending.clear();
+    }
+
     /// Overwrites bytes directly (test set-up and corruption), durably.
     pub fn poke(&self, offset: u64, bytes: &[u8]) {
         let mut inner = self.inner.lock();
@@ -90,8 +107,14 @@ impl SimDisk {
         inner.durable[r].copy_from_slice(bytes);
     }
 
-    pub fn power_cut(&self, rng: &mut impl Rng) {
+    /// The power goes: from now on writes and flushes silently do nothing.
+    pub fn freeze(&self) {
+        let _inner = self.inner.lock();
         self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn power_cut(&self, rng: &mut impl Rng) {
+        self.freeze();
         let mut inner = self.inner.lock();
         let pending = std::mem::take(&mut inner.pending);
         let mut image = inner.durable.clone();
@@ -143,7 +166,10 @@ impl Device for SimDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
         if self.faults.roll(&self.faults.read_error_ppm) {
-            return Err(io::Error::other(format!("{}: injected read error", self.name)));
+            return Err(io::Error::other(format!(
+                "{}: injected read error",
+                self.name
+            )));
         }
         let inner = self.inner.lock();
         buf.copy_from_slice(&inner.current[offset as usize..offset as usize + buf.len()]);
@@ -159,12 +185,16 @@ impl Device for SimDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
         if self.faults.roll(&self.faults.write_error_ppm) {
-            return Err(io::Error::other(format!("{}: injected write error", self.name)));
+            return Err(io::Error::other(format!(
+                "{}: injected write error",
+                self.name
+            )));
         }
+        // Checked under the lock: a write racing the power cut happens wholly before it or not.
+        let mut inner = self.inner.lock();
         if self.frozen.load(Ordering::SeqCst) {
             return Ok(()); // the power is off: the write never happens
         }
-        let mut inner = self.inner.lock();
         inner.current[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         inner.pending.push((offset, buf.to_vec()));
         self.writes.fetch_add(1, Ordering::Relaxed);
@@ -172,10 +202,10 @@ impl Device for SimDisk {
     }
     fn flush(&self) -> io::Result<()> {
         self.check(0, 0)?;
+        let mut inner = self.inner.lock();
         if self.frozen.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut inner = self.inner.lock();
         let pending = std::mem::take(&mut inner.pending);
         for (offset, data) in pending {
             let o = offset as usize;

@@ -8,11 +8,25 @@ use wb_tests::{Model, Rig};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { unit: u64, units: u64, seed: u8, fua: bool },
-    Read { unit: u64, units: u64 },
+    Write {
+        unit: u64,
+        units: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        unit: u64,
+        units: u64,
+    },
     Flush,
-    Discard { unit: u64, units: u64 },
-    WriteZeroes { unit: u64, units: u64 },
+    Discard {
+        unit: u64,
+        units: u64,
+    },
+    WriteZeroes {
+        unit: u64,
+        units: u64,
+    },
     Drain,
     Reopen,
 }
@@ -50,12 +64,17 @@ fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
 
 fn run(lbs: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let rig = Rig::new(2, 16, BACKING_BYTES, lbs);
-    let mut model = Model::new(BACKING_BYTES as usize);
+    let mut model = Model::from_image(rig.backing.snapshot());
     let mut engine = rig.open();
     let lbs = lbs as u64;
     for (step, op) in ops.into_iter().enumerate() {
         match op {
-            Op::Write { unit, units, seed, fua } => {
+            Op::Write {
+                unit,
+                units,
+                seed,
+                fua,
+            } => {
                 let data = pattern(seed, unit * lbs, (units * lbs) as usize);
                 engine.write(unit * lbs, &data, fua).unwrap();
                 model.write((unit * lbs) as usize, &data);
@@ -64,7 +83,10 @@ fn run(lbs: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let mut buf = vec![0u8; (units * lbs) as usize];
                 engine.read(unit * lbs, &mut buf).unwrap();
                 let expect = &model.data[(unit * lbs) as usize..((unit + units) * lbs) as usize];
-                prop_assert!(buf == expect, "step {step}: read of {units} units at {unit} differs");
+                prop_assert!(
+                    buf == expect,
+                    "step {step}: read of {units} units at {unit} differs"
+                );
             }
             Op::Flush => engine.flush().unwrap(),
             Op::Discard { unit, units } => {
@@ -75,7 +97,9 @@ fn run(lbs: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 engine.write_zeroes(unit * lbs, units * lbs).unwrap();
                 model.zero((unit * lbs) as usize, (units * lbs) as usize);
             }
-            Op::Drain => engine.drain(std::time::Duration::from_millis(10), |_| {}).unwrap(),
+            Op::Drain => engine
+                .drain(std::time::Duration::from_millis(10), |_| {})
+                .unwrap(),
             Op::Reopen => {
                 engine.shutdown().unwrap();
                 drop(engine);
@@ -87,11 +111,16 @@ fn run(lbs: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut all = vec![0u8; BACKING_BYTES as usize];
     engine.read(0, &mut all).unwrap();
     prop_assert!(all == model.data, "final full read differs from the model");
-    engine.drain(std::time::Duration::from_millis(10), |_| {}).unwrap();
+    engine
+        .drain(std::time::Duration::from_millis(10), |_| {})
+        .unwrap();
     let status = engine.status();
     prop_assert_eq!(status.dirty_bytes, 0);
     engine.shutdown().unwrap();
-    prop_assert!(rig.backing.snapshot() == model.data, "backing after drain differs");
+    prop_assert!(
+        rig.backing.snapshot() == model.data,
+        "backing after drain differs"
+    );
     Ok(())
 }
 

@@ -107,12 +107,14 @@ SCRIPT="$(realpath -e -- "$1" 2>/dev/null)" || harness_fail "script '$1' not fou
 shift
 [[ -f "$SCRIPT" ]] || harness_fail "script '$SCRIPT' is not a file"
 case "$SCRIPT" in
-/tmp/* | /proc/* | /sys/* | /dev/* | /run/*)
+"$REPO"/*) ;; # the repo stays visible in the guest wherever it lives
+/tmp/* | /proc/* | /sys/* | /dev/* | /run/* | /var/tmp/*)
     harness_fail "script '$SCRIPT' lives where the VM cannot see it (tmpfs inside the guest); put it under the repo"
     ;;
 esac
 
 [[ $(id -u) -eq 0 ]] || harness_fail "must run as root"
+[[ "$CACHE" != *[[:space:]]* ]] || harness_fail "the repo/cache path '$CACHE' contains whitespace (it goes on the kernel command line)"
 bash "$HERE/setup.sh" || harness_fail "tests/vm/setup.sh failed (see above)"
 KVER="$(cat "$CACHE/kernel.version")"
 KDIR="$CACHE/kernel"
@@ -189,7 +191,7 @@ timeout -k 10 "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -m "$MEM" -smp "$SMP" \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet loglevel=4 panic=-1 wbrun=$RUNDIR wbkdir=$KDIR" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 wbrun=$RUNDIR wbkdir=$KDIR wbrepo=$REPO" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$RUNDIR,mount_tag=results,security_model=none,multidevs=remap" \
     "${DRIVE_ARGS[@]}" \

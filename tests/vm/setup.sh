@@ -162,8 +162,11 @@ done
 R=/root
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot $R ||
     { say "mounting the host root over 9p failed"; halt; }
-mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 results "$R$RUN" ||
-    { say "mounting the results share on $RUN failed"; halt; }
+# Keep a handle on the repo: the tmpfs mounts below would hide a repo that
+# lives under /tmp, /run or /var/tmp on the host (CI clones may).
+REPO="$(arg wbrepo)"
+mkdir -p /hostrepo
+[ -n "$REPO" ] && mount --bind "$R$REPO" /hostrepo
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -178,6 +181,14 @@ mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=755 tmpfs $R/run
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp 2>/dev/null
 mkdir -p $R/run/ublksrvd $R/run/lock
+case "$REPO" in
+/tmp | /tmp/* | /run | /run/* | /var/tmp | /var/tmp/*)
+    mkdir -p "$R$REPO" && mount --bind /hostrepo "$R$REPO" ||
+        { say "cannot re-expose $REPO over the guest's tmpfs"; halt; }
+    ;;
+esac
+mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 results "$R$RUN" ||
+    { say "mounting the results share on $RUN failed"; halt; }
 [ -d $R/sys/kernel/config ] && mount -t configfs configfs $R/sys/kernel/config 2>/dev/null
 [ -d $R/sys/kernel/debug ] && mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 hostname wb-vm

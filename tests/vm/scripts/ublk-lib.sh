@@ -1,0 +1,78 @@
+# tests/vm/scripts/ublk-lib.sh — helpers for the writeboost device tests in the VM
+# (ublk-*.sh). Source it after tests/vm/guest-lib.sh:
+#
+#   source "$(dirname "$0")/../guest-lib.sh"
+#   source "$(dirname "$0")/ublk-lib.sh"
+#   need_ublk
+#   dev=$(wb_create d0 --backing "$(disk 0)" --cache "$(disk 1)" --cache "$(disk 2)")
+#
+# Functions:
+#   wb_create NAME ARGS...   `wbctl create NAME ARGS...`; prints /dev/ublkbN; the device is
+#                            deleted at exit if still there
+#   wb_status NAME           `wbctl status NAME --json` (the JSON object)
+#   wb_field NAME PATH       one field of the status JSON, e.g. reads.hits, segments.current_id
+#   wb_pid NAME              the daemon's pid (from its state file)
+#   wb_fio NAME JOB [ARGS]   DEV=<device of NAME> fio JOB ARGS (output kept in $WB_OUT/NAME.fio.log);
+#                            fails on a non-zero exit or any "err=" other than 0
+#   dev_sha256 DEV BYTES     SHA-256 of the first BYTES of DEV (direct I/O)
+
+WBCTL="$(wb_bin wbctl)"
+export WRITEBOOST_RUN_DIR=/run/writeboost
+declare -A WB_DEVS=()
+
+wb_create() {
+    local name="$1" dev
+    shift
+    dev="$("$WBCTL" create "$name" "$@")" || fail "wbctl create $name $* failed"
+    [[ "$dev" == /dev/ublkb* ]] || fail "wbctl create printed '$dev', not /dev/ublkbN"
+    wait_for_blockdev "$dev" 10
+    WB_DEVS[$name]="$dev"
+    on_exit "_wb_cleanup $name"
+    echo "$dev"
+}
+
+_wb_cleanup() {
+    local name="$1"
+    if "$WBCTL" status "$name" --json >/dev/null 2>&1; then
+        "$WBCTL" delete "$name" --force >/dev/null 2>&1 || log "cleanup: delete $name failed"
+    elif [[ -e "$WRITEBOOST_RUN_DIR/$name.json" ]]; then
+        "$WBCTL" delete "$name" --force >/dev/null 2>&1 || true
+    fi
+}
+
+wb_status() {
+    "$WBCTL" status "$1" --json || fail "wbctl status $1 --json failed"
+}
+
+wb_field() {
+    wb_status "$1" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for part in sys.argv[1].split("."):
+    v = v[part]
+print(v)' "$2"
+}
+
+wb_pid() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' \
+        "$WRITEBOOST_RUN_DIR/$1.json"
+}
+
+wb_fio() {
+    local name="$1" job="$2"
+    shift 2
+    local dev="${WB_DEVS[$name]}" out="${WB_OUT:-/tmp}/$name.$(basename "$job" .fio).log"
+    log "fio $(basename "$job") on $dev $*"
+    if ! DEV="$dev" fio --eta=never "$job" "$@" >"$out" 2>&1; then
+        tail -30 "$out" >&2
+        fail "fio $(basename "$job") on $dev failed (log $out)"
+    fi
+    if grep -E "err= *[1-9]|verify: bad|verify failed|Input/output error" "$out" >&2; then
+        fail "fio $(basename "$job") on $dev reported errors (log $out)"
+    fi
+    grep -E "^ +(write|read):" "$out" | sed 's/^ */  /' || true
+}
+
+dev_sha256() {
+    dd if="$1" bs=1M count=$(($2 >> 20)) iflag=direct status=none | sha256sum | cut -d' ' -f1
+}
