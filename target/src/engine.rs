@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use logfmt::{
-    data_block_offset, segment_offset, slot_of, Entry, EntryKind, SegmentHeader,
-    ALL_SECTORS_VALID, BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH,
-    MAX_ENTRIES_PER_SEGMENT, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
+    data_block_offset, segment_offset, slot_of, Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID,
+    BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH, MAX_ENTRIES_PER_SEGMENT,
+    SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -192,9 +192,15 @@ enum Source {
     Backing,
     Zero,
     /// Copied out of RAM already.
-    Ram { mask: u8 },
+    Ram {
+        mask: u8,
+    },
     /// On a leg: slot pinned, read after unlocking.
-    Cache { slot: u64, data_slot: usize, mask: u8 },
+    Cache {
+        slot: u64,
+        data_slot: usize,
+        mask: u8,
+    },
 }
 
 impl Engine {
@@ -305,7 +311,10 @@ impl Shared {
     ) -> Result<()> {
         loop {
             self.ensure_open(state)?;
-            let open = state.open.as_ref().expect("ensure_open leaves a segment open");
+            let open = state
+                .open
+                .as_ref()
+                .expect("ensure_open leaves a segment open");
             if let Some(&index) = open.rewritable.get(&block) {
                 if let Some(new_slot) = open.free_data_slot() {
                     self.rewrite_in_place(state, block, index, new_slot, mask, data);
@@ -330,7 +339,8 @@ impl Shared {
             let data_slot = open.free_data_slot().expect("checked above");
             let index = open.entries.len();
             let entry = Entry::data(block, data_slot as u16, mask, 0);
-            self.ram.fill_block(open.buffer, data_slot, &data, mask, None);
+            self.ram
+                .fill_block(open.buffer, data_slot, &data, mask, None);
             self.ram.publish_entry(open.buffer, index, &entry);
             open.entries.push(entry);
             open.used_data_slots |= 1 << data_slot;
@@ -490,7 +500,11 @@ impl Shared {
             }
             return;
         }
-        assert_eq!(open.id, state.sealed_id + 1, "segments are sealed in id order");
+        assert_eq!(
+            open.id,
+            state.sealed_id + 1,
+            "segments are sealed in id order"
+        );
         let flags = if reason == SealReason::Flush {
             FLAG_FLUSH
         } else {
@@ -836,7 +850,10 @@ impl Shared {
             state.written_id += 1;
             let slot = slot_of(state.written_id, self.geometry.segment_count) as usize;
             assert_eq!(state.slots[slot].segment_id, state.written_id);
-            let buffer = state.slots[slot].buffer.take().expect("written segment had a buffer");
+            let buffer = state.slots[slot]
+                .buffer
+                .take()
+                .expect("written segment had a buffer");
             self.ram.release(buffer);
             state.free_buffers.push(buffer);
         }

@@ -100,7 +100,9 @@ impl Engine {
         let mut threads = std::mem::take(&mut *self.threads.lock());
         // Sync and writeback stop first (they may still hand jobs to the log writer).
         let log_threads: Vec<JoinHandle<()>> = threads
-            .extract_if(.., |t| t.thread().name().is_some_and(|n| n.starts_with("wb-log")))
+            .extract_if(.., |t| {
+                t.thread().name().is_some_and(|n| n.starts_with("wb-log"))
+            })
             .collect();
         for t in threads {
             let _ = t.join();
@@ -113,7 +115,11 @@ impl Engine {
 
     /// Writes everything back; `progress` is called about every `interval` with the blocks and
     /// segments left. Returns when the cache is clean.
-    pub fn drain(&self, interval: Duration, mut progress: impl FnMut(&DrainProgress)) -> Result<()> {
+    pub fn drain(
+        &self,
+        interval: Duration,
+        mut progress: impl FnMut(&DrainProgress),
+    ) -> Result<()> {
         self.shared.flush()?;
         let started = Instant::now();
         let first = self.status();
@@ -133,9 +139,12 @@ impl Engine {
             }
             if state.open.is_some() && left == 0 {
                 // Writes arrived during the drain: seal them too.
-                self.shared.seal(&mut state, crate::engine::SealReason::Timer);
+                self.shared
+                    .seal(&mut state, crate::engine::SealReason::Timer);
             }
-            let done = state.written_back_id.saturating_sub(first.segments.last_written_back_id);
+            let done = state
+                .written_back_id
+                .saturating_sub(first.segments.last_written_back_id);
             let p = DrainProgress {
                 segments_left: left,
                 segments_done: done,
@@ -294,8 +303,10 @@ impl CacheLog for Shared {
                 })
                 .and_then(|header| {
                     let len = header.used_bytes();
-                    leg.device
-                        .read_at(&mut buf[SEGMENT_HEADER_SIZE_BYTES..len], offset + SEGMENT_HEADER_SIZE_BYTES as u64)?;
+                    leg.device.read_at(
+                        &mut buf[SEGMENT_HEADER_SIZE_BYTES..len],
+                        offset + SEGMENT_HEADER_SIZE_BYTES as u64,
+                    )?;
                     header
                         .verify_data(&buf)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

@@ -119,7 +119,8 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
                     let slot = slot_of(id, shared.geometry.segment_count);
                     let image = &shared.ram.image(buffer)[..len];
                     if let Err(e) = leg.device.write_at(image, segment_offset(slot)) {
-                        leg.write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        leg.write_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         leg.mark_failed(&e);
                     }
                 }
@@ -136,7 +137,8 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
             match leg.device.flush() {
                 Ok(()) => durable = written,
                 Err(e) => {
-                    leg.write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    leg.write_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     leg.mark_failed(&e);
                 }
             }

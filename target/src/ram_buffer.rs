@@ -256,7 +256,8 @@ impl RamBuffers {
         let word = unsafe {
             &*(self
                 .base(buffer)
-                .add(entry_offset(index) + ENTRY_PLACEMENT_OFFSET) as *const AtomicU32)
+                .add(entry_offset(index) + ENTRY_PLACEMENT_OFFSET)
+                as *const AtomicU32)
         };
         word.store(entry.placement_word(), Ordering::Release);
     }
