@@ -676,12 +676,9 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
     for c in &state.caches {
         inspect(c, "cache device")?;
     }
-    let mut policy = Policy::default();
-    for (k, v) in &state.policy {
-        policy
-            .set(k, v)
-            .map_err(|e| refused(state_path.display().to_string(), e.to_string()))?;
-    }
+    let knobs: Vec<(String, String)> = state.policy.clone().into_iter().collect();
+    let policy = apply_knobs(&Policy::default(), &knobs)
+        .map_err(|e| refused(state_path.display().to_string(), e.to_string()))?;
     check_root("wbctl recover")?;
     ublk::check_control_device()?;
     Ok((
@@ -809,6 +806,31 @@ impl Daemon {
     }
 }
 
+/// Applies knobs to a copy of `base`, all or none. Knobs that depend on each other
+/// (`pressure_start` < `pressure_full`) are accepted in any order.
+pub fn apply_knobs(
+    base: &Policy,
+    knobs: &[(String, String)],
+) -> std::result::Result<Policy, writeback::PolicyError> {
+    let mut policy = base.clone();
+    let mut pending: Vec<&(String, String)> = knobs.iter().collect();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut last_error = None;
+        pending.retain(|(k, v)| match policy.set(k, v) {
+            Ok(()) => false,
+            Err(e) => {
+                last_error = Some(e);
+                true
+            }
+        });
+        if pending.len() == before {
+            return Err(last_error.expect("a knob failed"));
+        }
+    }
+    Ok(policy)
+}
+
 pub fn knob_map(policy: &Policy) -> BTreeMap<String, String> {
     policy
         .knobs()
@@ -927,7 +949,7 @@ pub fn run(
     };
 
     let result = open_engine(&spec, &start);
-    let (engine, _holds) = match result {
+    let (engine, holds) = match result {
         Ok(x) => x,
         Err(e) => {
             cleanup_socket();
@@ -1050,6 +1072,9 @@ pub fn run(
     cleanup_socket();
     drop(daemon);
     drop(engine);
+    // Release the devices before answering: a `wbctl delete` that returned leaves the backing
+    // device free to mount.
+    drop(holds);
     if flushed.is_ok() {
         // Everything it held is on the cache legs now.
         let _ = std::fs::remove_file(run_dir.buffer(&name));
@@ -1308,14 +1333,14 @@ fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
 
 fn set_knobs(daemon: &Daemon, knobs: &[(String, String)]) -> Reply {
     let mut policy = daemon.policy.lock();
-    let mut next = policy.clone();
-    for (k, v) in knobs {
-        if let Err(e) = next.set(k, v) {
+    let next = match apply_knobs(&policy, knobs) {
+        Ok(next) => next,
+        Err(e) => {
             return Reply::Error {
                 error: format!("{}: {e}; nothing changed", daemon.spec.name),
-            };
+            }
         }
-    }
+    };
     daemon.engine.set_policy(next.clone());
     *policy = next;
     drop(policy);
@@ -1336,6 +1361,29 @@ fn set_knobs(daemon: &Daemon, knobs: &[(String, String)]) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knobs_apply_in_any_order_all_or_none() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let p = apply_knobs(
+            &Policy::default(),
+            &pairs(&[("pressure_start", "0.95"), ("pressure_full", "1.0")]),
+        )
+        .unwrap();
+        assert_eq!(p.pressure_start, 0.95);
+        assert_eq!(p.pressure_full, 1.0);
+        let e = apply_knobs(
+            &Policy::default(),
+            &pairs(&[("low_watermark", "20%"), ("nonsense", "1")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("unknown knob"), "{e}");
+        assert!(apply_knobs(&Policy::default(), &pairs(&[("pressure_start", "0.95")])).is_err());
+    }
 
     #[test]
     fn dates() {

@@ -79,9 +79,64 @@ pub(crate) struct OpenSegment {
     pub entries: Vec<Entry>,
     /// Block → index of its data entry, for rewrites in place. Cleared by a range entry: a
     /// write after a discard must be logged after it, not folded into an earlier entry.
-    pub rewritable: HashMap<u64, usize>,
+    pub rewritable: RewriteIndex,
     pub used_data_slots: u128,
     pub opened_at: Instant,
+}
+
+/// Block → entry index within the open segment: a fixed open-addressing table, because it is
+/// probed on every write and a general hash map costs more than the rest of the write path.
+pub(crate) struct RewriteIndex {
+    keys: [u64; REWRITE_INDEX_BUCKETS],
+    entries: [u8; REWRITE_INDEX_BUCKETS],
+    len: usize,
+}
+
+/// Twice the entries a segment can hold, so probes stay short.
+const REWRITE_INDEX_BUCKETS: usize = 512;
+const NO_BLOCK: u64 = u64::MAX;
+const _: () = assert!(MAX_ENTRIES_PER_SEGMENT * 2 <= REWRITE_INDEX_BUCKETS);
+const _: () = assert!(MAX_ENTRIES_PER_SEGMENT <= u8::MAX as usize);
+
+impl RewriteIndex {
+    fn new() -> Self {
+        RewriteIndex {
+            keys: [NO_BLOCK; REWRITE_INDEX_BUCKETS],
+            entries: [0; REWRITE_INDEX_BUCKETS],
+            len: 0,
+        }
+    }
+    fn bucket(block: u64) -> usize {
+        (block.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 55) as usize
+    }
+    fn get(&self, block: u64) -> Option<usize> {
+        let mut i = Self::bucket(block);
+        loop {
+            match self.keys[i] {
+                NO_BLOCK => return None,
+                k if k == block => return Some(self.entries[i] as usize),
+                _ => i = (i + 1) % REWRITE_INDEX_BUCKETS,
+            }
+        }
+    }
+    fn insert(&mut self, block: u64, entry: usize) {
+        let mut i = Self::bucket(block);
+        while self.keys[i] != NO_BLOCK && self.keys[i] != block {
+            i = (i + 1) % REWRITE_INDEX_BUCKETS;
+        }
+        if self.keys[i] == NO_BLOCK {
+            assert!(self.len < MAX_ENTRIES_PER_SEGMENT);
+            self.len += 1;
+        }
+        self.keys[i] = block;
+        self.entries[i] = entry as u8;
+    }
+    fn clear(&mut self) {
+        if self.len > 0 {
+            self.keys.fill(NO_BLOCK);
+            self.len = 0;
+        }
+    }
 }
 
 impl OpenSegment {
@@ -163,7 +218,11 @@ pub struct Shared {
     pub(crate) log_jobs: Sender<LogJob>,
     pub stats: Stats,
     pub(crate) durable_hint: AtomicU64,
-    pub(crate) last_request: Mutex<Instant>,
+    /// When the engine started; `last_request_ns` counts from here.
+    pub(crate) started: Instant,
+    /// Time of the last user request, in ns since `started` (an atomic: it is touched by every
+    /// request, and a lock here would serialise the queues for nothing).
+    pub(crate) last_request_ns: AtomicU64,
     pub(crate) stopping: AtomicBool,
     pub sync_interval: Duration,
     pub(crate) policy: Mutex<Option<writeback::Policy>>,
@@ -264,8 +323,16 @@ impl Shared {
         Ok(state)
     }
 
+    /// Time since the last user request.
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        let last =
+            self.started + Duration::from_nanos(self.last_request_ns.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
     fn note_request(&self) {
-        *self.last_request.lock() = Instant::now();
+        let ns = self.started.elapsed().as_nanos() as u64;
+        self.last_request_ns.store(ns, Ordering::Relaxed);
     }
 
     // ---------------------------------------------------------------- write path
@@ -315,7 +382,7 @@ impl Shared {
                 .open
                 .as_ref()
                 .expect("ensure_open leaves a segment open");
-            if let Some(&index) = open.rewritable.get(&block) {
+            if let Some(index) = open.rewritable.get(block) {
                 if let Some(new_slot) = open.free_data_slot() {
                     self.rewrite_in_place(state, block, index, new_slot, mask, data);
                     return Ok(());
@@ -459,7 +526,7 @@ impl Shared {
                     buffer,
                     epoch_id,
                     entries: Vec::with_capacity(DATA_BLOCKS_PER_SEGMENT),
-                    rewritable: HashMap::with_capacity(DATA_BLOCKS_PER_SEGMENT),
+                    rewritable: RewriteIndex::new(),
                     used_data_slots: 0,
                     opened_at: Instant::now(),
                 });

@@ -189,6 +189,12 @@ impl Engine {
                 .collect(),
             failure: state.failure.clone(),
             map_bytes: state.map.memory_bytes() as u64,
+            // Everything kept per cached block or per segment: the map, the per-slot state, the
+            // (rare) partial-copy masks and the pending zero ranges.
+            metadata_bytes: (state.map.memory_bytes()
+                + state.slots.len() * std::mem::size_of::<Slot>()
+                + state.partial.capacity() * (std::mem::size_of::<(u32, u8)>() + 1)
+                + state.zeros.len() * 48) as u64,
             reads: s.stats.reads.load(Ordering::Relaxed),
             read_hits: s.stats.read_hits.load(Ordering::Relaxed),
             read_misses: s.stats.read_misses.load(Ordering::Relaxed),
@@ -254,6 +260,7 @@ pub struct EngineStatus {
     pub legs: Vec<LegStatus>,
     pub failure: Option<String>,
     pub map_bytes: u64,
+    pub metadata_bytes: u64,
     pub reads: u64,
     pub read_hits: u64,
     pub read_misses: u64,
@@ -410,7 +417,7 @@ impl CacheLog for Shared {
             dirty_segments: state.dirty_segments(),
             capacity_segments: n,
             oldest_dirty_age,
-            idle_for: now.saturating_duration_since(*self.last_request.lock()),
+            idle_for: self.idle_for(now),
             writers_waiting: state.writers_waiting > 0,
             drain_requested: state.drain_requested,
         }

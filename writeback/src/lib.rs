@@ -8,7 +8,7 @@
 mod policy;
 mod replay;
 
-pub use policy::{PressureCurve, Policy, PolicyError, Throttle, KNOBS};
+pub use policy::{Policy, PolicyError, PressureCurve, Throttle, KNOBS};
 pub use replay::{plan_batch, BackingOp, BatchPlan, Writeback, WritebackStats, MAX_BATCH_SEGMENTS};
 
 use std::io;

@@ -142,7 +142,10 @@ pub fn plan_batch(headers: &[SegmentHeader]) -> BatchPlan {
                 while sector < 8 && n.mask & (1 << sector) != 0 {
                     sector += 1;
                 }
-                let (off, len) = (first * SECTOR_SIZE_BYTES, (sector - first) * SECTOR_SIZE_BYTES);
+                let (off, len) = (
+                    first * SECTOR_SIZE_BYTES,
+                    (sector - first) * SECTOR_SIZE_BYTES,
+                );
                 ops.push(BackingOp::Write {
                     offset: block_offset + off as u64,
                     pieces: vec![(n.segment, data_offset + off, len)],
@@ -324,8 +327,14 @@ mod tests {
     #[test]
     fn newest_version_wins_and_adjacent_blocks_merge() {
         let plan = plan_batch(&[
-            header(1, vec![Entry::data(10, 0, 0xff, 0), Entry::data(12, 1, 0xff, 0)]),
-            header(2, vec![Entry::data(11, 0, 0xff, 0), Entry::data(10, 1, 0xff, 0)]),
+            header(
+                1,
+                vec![Entry::data(10, 0, 0xff, 0), Entry::data(12, 1, 0xff, 0)],
+            ),
+            header(
+                2,
+                vec![Entry::data(11, 0, 0xff, 0), Entry::data(10, 1, 0xff, 0)],
+            ),
         ]);
         assert_eq!(plan.entries, 4);
         assert_eq!(
@@ -388,7 +397,9 @@ mod tests {
 
     #[test]
     fn merged_writes_are_capped() {
-        let entries: Vec<Entry> = (0..127).map(|i| Entry::data(i, i as u16, 0xff, 0)).collect();
+        let entries: Vec<Entry> = (0..127)
+            .map(|i| Entry::data(i, i as u16, 0xff, 0))
+            .collect();
         let headers: Vec<SegmentHeader> = (0..3)
             .map(|s| {
                 header(
@@ -411,6 +422,9 @@ mod tests {
             .collect();
         assert!(lens.iter().all(|&l| l <= MAX_MERGED_WRITE_BYTES));
         assert_eq!(lens.iter().sum::<usize>(), 3 * 127 * 4096);
-        assert_eq!(lens.len(), (3 * 127 * 4096usize).div_ceil(MAX_MERGED_WRITE_BYTES));
+        assert_eq!(
+            lens.len(),
+            (3 * 127 * 4096usize).div_ceil(MAX_MERGED_WRITE_BYTES)
+        );
     }
 }
