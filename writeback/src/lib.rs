@@ -5,9 +5,11 @@
 //! the engine (crate `wb-target`) implements that trait and runs `Writeback` on a thread named
 //! `wb-writeback`. Data flows one way: log → this crate → backing device.
 
+mod aligned;
 mod policy;
 mod replay;
 
+pub use aligned::AlignedBuf;
 pub use policy::{Policy, PolicyError, PressureCurve, Throttle, KNOBS};
 pub use replay::{plan_batch, BackingOp, BatchPlan, Writeback, WritebackStats, MAX_BATCH_SEGMENTS};
 

@@ -19,7 +19,7 @@ use logfmt::{
     SECTOR_SIZE_BYTES, SEGMENT_SIZE_BYTES,
 };
 
-use crate::{CacheLog, Throttle};
+use crate::{AlignedBuf, CacheLog, Throttle};
 
 /// Segments per batch at most: 16 MiB of reads held in memory at once.
 pub const MAX_BATCH_SEGMENTS: usize = 32;
@@ -182,7 +182,8 @@ pub struct Writeback {
     /// A segment read past the end of the previous batch (it began a new epoch).
     lookahead: Option<(SegmentHeader, Vec<u8>)>,
     throttle: Throttle,
-    write_buf: Vec<u8>,
+    /// Merged writes are assembled here: aligned, because the backing device is opened O_DIRECT.
+    write_buf: AlignedBuf,
     pub stats: WritebackStats,
 }
 
@@ -193,7 +194,7 @@ impl Writeback {
             images: Vec::new(),
             lookahead: None,
             throttle: Throttle::new(),
-            write_buf: Vec::new(),
+            write_buf: AlignedBuf::new(MAX_MERGED_WRITE_BYTES),
             stats: WritebackStats::default(),
         }
     }
@@ -286,12 +287,13 @@ impl Writeback {
                 }
                 BackingOp::Write { offset, pieces } => {
                     let len: usize = pieces.iter().map(|p| p.2).sum();
-                    self.write_buf.clear();
+                    let mut at = 0;
                     for &(segment, from, n) in pieces {
-                        self.write_buf
-                            .extend_from_slice(&self.images[segment][from..from + n]);
+                        self.write_buf[at..at + n]
+                            .copy_from_slice(&self.images[segment][from..from + n]);
+                        at += n;
                     }
-                    self.log.backing_write(&self.write_buf, *offset)?;
+                    self.log.backing_write(&self.write_buf[..len], *offset)?;
                     len as u64
                 }
             };
