@@ -198,6 +198,7 @@ pub struct Stats {
     pub written_back_bytes: AtomicU64,
     pub written_back_segments: AtomicU64,
     pub backing_write_ios: AtomicU64,
+    pub backing_errors: AtomicU64,
     pub partial_merges: AtomicU64,
 }
 

@@ -204,6 +204,7 @@ impl Engine {
             stall_ms: s.stats.stall_ns.load(Ordering::Relaxed) / 1_000_000,
             written_back_bytes: s.stats.written_back_bytes.load(Ordering::Relaxed),
             backing_write_ios: s.stats.backing_write_ios.load(Ordering::Relaxed),
+            backing_errors: s.stats.backing_errors.load(Ordering::Relaxed),
             policy: s.policy.lock().clone(),
         }
     }
@@ -270,7 +271,19 @@ pub struct EngineStatus {
     pub stall_ms: u64,
     pub written_back_bytes: u64,
     pub backing_write_ios: u64,
+    pub backing_errors: u64,
     pub policy: Option<Policy>,
+}
+
+impl Shared {
+    /// Writeback retries failed backing I/O (the cache still holds the data); the errors are
+    /// counted so that `wbctl status` shows a backing device in trouble.
+    fn count_backing_error(&self, result: io::Result<()>) -> io::Result<()> {
+        if result.is_err() {
+            self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
 }
 
 impl CacheLog for Shared {
@@ -339,16 +352,16 @@ impl CacheLog for Shared {
         self.stats
             .written_back_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.backing.write_at(buf, offset)
+        self.count_backing_error(self.backing.write_at(buf, offset))
     }
 
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
-        self.backing.zero_range(offset, len, discard)
+        self.count_backing_error(self.backing.zero_range(offset, len, discard))
     }
 
     fn backing_flush(&self) -> io::Result<()> {
-        self.backing.flush()
+        self.count_backing_error(self.backing.flush())
     }
 
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
