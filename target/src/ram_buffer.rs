@@ -72,7 +72,7 @@ impl RamBuffers {
                         buffers = Some(old);
                     }
                 }
-                Err(logfmt::FormatError::ForeignUuid { .. }) => {
+                Err(logfmt::FormatError::ForeignUuid { .. }) if holds_segments(bytes) => {
                     return Err(io::Error::other(format!(
                         "{}: RAM buffer file belongs to another cache set; refusing to overwrite \
                          what may be another cache's acknowledged writes",
@@ -301,6 +301,15 @@ impl RamBuffers {
     pub fn release(&self, buffer: usize) {
         self.owner_word(buffer).store(0, Ordering::Release);
     }
+}
+
+/// Whether a buffer file (of any cache set) still holds segments a daemon never logged. An empty
+/// one of another cache set (e.g. after a forced re-format) may be replaced.
+fn holds_segments(bytes: &[u8]) -> bool {
+    (0..bf::MAX_BUFFERS).any(|i| {
+        let off = bf::owner_word_offset(i);
+        bytes[off..off + 8] != [0u8; 8]
+    })
 }
 
 fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
