@@ -2,6 +2,7 @@
 //! of the exported device, and helpers to build an engine over them. Crash and fault oracles live
 //! here once, not per test.
 
+pub mod hooked;
 pub mod model;
 pub mod simdisk;
 
@@ -9,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use hooked::{Hooked, IoOp};
 pub use model::Model;
 pub use simdisk::SimDisk;
 use wb_target::{Device, Engine, FormatOptions, OpenOptions};

@@ -61,7 +61,11 @@ impl Model {
 
     /// A FLUSH completed: everything written so far must survive a power cut.
     pub fn flush(&mut self) {
-        let sectors = self.data.chunks(SECTOR).map(digest).collect();
+        // Only the sectors written during the epoch changed since the previous boundary.
+        let mut sectors = self.boundaries.last().expect("boundary 0").clone();
+        for &s in self.epochs.last().expect("an open epoch").keys() {
+            sectors[s] = digest(&self.data[s * SECTOR..(s + 1) * SECTOR]);
+        }
         self.boundaries.push(sectors);
         self.epochs.push(HashMap::new());
     }
@@ -91,19 +95,32 @@ impl Model {
     /// Cache-loss oracle: the image equals the state at some flush boundary B plus a subset of
     /// the writes of the epoch after B. Returns the boundary that explains it.
     pub fn check_cache_loss(&self, image: &[u8]) -> Result<usize, String> {
+        self.explain_cache_loss(image).map(|(b, _)| b)
+    }
+
+    /// `check_cache_loss`, also saying how many sectors hold a value of the epoch after the
+    /// boundary rather than their value at it (0: the image is exactly that boundary's state).
+    pub fn explain_cache_loss(&self, image: &[u8]) -> Result<(usize, usize), String> {
         let digests: Vec<u64> = image.chunks(SECTOR).map(digest).collect();
         'boundary: for b in (0..self.boundaries.len()).rev() {
+            let mut from_next_epoch = 0;
             for (s, d) in digests.iter().enumerate() {
                 if *d == self.boundaries[b][s] {
                     continue;
                 }
                 if self.epochs[b].get(&s).is_some_and(|set| set.contains(d)) {
+                    from_next_epoch += 1;
                     continue;
                 }
                 continue 'boundary;
             }
-            return Ok(b);
+            return Ok((b, from_next_epoch));
         }
         Err("the backing device is not any flush boundary plus a subset of the next epoch".into())
+    }
+
+    /// Completed FLUSHes recorded so far (boundary 0 is the initial state).
+    pub fn flush_count(&self) -> usize {
+        self.boundaries.len() - 1
     }
 }

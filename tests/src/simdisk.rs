@@ -114,6 +114,12 @@ impl SimDisk {
     }
 
     pub fn power_cut(&self, rng: &mut impl Rng) {
+        self.power_cut_atomic(rng, 1);
+    }
+
+    /// `power_cut` on a device that writes `unit` bytes atomically (a disk's sector): the torn
+    /// write keeps a whole number of units, so no unit holds a mix of old and new bytes.
+    pub fn power_cut_atomic(&self, rng: &mut impl Rng, unit: usize) {
         self.freeze();
         let mut inner = self.inner.lock();
         let pending = std::mem::take(&mut inner.pending);
@@ -125,7 +131,7 @@ impl SimDisk {
         };
         for (i, (offset, data)) in pending.iter().enumerate() {
             let keep = if i == torn {
-                rng.gen_range(0..=data.len())
+                rng.gen_range(0..=data.len() / unit) * unit
             } else if rng.gen_bool(0.5) {
                 data.len()
             } else {
