@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use logfmt::{
-    data_block_offset, segment_offset, slot_of, Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID,
-    BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH, MAX_ENTRIES_PER_SEGMENT,
-    SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
+    slot_of, Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES,
+    DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH, MAX_ENTRIES_PER_SEGMENT, SECTORS_PER_BLOCK,
+    SECTOR_SIZE_BYTES,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -171,6 +171,16 @@ pub(crate) struct State {
     pub drain_requested: bool,
     pub shutting_down: bool,
     pub failure: Option<String>,
+    /// Degraded and (almost) clean: no new segment is opened until writeback catches up, then
+    /// the engine goes to passthrough (see `mode`).
+    pub closing_log: bool,
+    /// Requests go straight to the backing device (a leg is missing and the cache is clean, or
+    /// every leg is lost).
+    pub passthrough: bool,
+    /// Every leg was lost: the last segment id the backing device holds.
+    pub cache_lost_at: Option<u64>,
+    /// Bumped when every leg is lost: FLUSHes waiting at that moment fail.
+    pub lost_generation: u64,
 }
 
 impl State {
@@ -200,6 +210,8 @@ pub struct Stats {
     pub backing_write_ios: AtomicU64,
     pub backing_errors: AtomicU64,
     pub partial_merges: AtomicU64,
+    pub passthrough_writes: AtomicU64,
+    pub writeback_errors: AtomicU64,
 }
 
 /// What the engine shares with its threads (log writer, leg writers, sync timer, writeback).
@@ -227,6 +239,9 @@ pub struct Shared {
     pub(crate) stopping: AtomicBool,
     pub sync_interval: Duration,
     pub(crate) policy: Mutex<Option<writeback::Policy>>,
+    /// The superblock the legs were opened with (what a replacement leg is given).
+    pub superblock: logfmt::Superblock,
+    pub(crate) crc_cache: crate::cached_block::CrcCache,
     pub recovery: crate::recovery::ScanReport,
 }
 
@@ -257,6 +272,7 @@ enum Source {
     },
     /// On a leg: slot pinned, read after unlocking.
     Cache {
+        segment_id: u64,
         slot: u64,
         data_slot: usize,
         mask: u8,
@@ -313,6 +329,8 @@ impl Shared {
         Ok(())
     }
 
+    /// The state lock, for a request that goes through the log: fails if the engine failed or
+    /// stops, and reroutes (`EngineError::Passthrough`) if the log is out of use.
     fn lock_live(&self) -> Result<MutexGuard<'_, State>> {
         let state = self.state.lock();
         if let Some(why) = &state.failure {
@@ -320,6 +338,9 @@ impl Shared {
         }
         if state.shutting_down {
             return Err(EngineError::ShuttingDown);
+        }
+        if state.passthrough {
+            return Err(EngineError::Passthrough);
         }
         Ok(state)
     }
@@ -341,6 +362,22 @@ impl Shared {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_request(offset, data.len() as u64)?;
         self.note_request();
+        match self.log_write(offset, data) {
+            Err(EngineError::Passthrough) => return self.passthrough_write(offset, data, fua),
+            result => result?,
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if fua {
+            self.flush_inner()?;
+        }
+        Ok(())
+    }
+
+    /// Logs a write into the RAM buffer, block by block.
+    fn log_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let mut state = self.lock_live()?;
         let mut scratch = [0u8; BLOCK_SIZE_BYTES];
         let mut pos = 0usize;
@@ -357,14 +394,6 @@ impl Shared {
             };
             self.put_block(&mut state, block, sector_mask(in_block, n), piece)?;
             pos += n;
-        }
-        drop(state);
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .write_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if fua {
-            self.flush_inner()?;
         }
         Ok(())
     }
@@ -475,8 +504,9 @@ impl Shared {
             match state.slots[slot as usize].buffer {
                 Some(buffer) => self.ram.copy_block(buffer, data_slot, &mut current),
                 None => {
+                    let segment_id = state.slots[slot as usize].segment_id;
                     let mut aligned = AlignedBuf::new(BLOCK_SIZE_BYTES);
-                    self.read_cached_block(slot, data_slot, &mut aligned)?;
+                    self.read_cached_block(segment_id, slot, data_slot, &mut aligned)?;
                     current.copy_from_slice(&aligned[..BLOCK_SIZE_BYTES]);
                 }
             }
@@ -509,9 +539,15 @@ impl Shared {
             if state.shutting_down {
                 return Err(EngineError::ShuttingDown);
             }
+            if state.passthrough {
+                return Err(EngineError::Passthrough);
+            }
             let id = state.next_segment_id;
             let slot = slot_of(id, self.geometry.segment_count);
-            if state.slots[slot as usize].segment_id == 0 && !state.free_buffers.is_empty() {
+            if state.slots[slot as usize].segment_id == 0
+                && !state.free_buffers.is_empty()
+                && !state.closing_log
+            {
                 let buffer = state.free_buffers.pop().expect("not empty");
                 let epoch_id = state.epoch_id;
                 self.ram.begin(buffer, &self.geometry.uuid, id, epoch_id);
@@ -620,7 +656,11 @@ impl Shared {
 
     fn flush_inner(&self) -> Result<()> {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.lock_live()?;
+        let mut state = match self.lock_live() {
+            Err(EngineError::Passthrough) => return self.passthrough_flush(),
+            result => result?,
+        };
+        let generation = state.lost_generation;
         self.seal(&mut state, SealReason::Flush);
         let target = state.sealed_id;
         if state.durable_id < target {
@@ -631,6 +671,12 @@ impl Shared {
         while state.durable_id < target {
             if let Some(why) = &state.failure {
                 return Err(EngineError::CacheFailed(why.clone()));
+            }
+            if state.lost_generation != generation {
+                // The writes this FLUSH covers were in the cache that is gone.
+                return Err(EngineError::CacheFailed(
+                    "every cache leg was lost before this FLUSH completed".into(),
+                ));
             }
             self.progress.wait(&mut state);
         }
@@ -646,6 +692,13 @@ impl Shared {
         if len == 0 {
             return Ok(());
         }
+        match self.log_zero_range(offset, len, kind) {
+            Err(EngineError::Passthrough) => self.passthrough_zero(offset, len, kind),
+            result => result,
+        }
+    }
+
+    fn log_zero_range(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
         let block_bytes = BLOCK_SIZE_BYTES as u64;
         let end = offset + len;
         let first_full = offset.div_ceil(block_bytes);
@@ -772,6 +825,7 @@ impl Shared {
                         None => {
                             s.readers += 1;
                             Source::Cache {
+                                segment_id: s.segment_id,
                                 slot,
                                 data_slot,
                                 mask,
@@ -794,9 +848,12 @@ impl Shared {
             match *source {
                 Source::Zero => out.fill(0),
                 Source::Cache {
-                    slot, data_slot, ..
+                    segment_id,
+                    slot,
+                    data_slot,
+                    ..
                 } => {
-                    self.read_cached_block(slot, data_slot, &mut scratch)?;
+                    self.read_cached_block(segment_id, slot, data_slot, &mut scratch)?;
                     out.copy_from_slice(&scratch[..BLOCK_SIZE_BYTES]);
                 }
                 Source::Backing | Source::Ram { .. } => {}
@@ -849,19 +906,6 @@ impl Shared {
             .map_err(|e| EngineError::io(self.backing.name(), e))
     }
 
-    /// Reads one cached data block from a leg (into an aligned 4 KiB buffer).
-    pub(crate) fn read_cached_block(
-        &self,
-        slot: u64,
-        data_slot: usize,
-        out: &mut AlignedBuf,
-    ) -> Result<()> {
-        let offset = segment_offset(slot) + data_block_offset(data_slot) as u64;
-        self.legs
-            .read(&mut out[..BLOCK_SIZE_BYTES], offset, None)
-            .map_err(|e| EngineError::CacheFailed(format!("reading cached block: {e}")))
-    }
-
     fn unpin(&self, sources: &[Source]) {
         if !sources.iter().any(|s| matches!(s, Source::Cache { .. })) {
             return;
@@ -901,15 +945,7 @@ impl Shared {
             .map(|l| l.index)
             .collect();
         if healthy.is_empty() {
-            if state.failure.is_none() {
-                state.failure = Some("every cache leg has failed".into());
-                log::error!(
-                    "every cache leg has failed; last written-back segment id is {}",
-                    state.written_back_id
-                );
-            }
-            self.progress.notify_all();
-            self.space_freed.notify_all();
+            self.enter_cache_lost(state);
             return;
         }
         let written = healthy.iter().map(|&l| state.leg_written[l]).min().unwrap();
@@ -931,16 +967,6 @@ impl Shared {
         self.progress.notify_all();
         self.space_freed.notify_all();
         self.writeback_wakeup.notify_all();
-    }
-
-    pub(crate) fn fail(&self, why: String) {
-        let mut state = self.state.lock();
-        if state.failure.is_none() {
-            log::error!("{why}");
-            state.failure = Some(why);
-        }
-        self.progress.notify_all();
-        self.space_freed.notify_all();
     }
 }
 

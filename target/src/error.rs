@@ -31,6 +31,10 @@ pub enum EngineError {
     CacheFailed(String),
     #[error("engine is shutting down")]
     ShuttingDown,
+    /// Internal: the log is out of use (passthrough); the request is re-done on the backing
+    /// device. Never returned by the engine's public methods.
+    #[error("passthrough")]
+    Passthrough,
 }
 
 impl EngineError {

@@ -8,17 +8,33 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
+
 use crate::device::Device;
 
 pub struct Leg {
-    pub device: Arc<dyn Device>,
+    /// Swapped only by `replace`, while the leg is failed and nothing is in flight to it.
+    device: RwLock<Arc<dyn Device>>,
     pub index: usize,
     failed: AtomicBool,
     pub read_errors: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Blocks rewritten on this leg from the other one after a read error or bad checksum.
+    pub repairs: AtomicU64,
 }
 
 impl Leg {
+    pub fn device(&self) -> Arc<dyn Device> {
+        self.device.read().clone()
+    }
+
+    /// Puts a new device in place of a failed one and brings the leg back.
+    pub(crate) fn replace(&self, device: Arc<dyn Device>) {
+        assert!(!self.is_healthy(), "only a failed leg is replaced");
+        *self.device.write() = device;
+        self.failed.store(false, Ordering::Release);
+    }
+
     pub fn is_healthy(&self) -> bool {
         !self.failed.load(Ordering::Acquire)
     }
@@ -28,7 +44,7 @@ impl Leg {
             log::error!(
                 "cache leg {} ({}) failed: {why}; it is no longer used",
                 self.index,
-                self.device.name()
+                self.device().name()
             );
         }
     }
@@ -46,11 +62,12 @@ impl CacheLegs {
                 .into_iter()
                 .enumerate()
                 .map(|(index, device)| Leg {
-                    device,
+                    device: RwLock::new(device),
                     index,
                     failed: AtomicBool::new(false),
                     read_errors: AtomicU64::new(0),
                     write_errors: AtomicU64::new(0),
+                    repairs: AtomicU64::new(0),
                 })
                 .collect(),
         }
@@ -70,12 +87,12 @@ impl CacheLegs {
 
     /// Writes to every healthy leg; succeeds if at least one leg took the write.
     pub fn write_all(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.for_each_healthy(|leg| leg.device.write_at(buf, offset))
+        self.for_each_healthy(|leg| leg.device().write_at(buf, offset))
     }
 
     /// Flushes every healthy leg; succeeds if at least one leg is still healthy afterwards.
     pub fn flush_all(&self) -> io::Result<()> {
-        self.for_each_healthy(|leg| leg.device.flush())
+        self.for_each_healthy(|leg| leg.device().flush())
     }
 
     fn for_each_healthy(&self, op: impl Fn(&Leg) -> io::Result<()>) -> io::Result<()> {
@@ -95,8 +112,10 @@ impl CacheLegs {
         Ok(())
     }
 
-    /// Reads from the first healthy leg that answers and whose bytes pass `check` (when given);
-    /// a leg that errors is counted and the next one tried.
+    /// Reads from the first healthy leg that answers and whose bytes pass `check` (when given); a
+    /// leg that errors or fails the check is counted, the next one is tried, and once a good copy
+    /// is found it is written back over the bad one (mirror repair). `buf` must be aligned for
+    /// direct I/O.
     pub fn read(
         &self,
         buf: &mut [u8],
@@ -104,22 +123,47 @@ impl CacheLegs {
         check: Option<&dyn Fn(&[u8]) -> bool>,
     ) -> io::Result<()> {
         let mut last_error = Self::no_leg_left();
+        let mut bad_legs: Vec<&Leg> = Vec::new();
         for leg in self.legs.iter().filter(|l| l.is_healthy()) {
-            match leg.device.read_at(buf, offset) {
-                Ok(()) if check.is_none_or(|c| c(buf)) => return Ok(()),
+            match leg.device().read_at(buf, offset) {
+                Ok(()) if check.is_none_or(|c| c(buf)) => {
+                    for bad in bad_legs {
+                        self.repair(bad, buf, offset);
+                    }
+                    return Ok(());
+                }
                 Ok(()) => {
                     leg.read_errors.fetch_add(1, Ordering::Relaxed);
                     last_error = io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("checksum mismatch on {}", leg.device.name()),
+                        format!("checksum mismatch on {}", leg.device().name()),
                     );
+                    bad_legs.push(leg);
                 }
                 Err(e) => {
                     leg.read_errors.fetch_add(1, Ordering::Relaxed);
                     last_error = e;
+                    bad_legs.push(leg);
                 }
             }
         }
         Err(last_error)
+    }
+
+    fn repair(&self, leg: &Leg, good: &[u8], offset: u64) {
+        match leg.device().write_at(good, offset) {
+            Ok(()) => {
+                leg.repairs.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "cache leg {}: repaired {} bytes at {offset} from the other leg",
+                    leg.device().name(),
+                    good.len()
+                );
+            }
+            Err(e) => {
+                leg.write_errors.fetch_add(1, Ordering::Relaxed);
+                leg.mark_failed(&e);
+            }
+        }
     }
 }

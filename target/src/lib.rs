@@ -16,6 +16,7 @@
 //! - `control`     — the run folder, the state file, the control socket's JSON-lines protocol.
 
 pub mod block_map;
+mod cached_block;
 pub mod control;
 pub mod daemon;
 pub mod device;
@@ -25,6 +26,7 @@ pub mod format;
 pub mod legs;
 pub mod lifecycle;
 mod log_writer;
+pub mod mode;
 pub mod ram_buffer;
 pub mod recovery;
 pub mod ublk;

@@ -25,6 +25,8 @@ use crate::log_writer::{self, LogJob};
 
 /// How often `wb-sync` looks at the open segment.
 const SYNC_TICK: Duration = Duration::from_millis(50);
+/// Pause before writeback retries after a failed batch.
+const WRITEBACK_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub(crate) fn start(
@@ -41,6 +43,7 @@ impl Engine {
                     while !s.stopping.load(Ordering::Acquire) {
                         std::thread::sleep(SYNC_TICK);
                         s.seal_if_stale();
+                        s.check_mode_transition(&mut s.state.lock());
                     }
                 })
                 .expect("spawn wb-sync"),
@@ -52,10 +55,19 @@ impl Engine {
                 std::thread::Builder::new()
                     .name("wb-writeback".into())
                     .spawn(move || {
-                        let log: Arc<dyn CacheLog> = s.clone();
-                        let mut wb = Writeback::new(log);
-                        if let Err(e) = wb.run() {
-                            s.fail(format!("writeback stopped: {e}"));
+                        // A failed batch (a cache read that no leg could serve, a checkpoint no
+                        // leg took, the cache lost mid-batch) is retried from the checkpoint:
+                        // writing a segment back twice is harmless.
+                        while !s.stopping.load(Ordering::Acquire) {
+                            let log: Arc<dyn CacheLog> = s.clone();
+                            match Writeback::new(log).run() {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    log::error!("writeback: {e}; retrying from the checkpoint");
+                                    s.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
+                                    s.wait_for_work(WRITEBACK_RETRY_PAUSE);
+                                }
+                            }
                         }
                     })
                     .expect("spawn wb-writeback"),
@@ -181,13 +193,17 @@ impl Engine {
                 .all()
                 .iter()
                 .map(|l| LegStatus {
-                    path: l.device.name().to_string(),
+                    path: l.device().name().to_string(),
                     healthy: l.is_healthy(),
                     read_errors: l.read_errors.load(Ordering::Relaxed),
                     write_errors: l.write_errors.load(Ordering::Relaxed),
+                    repairs: l.repairs.load(Ordering::Relaxed),
                 })
                 .collect(),
             failure: state.failure.clone(),
+            mode: s.mode_name(&state).to_string(),
+            cache_lost_at: state.cache_lost_at,
+            passthrough_writes: s.stats.passthrough_writes.load(Ordering::Relaxed),
             map_bytes: state.map.memory_bytes() as u64,
             // Everything kept per cached block or per segment: the map, the per-slot state, the
             // (rare) partial-copy masks and the pending zero ranges.
@@ -249,6 +265,7 @@ pub struct LegStatus {
     pub healthy: bool,
     pub read_errors: u64,
     pub write_errors: u64,
+    pub repairs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -260,6 +277,11 @@ pub struct EngineStatus {
     pub epoch_id: u64,
     pub legs: Vec<LegStatus>,
     pub failure: Option<String>,
+    /// mirrored | single | degraded | passthrough
+    pub mode: String,
+    /// Set when every leg was lost: the last segment id the backing device holds.
+    pub cache_lost_at: Option<u64>,
+    pub passthrough_writes: u64,
     pub map_bytes: u64,
     pub metadata_bytes: u64,
     pub reads: u64,
@@ -308,14 +330,21 @@ impl CacheLog for Shared {
         let offset = segment_offset(slot_of(id, n));
         {
             let state = self.state.lock();
-            assert!(id <= state.written_id && id > state.written_back_id);
-            assert_eq!(state.slots[slot_of(id, n) as usize].segment_id, id);
+            if id > state.written_id
+                || id <= state.written_back_id
+                || state.slots[slot_of(id, n) as usize].segment_id != id
+            {
+                // Only after every leg was lost (the log was reset under writeback's feet).
+                return Err(io::Error::other(format!(
+                    "segment {id} is no longer in the cache"
+                )));
+            }
         }
         let mut buf = AlignedBuf::new(image.len());
         let mut last_error = io::Error::other("no healthy cache leg");
         for leg in self.legs.all().iter().filter(|l| l.is_healthy()) {
             let attempt = leg
-                .device
+                .device()
                 .read_at(&mut buf[..SEGMENT_HEADER_SIZE_BYTES], offset)
                 .and_then(|()| {
                     SegmentHeader::decode_expecting(&buf, &self.geometry.uuid, id)
@@ -323,7 +352,7 @@ impl CacheLog for Shared {
                 })
                 .and_then(|header| {
                     let len = header.used_bytes();
-                    leg.device.read_at(
+                    leg.device().read_at(
                         &mut buf[SEGMENT_HEADER_SIZE_BYTES..len],
                         offset + SEGMENT_HEADER_SIZE_BYTES as u64,
                     )?;
@@ -339,7 +368,7 @@ impl CacheLog for Shared {
                 }
                 Err(e) => {
                     leg.read_errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("segment {id} on {}: {e}", leg.device.name());
+                    log::warn!("segment {id} on {}: {e}", leg.device().name());
                     last_error = e;
                 }
             }
@@ -367,6 +396,10 @@ impl CacheLog for Shared {
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
         let sequence = {
             let state = self.state.lock();
+            if state.cache_lost_at.is_some() && through_id <= state.written_back_id {
+                // Every leg was lost while this batch was written back: nothing to commit.
+                return Err(io::Error::other("the cache was lost during writeback"));
+            }
             assert!(through_id > state.written_back_id && through_id <= state.written_id);
             state.checkpoint_sequence + 1
         };
@@ -407,6 +440,7 @@ impl CacheLog for Shared {
         state.written_back_id = through_id;
         state.written_back_epoch = epoch;
         state.checkpoint_sequence = sequence;
+        self.check_mode_transition(&mut state);
         self.stats
             .written_back_segments
             .fetch_add(headers.len() as u64, Ordering::Relaxed);
@@ -433,6 +467,7 @@ impl CacheLog for Shared {
             idle_for: self.idle_for(now),
             writers_waiting: state.writers_waiting > 0,
             drain_requested: state.drain_requested,
+            degraded: self.legs.healthy_count() < self.legs.all().len(),
         }
     }
 

@@ -118,7 +118,7 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
                 if leg.is_healthy() {
                     let slot = slot_of(id, shared.geometry.segment_count);
                     let image = &shared.ram.image(buffer)[..len];
-                    if let Err(e) = leg.device.write_at(image, segment_offset(slot)) {
+                    if let Err(e) = leg.device().write_at(image, segment_offset(slot)) {
                         leg.write_errors
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         leg.mark_failed(&e);
@@ -134,7 +134,7 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
             LegJob::Stop => break,
         };
         if flush && leg.is_healthy() && durable < written {
-            match leg.device.flush() {
+            match leg.device().flush() {
                 Ok(()) => durable = written,
                 Err(e) => {
                     leg.write_errors

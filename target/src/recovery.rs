@@ -156,7 +156,11 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
     // The newest valid checkpoint over all legs.
     let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
     for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-        if leg.device.read_at(&mut ring, checkpoint_offset(0)).is_ok() {
+        if leg
+            .device()
+            .read_at(&mut ring, checkpoint_offset(0))
+            .is_ok()
+        {
             report.bytes_read += ring.len() as u64;
             if let Some(c) = Checkpoint::newest_in_ring(&ring, &uuid) {
                 if report
@@ -184,7 +188,7 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
         let mut last_error = String::from("no healthy leg");
         for leg in legs.all().iter().filter(|l| l.is_healthy()) {
             let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if let Err(e) = leg.device.read_at(header, offset) {
+            if let Err(e) = leg.device().read_at(header, offset) {
                 last_error = e.to_string();
                 continue;
             }
@@ -224,7 +228,7 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
             let mut bad_legs = Vec::new();
             let mut last_error = String::new();
             for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-                if let Err(e) = leg.device.read_at(&mut image[..len], offset) {
+                if let Err(e) = leg.device().read_at(&mut image[..len], offset) {
                     last_error = e.to_string();
                     bad_legs.push(leg.index);
                     continue;
@@ -270,7 +274,7 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
         let offset = segment_offset(slot_of(id, n));
         for leg in legs.all().iter().filter(|l| l.is_healthy()) {
             let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if leg.device.read_at(header, offset).is_ok() {
+            if leg.device().read_at(header, offset).is_ok() {
                 report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
                 if let Ok(h) = SegmentHeader::decode(header, &uuid) {
                     if h.segment_id > head && !report.stale_tail.contains(&h.segment_id) {
@@ -371,15 +375,15 @@ pub fn open(
         let offset = segment_offset(slot_of(r.segment_id, n));
         let all = legs.all();
         let repaired = all[r.from_leg]
-            .device
+            .device()
             .read_at(&mut copy, offset)
-            .and_then(|()| all[r.to_leg].device.write_at(&copy, offset));
+            .and_then(|()| all[r.to_leg].device().write_at(&copy, offset));
         match repaired {
             Ok(()) => log::warn!(
                 "segment {} was torn on {}; rewritten from {}",
                 r.segment_id,
-                all[r.to_leg].device.name(),
-                all[r.from_leg].device.name()
+                all[r.to_leg].device().name(),
+                all[r.from_leg].device().name()
             ),
             Err(e) => all[r.to_leg].mark_failed(&e),
         }
@@ -495,6 +499,10 @@ pub fn open(
         drain_requested: false,
         shutting_down: false,
         failure: None,
+        closing_log: false,
+        passthrough: false,
+        cache_lost_at: None,
+        lost_generation: 0,
     };
     log::info!(
         "recovered cache {}: checkpoint {}, log head {head}, {} live segments, {} verified, read {} bytes ({})",
@@ -523,6 +531,8 @@ pub fn open(
         stopping: AtomicBool::new(false),
         sync_interval: options.sync_interval,
         policy: Mutex::new(None),
+        superblock: sb.clone(),
+        crc_cache: Default::default(),
         recovery: report,
     });
     Ok(Engine::start(shared, log_rx, options.writeback))

@@ -93,9 +93,12 @@ fn crash_child() {
         for b in first..first + blocks {
             data.extend_from_slice(&block_content(seq, b));
         }
-        writeln!(journal, "S {seq} {first} {blocks}").unwrap();
+        // One write(2) per record, so a kill never leaves half a record.
+        journal
+            .write_all(format!("S {seq} {first} {blocks}\n").as_bytes())
+            .unwrap();
         engine.write(first * BLOCK as u64, &data, false).unwrap();
-        writeln!(journal, "A {seq}").unwrap();
+        journal.write_all(format!("A {seq}\n").as_bytes()).unwrap();
         if rng.gen_bool(0.02) {
             engine.flush().unwrap();
         }

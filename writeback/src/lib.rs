@@ -60,6 +60,8 @@ pub struct Activity {
     pub writers_waiting: bool,
     /// Someone asked for everything to be written back (`wbctl drain`, shutdown).
     pub drain_requested: bool,
+    /// A cache leg is missing: what the cache holds has one copy; get it to the backing device.
+    pub degraded: bool,
 }
 
 impl Activity {

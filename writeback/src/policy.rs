@@ -109,7 +109,7 @@ impl Policy {
         if a.dirty_segments == 0 {
             return 0.0;
         }
-        if a.drain_requested || a.writers_waiting {
+        if a.drain_requested || a.writers_waiting || a.degraded {
             return 1.0;
         }
         if self.idle_aware && a.idle_for >= self.idle_after {
@@ -282,6 +282,7 @@ mod tests {
             idle_for: Duration::from_millis(idle_ms),
             writers_waiting: false,
             drain_requested: false,
+            degraded: false,
         }
     }
 

@@ -1,0 +1,244 @@
+//! Cache modes and leg failures (SPEC §5): mirrored → degraded → passthrough, cache loss, and
+//! attaching a replacement leg.
+//!
+//! - *mirrored* (or *single* for a one-leg set): every segment goes to every leg.
+//! - *degraded*: a leg failed. The log keeps going to the survivor and writeback runs at full
+//!   speed; once only a few segments are dirty no new segment is opened (`closing_log`), and when
+//!   the last one is written back the engine switches to *passthrough*.
+//! - *passthrough*: requests go straight to the backing device, so nothing lives only on the one
+//!   remaining SSD. Entered at once when every leg is lost (what the cache held is gone; the
+//!   backing device holds a consistent older state, named in the log and in status).
+//! - `replace_leg` formats a new device as the missing leg and returns to mirrored. It waits for
+//!   passthrough first, so the cache is clean and the new leg needs no copy of live segments.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use logfmt::{
+    checkpoint_offset, Checkpoint, EntryKind, CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES,
+};
+
+use crate::block_map::BlockMap;
+use crate::device::{AlignedBuf, Device};
+use crate::engine::{Engine, SealReason, Shared, Slot, State};
+use crate::error::{EngineError, Result};
+use crate::zero_ranges::ZeroRanges;
+
+/// In degraded mode, stop opening segments once no more than this many are dirty, so the switch
+/// to passthrough stalls writers only for the time it takes to write back this little.
+pub const CLOSE_LOG_AT_DIRTY_SEGMENTS: u64 = 2;
+
+impl Shared {
+    pub(crate) fn mode_name(&self, state: &State) -> &'static str {
+        let healthy = self.legs.healthy_count();
+        let total = self.legs.all().len();
+        if state.passthrough {
+            "passthrough"
+        } else if healthy < total {
+            "degraded"
+        } else if total == 1 {
+            "single"
+        } else {
+            "mirrored"
+        }
+    }
+
+    /// Every leg is gone: what only the cache held is lost. Go to passthrough at once.
+    pub(crate) fn enter_cache_lost(&self, state: &mut State) {
+        if state.cache_lost_at.is_some() {
+            return;
+        }
+        log::error!(
+            "CRITICAL: every cache leg has failed; the cache's dirty data is lost. The backing \
+             device holds every segment up to id {} (a consistent older state). Passthrough \
+             from now on; attach new legs with `wbctl replace`.",
+            state.written_back_id
+        );
+        state.cache_lost_at = Some(state.written_back_id);
+        state.lost_generation += 1;
+        state.passthrough = true;
+        state.closing_log = false;
+        state.map = BlockMap::with_capacity(self.geometry.capacity_blocks() as usize);
+        state.partial.clear();
+        state.zeros = ZeroRanges::default();
+        // Nothing in flight will reach a leg: every id is settled, every buffer and slot free.
+        state.open = None;
+        state.next_segment_id = state.sealed_id + 1;
+        state.written_id = state.sealed_id;
+        state.durable_id = state.sealed_id;
+        state.written_back_id = state.sealed_id;
+        for slot in state.slots.iter_mut() {
+            if let Some(buffer) = slot.buffer.take() {
+                self.ram.release(buffer);
+                state.free_buffers.push(buffer);
+            }
+            *slot = Slot {
+                readers: slot.readers,
+                ..Slot::default()
+            };
+        }
+        for leg in state
+            .leg_written
+            .iter_mut()
+            .chain(state.leg_durable.iter_mut())
+        {
+            *leg = state.sealed_id;
+        }
+        self.progress.notify_all();
+        self.space_freed.notify_all();
+        self.writeback_wakeup.notify_all();
+    }
+
+    /// Degraded → (closing the log) → passthrough, as writeback catches up. Called by the sync
+    /// timer and after every writeback commit.
+    pub(crate) fn check_mode_transition(&self, state: &mut State) {
+        let degraded = self.legs.healthy_count() < self.legs.all().len();
+        if state.passthrough || !degraded || state.failure.is_some() || state.shutting_down {
+            return;
+        }
+        let dirty = state.sealed_id - state.written_back_id;
+        if !state.closing_log && dirty <= CLOSE_LOG_AT_DIRTY_SEGMENTS {
+            log::warn!("degraded: writeback has caught up; closing the log for passthrough");
+            state.closing_log = true;
+            self.seal(state, SealReason::Timer);
+        }
+        if state.closing_log && state.open.is_none() && state.written_back_id == state.sealed_id {
+            log::warn!(
+                "degraded and clean: passthrough until a replacement leg is attached \
+                 (`wbctl replace`)"
+            );
+            state.closing_log = false;
+            state.passthrough = true;
+            self.space_freed.notify_all();
+        }
+    }
+
+    pub(crate) fn passthrough_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let mut buf = AlignedBuf::new(data.len());
+        buf[..data.len()].copy_from_slice(data);
+        self.backing
+            .write_at(&buf[..data.len()], offset)
+            .map_err(|e| EngineError::io(self.backing.name(), e))?;
+        self.stats
+            .passthrough_writes
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if fua {
+            self.passthrough_flush()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn passthrough_flush(&self) -> Result<()> {
+        self.backing
+            .flush()
+            .map_err(|e| EngineError::io(self.backing.name(), e))
+    }
+
+    pub(crate) fn passthrough_zero(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
+        self.backing
+            .zero_range(offset, len, kind == EntryKind::Discard)
+            .map_err(|e| EngineError::io(self.backing.name(), e))
+    }
+}
+
+impl Engine {
+    /// Replaces cache leg `index` by `device`, online. A healthy leg is first taken out of use.
+    /// Waits (with writeback at full speed) until the cache is clean and in passthrough, then
+    /// formats `device` as leg `index` of the set and returns to mirrored operation.
+    pub fn replace_leg(
+        &self,
+        index: usize,
+        device: Arc<dyn Device>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let s = &self.shared;
+        let legs = s.legs.all();
+        let Some(leg) = legs.get(index) else {
+            return Err(EngineError::refused(
+                device.name(),
+                format!("the cache set has no leg {index}"),
+            ));
+        };
+        let needed = s.superblock.leg_size_bytes();
+        if device.size_bytes() < needed {
+            return Err(EngineError::refused(
+                device.name(),
+                format!(
+                    "cache device too small: {} bytes, the set's legs are {needed}",
+                    device.size_bytes()
+                ),
+            ));
+        }
+        if legs
+            .iter()
+            .any(|l| l.index != index && l.device().name() == device.name())
+        {
+            return Err(EngineError::refused(
+                device.name(),
+                "is already the other leg of this cache set",
+            ));
+        }
+        if leg.is_healthy() {
+            leg.mark_failed(&std::io::Error::other("taken out of use for replacement"));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = s.state.lock();
+        loop {
+            if let Some(why) = &state.failure {
+                return Err(EngineError::CacheFailed(why.clone()));
+            }
+            if state.passthrough {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(EngineError::refused(
+                    device.name(),
+                    "timed out waiting for writeback to empty the cache before attaching",
+                ));
+            }
+            s.writeback_wakeup.notify_all();
+            s.space_freed
+                .wait_for(&mut state, Duration::from_millis(100));
+        }
+        // Clean and in passthrough: nothing is in flight to any leg. Give the new device the
+        // set's superblock (as leg `index`) and the current checkpoint.
+        let mut superblock = s.superblock.clone();
+        superblock.leg_index = index as u32;
+        let checkpoint = Checkpoint {
+            uuid: s.geometry.uuid,
+            sequence: state.checkpoint_sequence,
+            last_written_back_id: state.written_back_id,
+            last_written_back_epoch: state.written_back_epoch,
+        };
+        let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
+        let at = checkpoint.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
+        ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&checkpoint.encode());
+        let mut sb = AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
+        sb.copy_from_slice(&superblock.encode());
+        device
+            .write_at(&ring, checkpoint_offset(0))
+            .and_then(|()| device.write_at(&sb, 0))
+            .and_then(|()| device.flush())
+            .map_err(|e| EngineError::io(device.name(), e))?;
+        leg.replace(device.clone());
+        state.leg_written[index] = state.written_id;
+        state.leg_durable[index] = state.durable_id;
+        if s.legs.healthy_count() == legs.len() {
+            state.passthrough = false;
+            state.cache_lost_at = None;
+            log::warn!("leg {index} replaced by {}: mirrored again", device.name());
+        } else {
+            log::warn!(
+                "leg {index} replaced by {}; another leg is still missing: passthrough continues",
+                device.name()
+            );
+        }
+        s.space_freed.notify_all();
+        Ok(())
+    }
+}
