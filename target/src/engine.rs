@@ -803,7 +803,11 @@ impl Shared {
     /// Under the lock: where each block's newest copy is. RAM copies are taken right away; leg
     /// copies are pinned so writeback cannot free their segment before we read them.
     fn resolve(&self, first: u64, count: usize, blocks: &mut [u8]) -> Result<Vec<Source>> {
-        let mut state = self.lock_live()?;
+        // In passthrough the map is empty: every block resolves to the backing device.
+        let mut state = match self.lock_live() {
+            Err(EngineError::Passthrough) => self.state.lock(),
+            result => result?,
+        };
         let mut sources = Vec::with_capacity(count);
         for i in 0..count {
             let block = first + i as u64;

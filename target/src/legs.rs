@@ -50,6 +50,9 @@ impl Leg {
     }
 }
 
+/// Granularity at which reads alternate between the legs.
+const BLOCK_SPREAD_BYTES: u64 = 4096;
+
 pub struct CacheLegs {
     legs: Vec<Leg>,
 }
@@ -124,7 +127,11 @@ impl CacheLegs {
     ) -> io::Result<()> {
         let mut last_error = Self::no_leg_left();
         let mut bad_legs: Vec<&Leg> = Vec::new();
-        for leg in self.legs.iter().filter(|l| l.is_healthy()) {
+        // Spread reads over the legs by address, so both serve reads (and a leg that returns
+        // bad data is found by reads, not only when the other one fails).
+        let first = (offset / BLOCK_SPREAD_BYTES) as usize % self.legs.len();
+        let order = self.legs[first..].iter().chain(&self.legs[..first]);
+        for leg in order.filter(|l| l.is_healthy()) {
             match leg.device().read_at(buf, offset) {
                 Ok(()) if check.is_none_or(|c| c(buf)) => {
                     for bad in bad_legs {

@@ -13,6 +13,7 @@
 //! resurrect them behind a newer segment of the same id.
 
 use std::collections::HashMap;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -147,6 +148,17 @@ pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
         superblocks.push(sb);
     }
     Ok(superblocks)
+}
+
+/// The legs whose superblock cannot even be read (I/O error), with the error.
+fn unreadable_legs(legs: &[Arc<dyn Device>]) -> Vec<(usize, io::Error)> {
+    legs.iter()
+        .enumerate()
+        .filter_map(|(i, leg)| {
+            let mut buf = AlignedBuf::new(SUPERBLOCK_SIZE_BYTES);
+            leg.read_at(&mut buf, 0).err().map(|e| (i, e))
+        })
+        .collect()
 }
 
 /// Reads the log of a cache set without changing anything.
@@ -328,7 +340,22 @@ pub fn open(
     options: OpenOptions,
 ) -> Result<Engine> {
     assert!((2..=MAX_RAM_BUFFERS).contains(&options.ram_buffers));
-    let superblocks = read_superblocks(&leg_devices)?;
+    // A leg that cannot be read at all (a dead SSD) leaves a mirrored set degraded, not
+    // unopenable; a leg that reads but does not validate is bad input and refused.
+    let unreadable = unreadable_legs(&leg_devices);
+    if unreadable.len() == leg_devices.len() {
+        let (i, e) = &unreadable[0];
+        return Err(EngineError::io(
+            leg_devices[*i].name(),
+            io::Error::new(e.kind(), e.to_string()),
+        ));
+    }
+    let readable: Vec<usize> = (0..leg_devices.len())
+        .filter(|i| !unreadable.iter().any(|(u, _)| u == i))
+        .collect();
+    let readable_devices: Vec<Arc<dyn Device>> =
+        readable.iter().map(|&i| leg_devices[i].clone()).collect();
+    let superblocks = read_superblocks(&readable_devices)?;
     let sb = superblocks[0].clone();
     if sb.leg_count as usize != leg_devices.len() {
         return Err(EngineError::refused(
@@ -340,7 +367,7 @@ pub fn open(
             ),
         ));
     }
-    for (i, s) in superblocks.iter().enumerate() {
+    for (s, &i) in superblocks.iter().zip(&readable) {
         if s.leg_index as usize != i {
             return Err(EngineError::refused(
                 leg_devices[i].name(),
@@ -350,6 +377,10 @@ pub fn open(
     }
     check_backing(&sb, backing.as_ref(), backing_identity)?;
     let legs = CacheLegs::new(leg_devices);
+    for (i, e) in &unreadable {
+        log::error!("opening degraded: cache leg {i} cannot be read");
+        legs.all()[*i].mark_failed(e);
+    }
     let report = scan(&legs, &sb);
     let n = sb.segment_count;
     let uuid = sb.uuid;
