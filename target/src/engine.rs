@@ -167,6 +167,7 @@ pub(crate) struct State {
     pub zeros: ZeroRanges,
     pub slots: Vec<Slot>,
     pub free_buffers: Vec<usize>,
+    /// Writers waiting for a ring slot, i.e. for writeback (not those waiting for a RAM buffer).
     pub writers_waiting: usize,
     pub drain_requested: bool,
     pub shutting_down: bool,
@@ -570,12 +571,17 @@ impl Shared {
                 state.next_segment_id += 1;
                 break;
             }
-            // The cache (or the RAM buffer) is full: wait for the log writer or writeback.
+            // The cache (or the RAM buffer) is full: wait for the log writer or writeback. Only
+            // a full ring calls writeback to full speed: a writer waiting for a RAM buffer waits
+            // for the log writer, which writeback would only slow down.
             stall_started.get_or_insert_with(Instant::now);
-            state.writers_waiting += 1;
-            self.writeback_wakeup.notify_all();
+            let ring_full = state.slots[slot as usize].segment_id != 0;
+            state.writers_waiting += ring_full as usize;
+            if ring_full {
+                self.writeback_wakeup.notify_all();
+            }
             self.space_freed.wait_for(state, Duration::from_millis(100));
-            state.writers_waiting -= 1;
+            state.writers_waiting -= ring_full as usize;
         }
         if let Some(started) = stall_started {
             self.stats
