@@ -111,4 +111,4 @@ const _: () = assert!(
     CHECKPOINT_RING_OFFSET + (CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES) as u64
         <= SEGMENT_AREA_OFFSET
 );
-const _: () = assert!(entry_offset(0) % 8 == 0 && ENTRY_SIZE_BYTES % 8 == 0);
+const _: () = assert!(entry_offset(0).is_multiple_of(8) && ENTRY_SIZE_BYTES.is_multiple_of(8));

@@ -102,7 +102,7 @@ impl Entry {
         }
         match kind {
             EntryKind::Data => {
-                if entry.start_sector % SECTORS_PER_BLOCK as u64 != 0 {
+                if !entry.start_sector.is_multiple_of(SECTORS_PER_BLOCK as u64) {
                     return Err(bad("data entry not aligned to a 4 KiB block"));
                 }
                 if entry.length_sectors != SECTORS_PER_BLOCK as u32 {

@@ -69,7 +69,11 @@ impl Superblock {
         if sb.leg_count == 0 || sb.leg_count > 2 || sb.leg_index >= sb.leg_count {
             return Err(bad("leg count or leg index out of range"));
         }
-        if sb.backing_size_bytes == 0 || sb.backing_size_bytes % BLOCK_SIZE_BYTES as u64 != 0 {
+        if sb.backing_size_bytes == 0
+            || !sb
+                .backing_size_bytes
+                .is_multiple_of(BLOCK_SIZE_BYTES as u64)
+        {
             return Err(bad("backing size is not a whole number of 4 KiB blocks"));
         }
         Ok(sb)

@@ -68,7 +68,11 @@ fn sample_header(segment_id: u64, entries: usize, salt: u64) -> SegmentHeader {
         segment_id,
         epoch_id: salt + 7,
         durable_id: segment_id.saturating_sub(2),
-        flags: if salt % 2 == 0 { FLAG_FLUSH } else { 0 },
+        flags: if salt.is_multiple_of(2) {
+            FLAG_FLUSH
+        } else {
+            0
+        },
         entries,
     }
 }

@@ -318,7 +318,7 @@ impl Shared {
             len,
             reason,
         };
-        if offset % lbs != 0 || len % lbs != 0 {
+        if !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) {
             return Err(bad("not aligned to the logical block size"));
         }
         if offset

@@ -43,7 +43,7 @@ pub fn format(
         ));
     }
     let backing_size = backing.size_bytes();
-    if backing_size == 0 || backing_size % BLOCK_SIZE_BYTES as u64 != 0 {
+    if backing_size == 0 || !backing_size.is_multiple_of(BLOCK_SIZE_BYTES as u64) {
         return Err(EngineError::refused(
             backing.name(),
             format!("size {backing_size} bytes is not a non-zero multiple of 4096"),

@@ -50,6 +50,9 @@ impl Leg {
     }
 }
 
+/// A predicate a read's bytes must pass (a checksum).
+pub type BytesCheck<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
 /// Granularity at which reads alternate between the legs.
 const BLOCK_SPREAD_BYTES: u64 = 4096;
 
@@ -123,7 +126,7 @@ impl CacheLegs {
         &self,
         buf: &mut [u8],
         offset: u64,
-        check: Option<&dyn Fn(&[u8]) -> bool>,
+        check: Option<&BytesCheck<'_>>,
     ) -> io::Result<()> {
         let mut last_error = Self::no_leg_left();
         let mut bad_legs: Vec<&Leg> = Vec::new();

@@ -76,9 +76,10 @@ fn wait_for_mode(engine: &Engine, mode: &str) {
 
 fn options_writing_back_always(rig: &Rig) -> wb_target::OpenOptions {
     let mut options = rig.options();
-    let mut policy = writeback::Policy::default();
-    policy.idle_after = Duration::ZERO;
-    options.writeback = Some(policy);
+    options.writeback = Some(writeback::Policy {
+        idle_after: Duration::ZERO,
+        ..Default::default()
+    });
     options
 }
 
