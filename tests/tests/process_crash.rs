@@ -57,9 +57,11 @@ fn open_engine(dir: &Path) -> Engine {
     let identity = backing.identity();
     let mut options = EngineOptions::new(buffer);
     options.ram_buffers = 4;
-    let mut policy = writeback::Policy::default();
-    policy.idle_after = Duration::ZERO; // write back all the time: kills land mid-batch too
-    options.writeback = Some(policy);
+    // Write back all the time: kills land mid-batch too.
+    options.writeback = Some(writeback::Policy {
+        idle_after: Duration::ZERO,
+        ..Default::default()
+    });
     wb_target::open(legs, Arc::new(backing), &identity, options).unwrap()
 }
 
