@@ -176,8 +176,10 @@ fn run_case(seed: u64, devices: &Devices, backing_kind: Backing) -> Result<Outco
         })
     };
 
-    let mut policy = writeback::Policy::default();
-    policy.idle_after = Duration::ZERO;
+    let policy = writeback::Policy {
+        idle_after: Duration::ZERO,
+        ..writeback::Policy::default()
+    };
     let mut options = OpenOptions::new(devices.buffer_path());
     options.ram_buffers = rng.gen_range(2..6);
     options.sync_interval = Duration::from_millis(rng.gen_range(1..30));
@@ -296,7 +298,7 @@ fn run_case(seed: u64, devices: &Devices, backing_kind: Backing) -> Result<Outco
 }
 
 fn backing_bytes_for(seed: u64) -> u64 {
-    if seed % 3 == 0 {
+    if seed.is_multiple_of(3) {
         2 << 20
     } else {
         1 << 20
