@@ -22,6 +22,15 @@ pub trait Device: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (the device's volatile cache is flushed).
     fn flush(&self) -> io::Result<()>;
+    /// Writes `bufs` back to back from `offset` (one I/O where the device can).
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes `len` bytes from `offset` read as zeroes. `discard` says the caller only needs the
     /// space released; either way reads of the range must return zeroes afterwards.
     fn zero_range(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
@@ -145,6 +154,45 @@ impl Device for FileDevice {
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        // SAFETY: every iovec points into a live slice of `bufs` for the duration of the call,
+        // and pwritev only reads from them.
+        let n = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // A short write: finish buffer by buffer from where it stopped.
+        let mut done = n as usize;
+        let mut at = 0usize;
+        for buf in bufs {
+            let end = at + buf.len();
+            if done < end {
+                let skip = done.saturating_sub(at);
+                self.file
+                    .write_all_at(&buf[skip..], offset + (at + skip) as u64)?;
+                done = end;
+            }
+            at = end;
+        }
+        debug_assert_eq!(done.max(at), total);
+        Ok(())
     }
     fn zero_range(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
         use std::os::fd::AsRawFd;

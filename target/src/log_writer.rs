@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use logfmt::{segment_offset, slot_of, SegmentHeader};
+use logfmt::{segment_offset, slot_of, SegmentHeader, SEGMENT_SIZE_BYTES};
 
 use crate::engine::Shared;
 use crate::legs::Leg;
@@ -22,6 +22,10 @@ use crate::legs::Leg;
 /// power cut has to verify the data of only the few newest segments (SPEC §3, §8: start-up reads
 /// at most 1 % of the cache).
 pub const SEGMENTS_BETWEEN_LEG_FLUSHES: u64 = 8;
+
+/// Full segments in adjacent slots that are queued together go out as one write of up to this
+/// many segments (2 MiB): the per-I/O cost is paid once for them all.
+pub const MAX_COALESCED_SEGMENTS: usize = 4;
 
 pub(crate) enum LogJob {
     Segment {
@@ -105,9 +109,11 @@ fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
 
 fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
     let leg: &Leg = &shared.legs.all()[leg_index];
+    let n = shared.geometry.segment_count;
     let mut written = 0u64;
     let mut durable = 0u64;
-    for job in jobs {
+    let mut held: Option<LegJob> = None;
+    while let Some(job) = held.take().or_else(|| jobs.recv().ok()) {
         let (flush, wrote) = match job {
             LegJob::Write {
                 id,
@@ -115,16 +121,45 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
                 len,
                 flush,
             } => {
+                // Coalesce the full segments queued behind this one into one larger write, as
+                // long as their slots are adjacent: fewer, larger I/Os for the same bytes.
+                let mut run = vec![(id, buffer, len)];
+                let mut flush = flush;
+                while run.len() < MAX_COALESCED_SEGMENTS && !flush {
+                    let &(last_id, _, last_len) = run.last().expect("non-empty");
+                    if last_len != SEGMENT_SIZE_BYTES || slot_of(last_id + 1, n) == 0 {
+                        break;
+                    }
+                    match jobs.try_recv() {
+                        Ok(LegJob::Write {
+                            id,
+                            buffer,
+                            len,
+                            flush: f,
+                        }) if id == last_id + 1 => {
+                            run.push((id, buffer, len));
+                            flush = f;
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 if leg.is_healthy() {
-                    let slot = slot_of(id, shared.geometry.segment_count);
-                    let image = &shared.ram.image(buffer)[..len];
-                    if let Err(e) = leg.device().write_at(image, segment_offset(slot)) {
+                    let images: Vec<&[u8]> = run
+                        .iter()
+                        .map(|&(_, buffer, len)| &shared.ram.image(buffer)[..len])
+                        .collect();
+                    let offset = segment_offset(slot_of(id, n));
+                    if let Err(e) = leg.device().write_vectored_at(&images, offset) {
                         leg.write_errors
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         leg.mark_failed(&e);
                     }
                 }
-                written = id;
+                written = run.last().expect("non-empty").0;
                 (
                     flush || written - durable >= SEGMENTS_BETWEEN_LEG_FLUSHES,
                     true,
