@@ -340,40 +340,14 @@ impl CacheLog for Shared {
                 )));
             }
         }
-        let mut buf = AlignedBuf::new(image.len());
-        let mut last_error = io::Error::other("no healthy cache leg");
-        for leg in self.legs.all().iter().filter(|l| l.is_healthy()) {
-            let attempt = leg
-                .device()
-                .read_at(&mut buf[..SEGMENT_HEADER_SIZE_BYTES], offset)
-                .and_then(|()| {
-                    SegmentHeader::decode_expecting(&buf, &self.geometry.uuid, id)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-                })
-                .and_then(|header| {
-                    let len = header.used_bytes();
-                    leg.device().read_at(
-                        &mut buf[SEGMENT_HEADER_SIZE_BYTES..len],
-                        offset + SEGMENT_HEADER_SIZE_BYTES as u64,
-                    )?;
-                    header
-                        .verify_data(&buf)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    Ok(header)
-                });
-            match attempt {
-                Ok(header) => {
-                    image.copy_from_slice(&buf);
-                    return Ok(header);
-                }
-                Err(e) => {
-                    leg.read_errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("segment {id} on {}: {e}", leg.device().name());
-                    last_error = e;
-                }
-            }
+        // Straight into the image when it is aligned for direct I/O (writeback's are).
+        if (image.as_ptr() as usize).is_multiple_of(logfmt::BLOCK_SIZE_BYTES) {
+            return read_segment_into(self, id, offset, image);
         }
-        Err(last_error)
+        let mut buf = AlignedBuf::new(image.len());
+        let header = read_segment_into(self, id, offset, &mut buf[..image.len()])?;
+        image.copy_from_slice(&buf[..image.len()]);
+        Ok(header)
     }
 
     fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -482,4 +456,44 @@ impl CacheLog for Shared {
     fn is_shutting_down(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+}
+
+/// Reads segment `id` (at `offset` on the legs) into `buf`, an aligned segment-sized buffer:
+/// the header, then the data it lists, checked against their CRCs; another leg on failure.
+fn read_segment_into(
+    shared: &Shared,
+    id: u64,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<SegmentHeader> {
+    let mut last_error = io::Error::other("no healthy cache leg");
+    for leg in shared.legs.all().iter().filter(|l| l.is_healthy()) {
+        let attempt = leg
+            .device()
+            .read_at(&mut buf[..SEGMENT_HEADER_SIZE_BYTES], offset)
+            .and_then(|()| {
+                SegmentHeader::decode_expecting(buf, &shared.geometry.uuid, id)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .and_then(|header| {
+                let len = header.used_bytes();
+                leg.device().read_at(
+                    &mut buf[SEGMENT_HEADER_SIZE_BYTES..len],
+                    offset + SEGMENT_HEADER_SIZE_BYTES as u64,
+                )?;
+                header
+                    .verify_data(buf)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                Ok(header)
+            });
+        match attempt {
+            Ok(header) => return Ok(header),
+            Err(e) => {
+                leg.read_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("segment {id} on {}: {e}", leg.device().name());
+                last_error = e;
+            }
+        }
+    }
+    Err(last_error)
 }

@@ -27,7 +27,9 @@ pub trait CacheLog: Send + Sync {
     /// Epoch of segment `written_back_id` (0 if none).
     fn written_back_epoch(&self) -> u64;
     /// Reads segment `id` (header validated, every data block checked against its CRC) into
-    /// `image`, which is `SEGMENT_SIZE_BYTES` long.
+    /// `image`, which is `SEGMENT_SIZE_BYTES` long (writeback's are 4 KiB aligned, so they can be
+    /// read into directly). Only the header and the data blocks it lists are meaningful after.
+    /// Called from a second thread (read-ahead) while the first writes to the backing device.
     fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader>;
     fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()>;
