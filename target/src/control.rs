@@ -164,6 +164,12 @@ pub enum Request {
         drain: bool,
         force: bool,
     },
+    /// Replaces cache leg `old` (a path as given at create) by the device `new`, online: the
+    /// cache is written back and runs in passthrough meanwhile (SPEC §5).
+    Replace {
+        old: PathBuf,
+        new: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +203,8 @@ pub struct LegReport {
     pub errors: u64,
     pub read_errors: u64,
     pub write_errors: u64,
+    /// Blocks that failed their CRC or read on this leg and were rewritten from the other.
+    pub repairs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,9 +230,12 @@ pub struct DeviceStatus {
     pub device: String,
     pub dev_id: u32,
     pub pid: u32,
-    /// "normal", "degraded" (a leg failed) or "failed" (no leg left).
+    /// "mirrored" (or "single" for a one-leg set), "degraded" (a leg failed; writing back),
+    /// "passthrough" (requests go straight to the backing device) or "failed".
     pub mode: String,
     pub failure: Option<String>,
+    /// Set when every cache leg was lost: the last segment id the backing device holds.
+    pub cache_lost_at: Option<u64>,
     pub backing: String,
     pub legs: Vec<LegReport>,
     pub device_size_bytes: u64,
@@ -241,12 +252,18 @@ pub struct DeviceStatus {
     pub flushes: u64,
     pub written_back_bytes: u64,
     pub backing_write_ios: u64,
+    /// Backing device I/O errors (writeback retries them).
+    pub backing_errors: u64,
+    /// Writes sent straight to the backing device in passthrough mode.
+    pub passthrough_writes: u64,
     /// Over the last sampling second.
     pub write_bytes_per_sec: u64,
     pub written_back_bytes_per_sec: u64,
     /// Time writers spent waiting for cache space (back-pressure).
     pub stall_ms: u64,
     pub map_bytes: u64,
+    /// All in-memory metadata of the cache (map, partial masks, zeroed ranges).
+    pub metadata_bytes: u64,
     pub queues: u16,
     pub depth: u16,
     pub uptime_secs: u64,
@@ -341,6 +358,10 @@ mod tests {
             Request::Delete {
                 drain: true,
                 force: false,
+            },
+            Request::Replace {
+                old: "/dev/vdb".into(),
+                new: "/dev/vdd".into(),
             },
         ];
         for r in &requests {

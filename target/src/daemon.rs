@@ -715,6 +715,10 @@ struct Daemon {
     started: Instant,
     started_unix_secs: u64,
     policy: Mutex<Policy>,
+    /// The cache legs' paths in leg order (`wbctl replace` changes one).
+    caches: Mutex<Vec<PathBuf>>,
+    /// Exclusive holds on legs attached by `wbctl replace`.
+    replaced_holds: Mutex<Vec<File>>,
     rates: Mutex<(u64, u64)>,
     stopping: AtomicBool,
     connections: AtomicUsize,
@@ -726,7 +730,7 @@ impl Daemon {
         DeviceState {
             name: self.spec.name.clone(),
             backing: self.spec.backing.clone(),
-            caches: self.spec.caches.clone(),
+            caches: self.caches.lock().clone(),
             dev_id: self.dev_id,
             device: self.device.clone(),
             queues: self.spec.queues,
@@ -755,22 +759,22 @@ impl Daemon {
                 errors: l.read_errors + l.write_errors,
                 read_errors: l.read_errors,
                 write_errors: l.write_errors,
+                repairs: l.repairs,
             })
             .collect();
-        let mode = if s.failure.is_some() || legs.iter().all(|l| l.health != "ok") {
-            "failed"
-        } else if legs.iter().any(|l| l.health != "ok") {
-            "degraded"
+        let mode = if s.failure.is_some() {
+            "failed".to_string()
         } else {
-            "normal"
+            s.mode.clone()
         };
         DeviceStatus {
             name: self.spec.name.clone(),
             device: self.device.clone(),
             dev_id: self.dev_id,
             pid: self.pid,
-            mode: mode.into(),
+            mode,
             failure: s.failure.clone(),
+            cache_lost_at: s.cache_lost_at,
             backing: self.spec.backing.display().to_string(),
             legs,
             device_size_bytes: self.engine.device_size_bytes(),
@@ -794,10 +798,13 @@ impl Daemon {
             flushes: s.flushes,
             written_back_bytes: s.written_back_bytes,
             backing_write_ios: s.backing_write_ios,
+            backing_errors: s.backing_errors,
+            passthrough_writes: s.passthrough_writes,
             write_bytes_per_sec: write_rate,
             written_back_bytes_per_sec: writeback_rate,
             stall_ms: s.stall_ms,
             map_bytes: s.map_bytes,
+            metadata_bytes: s.metadata_bytes,
             queues: self.spec.queues,
             depth: self.spec.depth,
             uptime_secs: self.started.elapsed().as_secs(),
@@ -1001,6 +1008,8 @@ pub fn run(
     spawn_signal_thread(signals, events_tx.clone());
     let daemon = Arc::new(Daemon {
         policy: Mutex::new(spec.policy.clone()),
+        caches: Mutex::new(spec.caches.clone()),
+        replaced_holds: Mutex::new(Vec::new()),
         spec,
         engine: engine.clone(),
         dev_id,
@@ -1294,6 +1303,7 @@ fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
             status: Box::new(daemon.status()),
         },
         Request::Set { knobs } => set_knobs(daemon, &knobs),
+        Request::Replace { old, new } => replace_leg(daemon, &old, &new),
         Request::Drain => match drain_with_progress(daemon, &mut stream) {
             Ok(()) => Reply::Done {
                 message: format!("{}: clean (everything written back)", daemon.spec.name),
@@ -1329,6 +1339,69 @@ fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
         }
     };
     let _ = control::send_line(&mut stream, &reply);
+}
+
+/// How long `wbctl replace` waits for the cache to be written back (it goes to passthrough
+/// first, so the new leg needs no copy of live segments).
+const REPLACE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+fn replace_leg(daemon: &Daemon, old: &Path, new: &Path) -> Reply {
+    let name = &daemon.spec.name;
+    let error = |e: String| Reply::Error {
+        error: format!("{name}: {e}"),
+    };
+    let caches = daemon.caches.lock().clone();
+    let Some(index) = caches
+        .iter()
+        .position(|c| same_file(c, old) || c.as_path() == old)
+    else {
+        return error(format!(
+            "{} is not a cache leg of this device (legs: {})",
+            old.display(),
+            display_paths(&caches)
+        ));
+    };
+    if same_file(new, &daemon.spec.backing) || caches.iter().any(|c| same_file(c, new)) {
+        return error(format!(
+            "{}: already part of this device (its backing device or a cache leg)",
+            new.display()
+        ));
+    }
+    let checked = inspect(new, "new cache device")
+        .and_then(|_| check_not_in_use(new, "new cache device"))
+        .and_then(|()| exclusive_hold(new).map_err(io_error(format!("{}", new.display()))));
+    let hold = match checked {
+        Ok(hold) => hold,
+        Err(e) => return error(e.to_string()),
+    };
+    let device = match FileDevice::open(new) {
+        Ok(d) => d,
+        Err(e) => return error(format!("{}: opening: {e}", new.display())),
+    };
+    log::info!(
+        "{name}: replacing cache leg {index} ({}) by {}",
+        old.display(),
+        new.display()
+    );
+    if let Err(e) = daemon
+        .engine
+        .replace_leg(index, Arc::new(device), REPLACE_TIMEOUT)
+    {
+        return error(format!("replacing leg {index}: {e}"));
+    }
+    daemon.caches.lock()[index] = new.to_path_buf();
+    daemon.replaced_holds.lock().push(hold);
+    if let Err(e) = daemon.store_state() {
+        log::error!("writing the state file: {e}");
+    }
+    Reply::Done {
+        message: format!(
+            "{name}: cache leg {index} is now {} (was {}); mode {}",
+            new.display(),
+            old.display(),
+            daemon.engine.status().mode
+        ),
+    }
 }
 
 fn set_knobs(daemon: &Daemon, knobs: &[(String, String)]) -> Reply {

@@ -10,15 +10,21 @@
 #   wb_create NAME ARGS...   `wbctl create NAME ARGS...`; prints /dev/ublkbN; the device is
 #                            deleted at exit if still there
 #   wb_status NAME           `wbctl status NAME --json` (the JSON object)
-#   wb_field NAME PATH       one field of the status JSON, e.g. reads.hits, segments.current_id
+#   wb_field NAME PATH...    fields of the status JSON (e.g. reads.hits segments.current_id),
+#                            space-separated, from one status query
+#   wb_dev NAME              the device of NAME (from its state file)
 #   wb_pid NAME              the daemon's pid (from its state file)
 #   wb_fio NAME JOB [ARGS]   DEV=<device of NAME> fio JOB ARGS (output kept in $WB_OUT/NAME.fio.log);
 #                            fails on a non-zero exit or any "err=" other than 0
 #   dev_sha256 DEV BYTES     SHA-256 of the first BYTES of DEV (direct I/O)
+#   wb_diagnose              dump what every process waits on and the daemons' logs (called
+#                            when a step fails; also by the watchdog)
+#   wb_watchdog SECS         run wb_diagnose if the script is still running after SECS
+#
+# At exit the daemons' logs are copied to $WB_OUT.
 
 WBCTL="$(wb_bin wbctl)"
 export WRITEBOOST_RUN_DIR=/run/writeboost
-declare -A WB_DEVS=()
 
 wb_create() {
     local name="$1" dev
@@ -26,7 +32,6 @@ wb_create() {
     dev="$("$WBCTL" create "$name" "$@")" || fail "wbctl create $name $* failed"
     [[ "$dev" == /dev/ublkb* ]] || fail "wbctl create printed '$dev', not /dev/ublkbN"
     wait_for_blockdev "$dev" 10
-    WB_DEVS[$name]="$dev"
     on_exit "_wb_cleanup $name"
     echo "$dev"
 }
@@ -45,12 +50,23 @@ wb_status() {
 }
 
 wb_field() {
-    wb_status "$1" | python3 -c '
+    local name="$1"
+    shift
+    wb_status "$name" | python3 -c '
 import json, sys
-v = json.load(sys.stdin)
-for part in sys.argv[1].split("."):
-    v = v[part]
-print(v)' "$2"
+status = json.load(sys.stdin)
+out = []
+for path in sys.argv[1:]:
+    v = status
+    for part in path.split("."):
+        v = v[part]
+    out.append(str(v))
+print(" ".join(out))' "$@"
+}
+
+wb_dev() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["device"])' \
+        "$WRITEBOOST_RUN_DIR/$1.json"
 }
 
 wb_pid() {
@@ -61,7 +77,9 @@ wb_pid() {
 wb_fio() {
     local name="$1" job="$2"
     shift 2
-    local dev="${WB_DEVS[$name]}" out="${WB_OUT:-/tmp}/$name.$(basename "$job" .fio).log"
+    local dev out
+    dev="$(wb_dev "$name")"
+    out="${WB_OUT:-/tmp}/$name.$(basename "$job" .fio).log"
     log "fio $(basename "$job") on $dev $*"
     if ! DEV="$dev" fio --eta=never "$job" "$@" >"$out" 2>&1; then
         tail -30 "$out" >&2
@@ -76,3 +94,39 @@ wb_fio() {
 dev_sha256() {
     dd if="$1" bs=1M count=$(($2 >> 20)) iflag=direct status=none | sha256sum | cut -d' ' -f1
 }
+
+wb_diagnose() {
+    {
+        echo "==== wb_diagnose: processes (wchan)"
+        ps -eLo pid,tid,stat,wchan:32,comm,args 2>/dev/null | grep -vE ' \[.*\]$' | head -200
+        local pid t
+        for pid in $(pgrep -x wbctl) $(pgrep -x fio); do
+            for t in /proc/"$pid"/task/*; do
+                echo "==== $pid/$(basename "$t") $(cat "$t/comm" 2>/dev/null)"
+                cat "$t/stack" 2>/dev/null | head -20
+            done
+        done
+        for f in "$WRITEBOOST_RUN_DIR"/*.log; do
+            [[ -e "$f" ]] || continue
+            echo "==== $f (last 60 lines)"
+            tail -60 "$f"
+        done
+    } >&2
+}
+
+wb_watchdog() {
+    local secs="$1"
+    (
+        sleep "$secs"
+        log "WATCHDOG: still running after ${secs}s"
+        wb_diagnose
+    ) &
+    local pid=$!
+    on_exit "kill $pid 2>/dev/null || true"
+}
+
+_wb_save_logs() {
+    [[ -n "${WB_OUT:-}" ]] || return 0
+    cp "$WRITEBOOST_RUN_DIR"/*.log "$WB_OUT"/ 2>/dev/null || true
+}
+on_exit _wb_save_logs

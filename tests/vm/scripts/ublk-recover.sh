@@ -5,9 +5,12 @@
 # then proves that no acknowledged write was lost, flushed or not.
 #
 #   cargo build --release -p wb-tools --bin wbctl
-#   truncate -s 2G backing.img; truncate -s 1G cache0.img cache1.img
-#   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img \
+#   truncate -s 2G backing.img; truncate -s 1G cache0.img cache1.img spare.img
+#   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img --disk spare.img \
 #       tests/vm/scripts/ublk-recover.sh [KILLS]
+#
+# At the end, `wbctl replace` swaps a cache leg for the spare disk online, and the data reads
+# back the same before and after.
 #
 # KILLS (default 3): how many times the daemon is killed during the run.
 # Prints "ublk-recover: PASS" at the end.
@@ -17,7 +20,7 @@ source "$(dirname "$0")/ublk-lib.sh"
 need_vm
 need_ublk
 KILLS="${1:-3}"
-BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
+BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)" SPARE="$(disk 3)"
 
 dev="$(wb_create r0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1")"
 log "wbctl create r0 -> $dev"
@@ -59,7 +62,7 @@ for ((k = 1; k <= KILLS; k++)); do
     dev_again="$("$WBCTL" recover r0)" || fail "wbctl recover r0 failed"
     log "recovered in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s: $dev_again (new pid $(wb_pid r0))"
     [[ "$dev_again" == "$dev" ]] || fail "recover made $dev_again, expected the same $dev"
-    [[ "$(wb_field r0 mode)" == normal ]] || fail "mode after recovery: $(wb_field r0 mode)"
+    [[ "$(wb_field r0 mode)" == mirrored ]] || fail "mode after recovery: $(wb_field r0 mode)"
     recovered=$((recovered + 1))
 done
 ((recovered >= 1)) || fail "fio finished before the daemon could be killed; make the job longer"
@@ -88,6 +91,16 @@ fio "${last[@]}" --verify_only=1 --verify_fatal=1 >"$WB_OUT/last-writes-verify.l
     fail "unflushed writes acknowledged before kill -9 did not read back"
 }
 log "16 MiB of unflushed writes read back after kill -9 + recover"
+
+# Replace a leg online: data the same before and after, mirrored again, the state file follows.
+region=$((528 << 20))
+before_sum="$(dev_sha256 "$dev" $region)"
+if "$WBCTL" replace r0 --old /dev/nonexistent --new "$SPARE" 2>/dev/null; then fail "replace of a non-leg succeeded"; fi
+"$WBCTL" replace r0 --old "$CACHE1" --new "$SPARE" || fail "wbctl replace failed"
+[[ "$(wb_field r0 mode)" == mirrored ]] || fail "mode after replace: $(wb_field r0 mode)"
+[[ "$(dev_sha256 "$dev" $region)" == "$before_sum" ]] || fail "data differs after replacing a leg"
+grep -q "$SPARE" "$WRITEBOOST_RUN_DIR/r0.json" || fail "the state file does not name the new leg"
+"$WBCTL" status r0
 
 "$WBCTL" delete r0 || fail "wbctl delete failed"
 log "ublk-recover: PASS"

@@ -15,6 +15,7 @@ source "$(dirname "$0")/../guest-lib.sh"
 source "$(dirname "$0")/ublk-lib.sh"
 need_vm
 need_ublk
+[[ -z "${WB_WATCHDOG:-}" ]] || wb_watchdog "$WB_WATCHDOG"
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING, cache legs $CACHE0 $CACHE1"
 
@@ -37,36 +38,29 @@ size=$(blockdev --getsize64 "$dev")
 [[ "$(cat $q/discard_granularity)" == 4096 ]] || fail "discard_granularity $(cat $q/discard_granularity)"
 [[ "$(cat $q/discard_max_bytes)" -gt 0 ]] || fail "discard not supported"
 log "$dev: $size bytes, write_cache=$(cat $q/write_cache) fua=$(cat $q/fua) lbs=$(cat $q/logical_block_size) pbs=$(cat $q/physical_block_size) discard_max=$(cat $q/discard_max_bytes) nr_hw_queues=$(ls /sys/block/$b/mq | wc -l)"
-[[ "$(wb_field v0 mode)" == normal ]] || fail "mode is not normal"
+[[ "$(wb_field v0 mode)" == mirrored ]] || fail "mode is $(wb_field v0 mode), not mirrored"
 
 # ---- counters move as the workload says
-w0=$(wb_field v0 writes)
-wb0=$(wb_field v0 write_bytes)
+read -r w0 wb0 <<<"$(wb_field v0 writes write_bytes)"
 # 1024 writes of 4 KiB to distinct blocks (random order) in the first 4 MiB, then a flush.
 fio --name=count-writes --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
     --iodepth=8 --size=4M --end_fsync=1 --randrepeat=0 --eta=never >/dev/null || fail "count-writes fio failed"
-w1=$(wb_field v0 writes)
-wb1=$(wb_field v0 write_bytes)
+read -r w1 wb1 dirty flushed current <<<"$(wb_field v0 writes write_bytes dirty_bytes \
+    segments.last_flushed_id segments.current_id)"
 log "writes $w0 -> $w1, write_bytes $wb0 -> $wb1"
 [[ $((wb1 - wb0)) -eq $((4 << 20)) ]] || fail "write_bytes grew by $((wb1 - wb0)), expected 4 MiB"
 # The block layer may merge adjacent requests, never split a 4 KiB one.
 ((w1 - w0 >= 1 && w1 - w0 <= 1024)) || fail "writes grew by $((w1 - w0)), expected 1..1024"
-dirty=$(wb_field v0 dirty_bytes)
 ((dirty >= 4 << 20)) || fail "dirty_bytes $dirty < 4 MiB after writing 4 MiB (no writeback running)"
-flushed=$(wb_field v0 segments.last_flushed_id)
-current=$(wb_field v0 segments.current_id)
 ((flushed >= 1 && flushed <= current)) || fail "segments: last_flushed_id $flushed, current_id $current"
 
-h0=$(wb_field v0 reads.hits)
-m0=$(wb_field v0 reads.misses)
+read -r h0 m0 <<<"$(wb_field v0 reads.hits reads.misses)"
 dd if="$dev" of=/dev/null bs=64k count=64 iflag=direct status=none # the 4 MiB just written
-h1=$(wb_field v0 reads.hits)
-m1=$(wb_field v0 reads.misses)
+read -r h1 m1 <<<"$(wb_field v0 reads.hits reads.misses)"
 log "reads of the written 4 MiB: hits $h0 -> $h1, misses $m0 -> $m1"
 [[ $((h1 - h0)) -eq 1024 && $((m1 - m0)) -eq 0 ]] || fail "expected 1024 block hits and no miss, got +$((h1 - h0)) hits +$((m1 - m0)) misses"
 dd if="$dev" of=/dev/null bs=64k count=64 skip=1024 iflag=direct status=none # 64 MiB on: never written
-h2=$(wb_field v0 reads.hits)
-m2=$(wb_field v0 reads.misses)
+read -r h2 m2 <<<"$(wb_field v0 reads.hits reads.misses)"
 [[ $((h2 - h1)) -eq 0 && $((m2 - m1)) -eq 1024 ]] || fail "expected 1024 block misses, got +$((h2 - h1)) hits +$((m2 - m1)) misses"
 
 # ---- fio verify jobs through the device
@@ -74,42 +68,50 @@ wb_fio v0 fio-jobs/verify-4k-random.fio
 wb_fio v0 fio-jobs/verify-mixed-sizes.fio
 "$WBCTL" status v0
 
-# ---- dirty bytes fall during a drain; written-back bytes rise
-dirty=$(wb_field v0 dirty_bytes)
-wbb0=$(wb_field v0 written_back_bytes)
-log "before drain: dirty_bytes $dirty, written_back_bytes $wbb0"
-((dirty > 64 << 20)) || fail "only $dirty bytes dirty before the drain; writeback was not held back"
-"$WBCTL" set v0 max_bandwidth_mib=64 # a drain long enough to watch
-[[ "$(wb_field v0 policy.max_bandwidth_mib)" == 64 ]] || fail "wbctl set did not change max_bandwidth_mib"
+# ---- wbctl set; drain
+read -r dirty wbb0 <<<"$(wb_field v0 dirty_bytes written_back_bytes)"
+log "after the verify jobs: dirty_bytes $dirty, written_back_bytes $wbb0"
+((dirty > 64 << 20)) || fail "only $dirty bytes dirty; writeback was not held back"
+"$WBCTL" set v0 background_rate=0.5 age_threshold_secs=7200
+[[ "$(wb_field v0 policy.background_rate policy.age_threshold_secs)" == "0.5 7200" ]] || fail "wbctl set did not change the knobs"
 if "$WBCTL" set v0 low_watermark=2 2>/dev/null; then fail "wbctl set accepted low_watermark=2"; fi
+t0=$EPOCHREALTIME
+"$WBCTL" drain v0 || fail "wbctl drain failed"
+log "drain of $((dirty >> 20)) MiB took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}') s"
+read -r dirty_after wbb1 lwb cur <<<"$(wb_field v0 dirty_bytes written_back_bytes \
+    segments.last_written_back_id segments.current_id)"
+[[ "$dirty_after" -eq 0 ]] || fail "dirty_bytes $dirty_after after wbctl drain"
+((wbb1 - wbb0 >= dirty)) || fail "written_back_bytes grew by $((wbb1 - wbb0)) < $dirty dirty bytes"
+[[ "$lwb" -eq "$cur" ]] || fail "after drain: last_written_back_id $lwb != current_id $cur"
+
+# ---- dirty bytes fall while a drain runs: 256 MiB written once (no block rewritten), drained
+fio --name=once --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=64k \
+    --iodepth=8 --size=256M --offset=1G --randrepeat=0 --eta=never >/dev/null || fail "write-once fio failed"
+dirty=$(wb_field v0 dirty_bytes)
+[[ "$dirty" -eq $((256 << 20)) ]] || fail "dirty_bytes $dirty after writing 256 MiB once, expected exactly 256 MiB"
 samples="$WB_OUT/drain-samples.txt"
 : >"$samples"
+touch "$WB_OUT/draining"
 (
     while [[ -e "$WB_OUT/draining" ]]; do
-        wb_field v0 dirty_bytes >>"$samples" 2>/dev/null || true
-        sleep 0.5
+        "$WBCTL" status v0 --json 2>/dev/null | sed -n 's/^ *"dirty_bytes": \([0-9]*\).*/\1/p' >>"$samples" || true
+        sleep 0.2
     done
 ) &
-touch "$WB_OUT/draining"
 sampler=$!
-t0=$EPOCHREALTIME
 "$WBCTL" drain v0 || fail "wbctl drain failed"
 rm -f "$WB_OUT/draining"
 wait "$sampler" || true
-log "drain took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}') s; dirty_bytes samples: $(tr '\n' ' ' <"$samples")"
+wb_field v0 dirty_bytes >>"$samples"
+log "dirty_bytes while draining: $(tr '\n' ' ' <"$samples")"
 python3 - "$samples" <<'PY' || fail "dirty bytes did not fall during the drain"
 import sys
 v = [int(x) for x in open(sys.argv[1]).read().split()]
-assert len(v) >= 2, f"only {len(v)} samples"
+assert len(v) >= 3, f"only {len(v)} samples"
 assert all(b <= a for a, b in zip(v, v[1:])), f"dirty bytes rose during the drain: {v}"
-assert v[-1] < v[0], f"dirty bytes did not fall: {v}"
+assert v[-1] == 0, f"not clean after the drain: {v}"
+assert any(0 < x < v[0] for x in v), f"no sample between full and clean: {v}"
 PY
-[[ "$(wb_field v0 dirty_bytes)" -eq 0 ]] || fail "dirty_bytes $(wb_field v0 dirty_bytes) after wbctl drain"
-wbb1=$(wb_field v0 written_back_bytes)
-((wbb1 - wbb0 >= dirty)) || fail "written_back_bytes grew by $((wbb1 - wbb0)) < $dirty dirty bytes"
-lwb=$(wb_field v0 segments.last_written_back_id)
-cur=$(wb_field v0 segments.current_id)
-[[ "$lwb" -eq "$cur" ]] || fail "after drain: last_written_back_id $lwb != current_id $cur"
 
 # ---- delete --drain: the backing device alone holds what the device held
 fio --name=tail-writes --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \

@@ -81,6 +81,17 @@ enum Cmd {
         #[arg(required = true, value_name = "KNOB=VALUE")]
         knobs: Vec<String>,
     },
+    /// Replace a cache leg online (a failed SSD, or one to retire): the cache is written back
+    /// and runs in passthrough meanwhile, then the new device becomes the leg.
+    Replace {
+        name: String,
+        /// The leg to replace (as given at create).
+        #[arg(long, value_name = "DEV")]
+        old: PathBuf,
+        /// The new cache device (at least as large as the old leg).
+        #[arg(long, value_name = "DEV")]
+        new: PathBuf,
+    },
     /// Bring back a device whose daemon was killed: adopt its RAM buffer, re-attach to the
     /// same /dev/ublkbN (ublk user recovery); I/O in flight is re-issued.
     Recover {
@@ -256,6 +267,7 @@ fn main() {
         Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
         Cmd::Drain { name } => drain(&run_dir, &name),
         Cmd::Set { name, knobs } => set(&run_dir, &name, &knobs),
+        Cmd::Replace { name, old, new } => replace(&run_dir, &name, old, new),
         Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
         Cmd::Check { caches, json } => check(&caches, json),
     };
@@ -284,20 +296,20 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
     } else {
         args.caches.clone()
     };
-    let mut policy = Policy::default();
-    for (k, v) in &config.policy {
-        policy.set(k, &toml_text(v)).map_err(|e| {
-            anyhow!(
-                "{}: policy: {e}",
-                args.config
-                    .as_ref()
-                    .map_or_else(String::new, |p| p.display().to_string())
-            )
-        })?;
-    }
-    for (k, v) in args.policy.pairs()? {
-        policy.set(&k, &v).map_err(|e| anyhow!("{e}"))?;
-    }
+    let mut knobs: Vec<(String, String)> = config
+        .policy
+        .iter()
+        .map(|(k, v)| (k.clone(), toml_text(v)))
+        .collect();
+    knobs.extend(args.policy.pairs()?);
+    let policy = daemon::apply_knobs(&Policy::default(), &knobs).map_err(|e| {
+        anyhow!(
+            "{e}{}",
+            args.config
+                .as_ref()
+                .map_or_else(String::new, |p| format!(" (flags and {})", p.display()))
+        )
+    })?;
     let request = CreateRequest {
         name: args.name.clone(),
         backing,
@@ -446,7 +458,7 @@ fn call(socket: &Path, request: &Request, on_progress: impl FnMut(&Progress)) ->
     let timeout = match request {
         Request::Status | Request::Set { .. } => Some(control::REPLY_TIMEOUT),
         // A drain reports progress; a delete waits for the device to stop and the log to flush.
-        Request::Drain | Request::Delete { .. } => None,
+        Request::Drain | Request::Delete { .. } | Request::Replace { .. } => None,
     };
     control::call(socket, request, timeout, on_progress)
         .with_context(|| format!("{}: talking to the daemon", socket.display()))
@@ -515,6 +527,12 @@ fn human_status(s: &DeviceStatus) -> String {
     if let Some(f) = &s.failure {
         let _ = writeln!(w, "  FAILURE    {f}");
     }
+    if let Some(id) = s.cache_lost_at {
+        let _ = writeln!(
+            w,
+            "  CACHE LOST every leg failed; the backing device holds the state through segment {id}"
+        );
+    }
     let _ = writeln!(
         w,
         "  backing    {} ({}, logical block {})",
@@ -525,8 +543,8 @@ fn human_status(s: &DeviceStatus) -> String {
     for (i, l) in s.legs.iter().enumerate() {
         let _ = writeln!(
             w,
-            "  leg {i}      {} {} (errors: {} read, {} write)",
-            l.path, l.health, l.read_errors, l.write_errors
+            "  leg {i}      {} {} (errors: {} read, {} write; {} repaired)",
+            l.path, l.health, l.read_errors, l.write_errors, l.repairs
         );
     }
     let _ = writeln!(
@@ -563,21 +581,29 @@ fn human_status(s: &DeviceStatus) -> String {
     );
     let _ = writeln!(
         w,
-        "  writeback  {} in {} I/Os; now {}/s",
+        "  writeback  {} in {} I/Os, {} backing errors; now {}/s",
         bytes(s.written_back_bytes),
         s.backing_write_ios,
+        s.backing_errors,
         bytes(s.written_back_bytes_per_sec)
     );
+    if s.passthrough_writes > 0 {
+        let _ = writeln!(
+            w,
+            "  passthru   {} writes straight to the backing device",
+            s.passthrough_writes
+        );
+    }
     let _ = writeln!(w, "  stalls     {} ms waiting for cache space", s.stall_ms);
     let knobs: Vec<String> = s.policy.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(w, "  policy     {}", knobs.join(" "));
     let _ = writeln!(
         w,
-        "  ublk       {} queues × depth {}, up {} s, map {}",
+        "  ublk       {} queues × depth {}, up {} s, metadata {}",
         s.queues,
         s.depth,
         s.uptime_secs,
-        bytes(s.map_bytes)
+        bytes(s.metadata_bytes)
     );
     out
 }
@@ -656,13 +682,10 @@ fn list(run_dir: &RunDir, json: bool) -> Result<()> {
 fn set(run_dir: &RunDir, name: &str, knobs: &[String]) -> Result<()> {
     let pairs: Vec<(String, String)> =
         knobs.iter().map(|k| parse_knob(k)).collect::<Result<_>>()?;
-    // Catch typos before talking to the daemon (it checks again, all or none).
-    let mut probe = Policy::default();
-    for (k, v) in &pairs {
-        if let Err(e) = probe.set(k, v) {
-            if !e.0.contains("must be below") {
-                bail!("{name}: {e}; nothing changed");
-            }
+    // Catch typos before talking to the daemon (it checks again against its own knobs).
+    if let Err(e) = daemon::apply_knobs(&Policy::default(), &pairs) {
+        if !e.0.contains("must be below") {
+            bail!("{name}: {e}; nothing changed");
         }
     }
     let socket = daemon_socket(run_dir, name)?;
@@ -760,6 +783,21 @@ fn delete(run_dir: &RunDir, name: &str, drain: bool, force: bool) -> Result<()> 
     })?;
     bar.finish_and_clear();
     match reply {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { error } => bail!("{error}"),
+        other => bail!("{name}: unexpected reply {other:?}"),
+    }
+}
+
+fn replace(run_dir: &RunDir, name: &str, old: PathBuf, new: PathBuf) -> Result<()> {
+    let socket = daemon_socket(run_dir, name)?;
+    eprintln!(
+        "{name}: writing the cache back before the new leg is attached (passthrough meanwhile)..."
+    );
+    match call(&socket, &Request::Replace { old, new }, |_| {})? {
         Reply::Done { message } => {
             println!("{message}");
             Ok(())
@@ -1010,10 +1048,12 @@ mod tests {
         let c: DeviceConfig = toml::from_str(text).unwrap();
         assert!(c.backing.is_some());
         assert_eq!(c.caches.len(), 2);
-        let mut p = Policy::default();
-        for (k, v) in &c.policy {
-            p.set(k, &toml_text(v)).unwrap();
-        }
+        let knobs: Vec<(String, String)> = c
+            .policy
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_text(v)))
+            .collect();
+        daemon::apply_knobs(&Policy::default(), &knobs).unwrap();
     }
 
     impl Cli {

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The ublk performance budgets of SPEC §8, from one boot:
+#   1. 4 KiB random-write IOPS (libaio, QD32) through writeboost against the null ublk target
+#      (wb-null, the transport ceiling) with the same queues and depth -> ratio (goal >= 0.8);
+#   2. the time for a 4 KiB random-write burst that fits in the cache (QD32, then one fsync,
+#      like fio-jobs/burst-4k-randwrite.fio) through writeboost against the same burst on the
+#      throttled backing device alone -> speed-up (goal >= 3x).
+#
+#   cargo build --release -p wb-tools --bin wbctl --bin wb-null
+#   truncate -s 2G backing.img; truncate -s 1G cache0.img cache1.img
+#   tests/vm/run.sh --disk backing.img:throttle --disk cache0.img --disk cache1.img \
+#       tests/vm/scripts/ublk-bench.sh [RUNTIME_SECS] [BURST_MIB]
+#
+# Prints "bench: ..." lines with every figure, then "ublk-bench: DONE". Benchmarks print; they
+# do not assert timings (the Rust test prints the ratios and the goals).
+set -euo pipefail
+source "$(dirname "$0")/../guest-lib.sh"
+source "$(dirname "$0")/ublk-lib.sh"
+need_vm
+need_ublk
+RUNTIME="${1:-20}"
+BURST_MIB="${2:-64}"
+BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
+QUEUES="${WB_BENCH_QUEUES:-$(nproc)}"
+DEPTH="${WB_BENCH_DEPTH:-128}"
+log "kernel $(uname -r), $(nproc) CPUs; queues $QUEUES depth $DEPTH; runtime ${RUNTIME}s; burst ${BURST_MIB} MiB"
+
+randwrite=(--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 --time_based
+    --runtime="$RUNTIME" --ramp_time=2 --size=256M --randrepeat=0 --norandommap)
+
+# ---- 1. IOPS: null target, writeboost, null again (the transport drifts a little in TCG)
+start_wb_null --size 2G --queues "$QUEUES" --depth "$DEPTH"
+null1=$(fio_iops write --name=null-randwrite --filename="$WB_NULL_DEV" "${randwrite[@]}")
+log "bench: null ublk target: 4k randwrite QD32 IOPS=$null1"
+stop_wb_null
+
+dev="$(wb_create b0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force \
+    --queues "$QUEUES" --depth "$DEPTH")"
+wbi=$(fio_iops write --name=wb-randwrite --filename="$dev" "${randwrite[@]}")
+log "bench: writeboost: 4k randwrite QD32 IOPS=$wbi (stall_ms $(wb_field b0 stall_ms), dirty $(wb_field b0 dirty_bytes) bytes)"
+
+start_wb_null --size 2G --queues "$QUEUES" --depth "$DEPTH"
+null2=$(fio_iops write --name=null-randwrite-2 --filename="$WB_NULL_DEV" "${randwrite[@]}")
+log "bench: null ublk target (again): 4k randwrite QD32 IOPS=$null2"
+stop_wb_null
+python3 - "$wbi" "$null1" "$null2" <<'PY'
+import sys
+wb, n1, n2 = map(int, sys.argv[1:4])
+null = (n1 + n2) / 2
+print(f"bench: IOPS ratio writeboost/null = {wb}/{null:.0f} = {wb / null:.3f} (goal >= 0.8)")
+PY
+
+# ---- 2. Burst absorption: the same burst on the backing device alone, then through writeboost
+"$WBCTL" drain b0 >/dev/null || fail "drain before the burst failed"
+burst=(--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 --size="${BURST_MIB}M"
+    --randrepeat=0 --end_fsync=1)
+t0=$EPOCHREALTIME
+fio --name=burst-backing --filename="$BACKING" --offset=1G "${burst[@]}" --eta=never \
+    --output="$WB_OUT/burst-backing.log" || fail "burst on the backing device failed"
+t_backing=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}')
+log "bench: burst ${BURST_MIB} MiB 4k randwrite + fsync on the throttled backing alone: ${t_backing} s"
+t0=$EPOCHREALTIME
+fio --name=burst-wb --filename="$dev" --offset=1G "${burst[@]}" --eta=never \
+    --output="$WB_OUT/burst-wb.log" || fail "burst through writeboost failed"
+t_wb=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}')
+log "bench: burst ${BURST_MIB} MiB 4k randwrite + fsync through writeboost: ${t_wb} s (stall_ms $(wb_field b0 stall_ms))"
+awk -v a="$t_backing" -v b="$t_wb" 'BEGIN{printf "bench: burst speed-up = %.2f / %.2f = %.1fx (goal >= 3x)\n", a, b, a / b}'
+"$WBCTL" status b0
+"$WBCTL" delete b0 >/dev/null || fail "wbctl delete failed"
+log "ublk-bench: DONE"
