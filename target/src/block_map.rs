@@ -16,9 +16,18 @@ pub type Location = u32;
 
 const EMPTY: u64 = u64::MAX;
 
+/// One bucket: key and location side by side, so a probe touches one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
+struct Bucket {
+    block: u64,
+    location: Location,
+}
+
+const _: () = assert!(std::mem::size_of::<Bucket>() == 12);
+
 pub struct BlockMap {
-    keys: Vec<u64>,
-    locations: Vec<Location>,
+    buckets: Vec<Bucket>,
     len: usize,
     max_len: usize,
 }
@@ -28,8 +37,13 @@ impl BlockMap {
     pub fn with_capacity(max_len: usize) -> BlockMap {
         let buckets = (max_len * 5).div_ceil(4).max(8);
         BlockMap {
-            keys: vec![EMPTY; buckets],
-            locations: vec![0; buckets],
+            buckets: vec![
+                Bucket {
+                    block: EMPTY,
+                    location: 0
+                };
+                buckets
+            ],
             len: 0,
             max_len,
         }
@@ -45,17 +59,17 @@ impl BlockMap {
 
     /// Bytes of memory the table occupies.
     pub fn memory_bytes(&self) -> usize {
-        self.keys.len() * (std::mem::size_of::<u64>() + std::mem::size_of::<Location>())
+        self.buckets.len() * std::mem::size_of::<Bucket>()
     }
 
     fn home(&self, block: u64) -> usize {
         // Fibonacci hashing, then a multiply-shift range reduction (no modulo, any table size).
         let h = block.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        ((h as u128 * self.keys.len() as u128) >> 64) as usize
+        ((h as u128 * self.buckets.len() as u128) >> 64) as usize
     }
 
     fn next(&self, i: usize) -> usize {
-        if i + 1 == self.keys.len() {
+        if i + 1 == self.buckets.len() {
             0
         } else {
             i + 1
@@ -65,27 +79,33 @@ impl BlockMap {
     fn find(&self, block: u64) -> Result<usize, usize> {
         let mut i = self.home(block);
         loop {
-            match self.keys[i] {
-                EMPTY => return Err(i),
-                k if k == block => return Ok(i),
-                _ => i = self.next(i),
+            let k = self.buckets[i].block;
+            if k == EMPTY {
+                return Err(i);
             }
+            if k == block {
+                return Ok(i);
+            }
+            i = self.next(i);
         }
     }
 
     pub fn get(&self, block: u64) -> Option<Location> {
-        self.find(block).ok().map(|i| self.locations[i])
+        self.find(block).ok().map(|i| self.buckets[i].location)
     }
 
     /// Inserts or replaces; returns the previous location.
     pub fn insert(&mut self, block: u64, location: Location) -> Option<Location> {
         assert!(block != EMPTY);
         match self.find(block) {
-            Ok(i) => Some(std::mem::replace(&mut self.locations[i], location)),
+            Ok(i) => {
+                let old = self.buckets[i].location;
+                self.buckets[i].location = location;
+                Some(old)
+            }
             Err(i) => {
                 assert!(self.len < self.max_len, "block map over capacity");
-                self.keys[i] = block;
-                self.locations[i] = location;
+                self.buckets[i] = Bucket { block, location };
                 self.len += 1;
                 None
             }
@@ -96,7 +116,7 @@ impl BlockMap {
     /// drop a newer copy written meanwhile).
     pub fn remove_if(&mut self, block: u64, location: Location) -> bool {
         match self.find(block) {
-            Ok(i) if self.locations[i] == location => {
+            Ok(i) if self.buckets[i].location == location => {
                 self.remove_at(i);
                 true
             }
@@ -106,7 +126,7 @@ impl BlockMap {
 
     pub fn remove(&mut self, block: u64) -> Option<Location> {
         let i = self.find(block).ok()?;
-        let location = self.locations[i];
+        let location = self.buckets[i].location;
         self.remove_at(i);
         Some(location)
     }
@@ -114,15 +134,15 @@ impl BlockMap {
     /// Removes every block in `[start, end)`, choosing whichever is cheaper: probing each block
     /// or scanning the table (a whole-device discard covers far more blocks than the cache).
     pub fn remove_range(&mut self, start: u64, end: u64) {
-        if end.saturating_sub(start) <= self.keys.len() as u64 {
+        if end.saturating_sub(start) <= self.buckets.len() as u64 {
             for block in start..end {
                 self.remove(block);
             }
             return;
         }
         let mut i = 0;
-        while i < self.keys.len() {
-            let k = self.keys[i];
+        while i < self.buckets.len() {
+            let k = self.buckets[i].block;
             if k != EMPTY && k >= start && k < end {
                 // The shift may move an unvisited key into i: look at i again.
                 self.remove_at(i);
@@ -136,27 +156,25 @@ impl BlockMap {
         // Backward-shift deletion: pull later members of the probe run into the hole so that
         // every key stays reachable from its home bucket without tombstones.
         let mut i = self.next(hole);
-        while self.keys[i] != EMPTY {
-            let home = self.home(self.keys[i]);
-            let distance_home_to_i = (i + self.keys.len() - home) % self.keys.len();
-            let distance_home_to_hole = (hole + self.keys.len() - home) % self.keys.len();
+        while self.buckets[i].block != EMPTY {
+            let home = self.home(self.buckets[i].block);
+            let distance_home_to_i = (i + self.buckets.len() - home) % self.buckets.len();
+            let distance_home_to_hole = (hole + self.buckets.len() - home) % self.buckets.len();
             if distance_home_to_hole <= distance_home_to_i {
-                self.keys[hole] = self.keys[i];
-                self.locations[hole] = self.locations[i];
+                self.buckets[hole] = self.buckets[i];
                 hole = i;
             }
             i = self.next(i);
         }
-        self.keys[hole] = EMPTY;
+        self.buckets[hole].block = EMPTY;
         self.len -= 1;
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, Location)> + '_ {
-        self.keys
+        self.buckets
             .iter()
-            .zip(&self.locations)
-            .filter(|(k, _)| **k != EMPTY)
-            .map(|(k, l)| (*k, *l))
+            .map(|b| (b.block, b.location))
+            .filter(|(k, _)| *k != EMPTY)
     }
 }
 

@@ -445,7 +445,9 @@ impl Shared {
             open.rewritable.insert(block, index);
             let location = self.geometry.location(open.slot, data_slot);
             let state = &mut **state;
-            if let Some(old) = state.map.insert(block, location) {
+            let old = state.map.insert(block, location);
+            // Partial copies are rare: skip hashing on the hot path when there are none.
+            if let (Some(old), false) = (old, state.partial.is_empty()) {
                 state.partial.remove(&old);
             }
             if mask != ALL_SECTORS_VALID {
@@ -481,7 +483,9 @@ impl Shared {
         let location = self.geometry.location(open.slot, new_slot);
         let previous = state.map.insert(block, location);
         debug_assert_eq!(previous, Some(old_location));
-        state.partial.remove(&old_location);
+        if !state.partial.is_empty() {
+            state.partial.remove(&old_location);
+        }
         if merged != ALL_SECTORS_VALID {
             state.partial.insert(location, merged);
         }
