@@ -365,18 +365,29 @@ impl Writeback {
         let (applied, ahead) = if self.read_ahead {
             let log = self.log.clone();
             let mut spare = std::mem::take(&mut self.spare);
-            let (applied, (ahead, spare)) = std::thread::scope(|scope| {
+            let (applied, (ahead, spare, read_time), apply_time) = std::thread::scope(|scope| {
                 let reader = std::thread::Builder::new()
                     .name("wb-read-ahead".into())
                     .spawn_scoped(scope, move || {
+                        let started = Instant::now();
                         let read = following.fill(log.as_ref(), last_id + 1, &mut spare);
-                        (read.map(|()| following), spare)
+                        (read.map(|()| following), spare, started.elapsed())
                     })
                     .expect("spawn the read-ahead thread");
+                let started = Instant::now();
                 let applied = self.apply_until_done(&plan, &batch.images, bandwidth_cap);
-                (applied, reader.join().expect("read-ahead thread"))
+                let apply_time = started.elapsed();
+                (
+                    applied,
+                    reader.join().expect("read-ahead thread"),
+                    apply_time,
+                )
             });
             self.spare = spare;
+            log::debug!(
+                "segments {first_id}..={last_id}: written and flushed in {apply_time:?}, the \
+                 following batch read meanwhile in {read_time:?}"
+            );
             (applied, ahead)
         } else {
             // (the following batch is read when its turn comes)
@@ -398,7 +409,7 @@ impl Writeback {
             .commit(last.segment_id, last.epoch_id, &batch.headers)?;
         log::debug!(
             "segments {first_id}..={last_id} (epoch {}): {} entries in {} backing I/Os; read {:?}, \
-             written and flushed {:?}, committed {:?}",
+             written and flushed (and the following batch read) {:?}, committed {:?}",
             last.epoch_id,
             plan.entries,
             plan.ops.len(),
