@@ -222,6 +222,7 @@ pub fn run(args: &WritebackArgs) -> Result<WritebackReport> {
         engine.set_policy(held_off());
         r.during_fill += fill(&engine, &seq_blocks)?;
         let seq = drain(&engine)?;
+        verify_sample(&backing_path, &seq_blocks)?;
         r.seq_drain.push(seq.rate());
         r.seq_ios += seq.ios;
 
@@ -233,6 +234,7 @@ pub fn run(args: &WritebackArgs) -> Result<WritebackReport> {
         engine.set_policy(held_off());
         r.during_fill += fill(&engine, &random_blocks)?;
         let random = drain(&engine)?;
+        verify_sample(&backing_path, &random_blocks)?;
         r.random_drain.push(random.rate());
         r.random_ios += random.ios;
     }
@@ -303,6 +305,24 @@ fn fill(engine: &Engine, blocks: &[u64]) -> Result<u64> {
     }
     engine.flush()?;
     Ok(engine.status().written_back_bytes - before)
+}
+
+/// Checks a sample of the drained blocks on the backing file: block `blocks[i]` holds `i` (what
+/// `fill` wrote), so a fast but wrong drain does not pass for a result.
+fn verify_sample(backing: &Path, blocks: &[u64]) -> Result<()> {
+    let file = open_direct(backing, false)?;
+    let mut buf = AlignedBuf::new(BLOCK as usize);
+    let step = (blocks.len() / 512).max(1);
+    for (i, &b) in blocks.iter().enumerate().step_by(step) {
+        file.read_exact_at(&mut buf, b * BLOCK)?;
+        let mut expected = [0u8; BLOCK as usize];
+        expected[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        ensure!(
+            buf[..] == expected[..],
+            "after the drain, block {b} of the backing file does not hold what was written"
+        );
+    }
+    Ok(())
 }
 
 /// Restores the default policy and times a drain to a clean cache.
