@@ -23,7 +23,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${WB_VM_CACHE:-$REPO/.vm-cache}"
-PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs)
+PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup)
 
 log() { echo "setup.sh: $*" >&2; }
 die() {
