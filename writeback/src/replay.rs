@@ -11,8 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use logfmt::{
     data_block_offset, EntryKind, SegmentHeader, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES,
@@ -30,6 +33,10 @@ pub const MAX_MERGED_WRITE_BYTES: usize = 1 << 20;
 /// written on its own straight from the image instead of being copied together with the next
 /// image's blocks into a larger write.
 pub const ZERO_COPY_RUN_BYTES: usize = 64 << 10;
+/// Whole-block backing writes of a batch issued at once. They cover distinct blocks of one
+/// epoch, so they may complete in any order; several in flight keep a backing device that is
+/// an array, a zvol or an iSCSI LUN busy (one at a time waits a full round trip per write).
+pub const WRITES_IN_FLIGHT: usize = 4;
 /// How long the loop sleeps when the policy says "not now" (it is woken earlier by new work).
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Pause before retrying after a backing device error.
@@ -290,9 +297,9 @@ pub struct Writeback {
     /// whole stretches of them are written to the backing device without a copy.
     spare: Vec<AlignedBuf>,
     throttle: Throttle,
-    /// Merged writes of pieces of several images are assembled here: aligned, because the
-    /// backing device is opened O_DIRECT.
-    write_buf: AlignedBuf,
+    /// Merged writes of pieces of several images are assembled here, one buffer per write in
+    /// flight: aligned, because the backing device is opened O_DIRECT.
+    write_bufs: Vec<AlignedBuf>,
     pub stats: WritebackStats,
     /// Read the next batch while writing this one (on by default; off, each batch is read,
     /// then written).
@@ -306,7 +313,9 @@ impl Writeback {
             ahead: None,
             spare: Vec::new(),
             throttle: Throttle::new(),
-            write_buf: AlignedBuf::new(MAX_MERGED_WRITE_BYTES),
+            write_bufs: (0..WRITES_IN_FLIGHT)
+                .map(|_| AlignedBuf::new(MAX_MERGED_WRITE_BYTES))
+                .collect(),
             stats: WritebackStats::default(),
             read_ahead: true,
         }
@@ -445,51 +454,143 @@ impl Writeback {
         }
     }
 
+    /// Zeroed ranges first, one at a time (data logged after a discard in the batch must land on
+    /// top of it); then writes of partial blocks, one at a time (two may share a 4 KiB block);
+    /// then whole-block writes, `WRITES_IN_FLIGHT` at a time: they cover distinct blocks of one
+    /// epoch, so they may complete in any order. Then the backing device is flushed.
     fn apply(
         &mut self,
         plan: &BatchPlan,
         images: &[AlignedBuf],
         cap: Option<u64>,
     ) -> io::Result<()> {
-        for op in &plan.ops {
-            let bytes = match op {
-                BackingOp::Zero {
-                    offset,
-                    len,
-                    discard,
-                } => {
-                    self.log.backing_zero(*offset, *len, *discard)?;
-                    0
-                }
-                BackingOp::Write { offset, pieces } => {
-                    let len: usize = pieces.iter().map(|p| p.2).sum();
-                    if let [(segment, from, n)] = pieces[..] {
-                        // One stretch of one image: written from where it lies.
-                        self.log
-                            .backing_write(&images[segment][from..from + n], *offset)?;
-                    } else {
-                        let mut at = 0;
-                        for &(segment, from, n) in pieces {
-                            self.write_buf[at..at + n]
-                                .copy_from_slice(&images[segment][from..from + n]);
-                            at += n;
-                        }
-                        self.log.backing_write(&self.write_buf[..len], *offset)?;
-                    }
-                    len as u64
-                }
-            };
-            self.stats.ios_merged += 1;
-            self.stats.bytes_written += bytes;
-            let wait = self.throttle.after_write(bytes, Instant::now(), cap);
+        let Writeback {
+            log,
+            throttle,
+            write_bufs,
+            stats,
+            ..
+        } = self;
+        let log = log.as_ref();
+        let throttle = Mutex::new(throttle);
+        let pace = |bytes: u64| {
+            let wait = throttle.lock().after_write(bytes, Instant::now(), cap);
             if !wait.is_zero() {
                 std::thread::sleep(wait);
             }
+        };
+        let (zeros, writes): (Vec<&BackingOp>, Vec<&BackingOp>) = plan
+            .ops
+            .iter()
+            .partition(|op| matches!(op, BackingOp::Zero { .. }));
+        let (whole, partial): (Vec<&BackingOp>, Vec<&BackingOp>) =
+            writes.into_iter().partition(|op| is_whole_blocks(op));
+        for op in zeros {
+            if let BackingOp::Zero {
+                offset,
+                len,
+                discard,
+            } = op
+            {
+                log.backing_zero(*offset, *len, *discard)?;
+            }
+            stats.ios_merged += 1;
+            pace(0);
         }
-        self.log.backing_flush()?;
-        self.stats.backing_flushes += 1;
+        for op in partial {
+            let bytes = write_one(log, op, images, &mut write_bufs[0])?;
+            stats.ios_merged += 1;
+            stats.bytes_written += bytes;
+            pace(bytes);
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = |buf: &mut AlignedBuf| -> io::Result<(u64, u64)> {
+            let (mut ios, mut bytes) = (0, 0);
+            while !failed.load(Ordering::Relaxed) {
+                let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                match write_one(log, op, images, buf) {
+                    Ok(n) => {
+                        ios += 1;
+                        bytes += n;
+                        pace(n);
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok((ios, bytes))
+        };
+        let writers = WRITES_IN_FLIGHT.min(whole.len());
+        let results: Vec<io::Result<(u64, u64)>> = if writers <= 1 {
+            vec![worker(&mut write_bufs[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = write_bufs
+                    .iter_mut()
+                    .take(writers)
+                    .map(|buf| {
+                        std::thread::Builder::new()
+                            .name("wb-write".into())
+                            .spawn_scoped(scope, || worker(buf))
+                            .expect("spawn a writeback writer")
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("writeback writer"))
+                    .collect()
+            })
+        };
+        for result in results {
+            let (ios, bytes) = result?;
+            stats.ios_merged += ios;
+            stats.bytes_written += bytes;
+        }
+        log.backing_flush()?;
+        stats.backing_flushes += 1;
         Ok(())
     }
+}
+
+/// Whether a write covers whole 4 KiB blocks only (no other write of its batch touches them).
+fn is_whole_blocks(op: &BackingOp) -> bool {
+    match op {
+        BackingOp::Write { offset, pieces } => {
+            let len: usize = pieces.iter().map(|p| p.2).sum();
+            offset.is_multiple_of(BLOCK_SIZE_BYTES as u64) && len.is_multiple_of(BLOCK_SIZE_BYTES)
+        }
+        BackingOp::Zero { .. } => false,
+    }
+}
+
+/// Issues one data write: straight from its image when it is one stretch of one image, else
+/// assembled in `buf`. Returns the bytes written.
+fn write_one(
+    log: &dyn CacheLog,
+    op: &BackingOp,
+    images: &[AlignedBuf],
+    buf: &mut AlignedBuf,
+) -> io::Result<u64> {
+    let BackingOp::Write { offset, pieces } = op else {
+        unreachable!("only data writes here");
+    };
+    let len: usize = pieces.iter().map(|p| p.2).sum();
+    if let [(segment, from, n)] = pieces[..] {
+        log.backing_write(&images[segment][from..from + n], *offset)?;
+    } else {
+        let mut at = 0;
+        for &(segment, from, n) in pieces {
+            buf[at..at + n].copy_from_slice(&images[segment][from..from + n]);
+            at += n;
+        }
+        log.backing_write(&buf[..len], *offset)?;
+    }
+    Ok(len as u64)
 }
 
 #[cfg(test)]
