@@ -2,12 +2,15 @@
 //!
 //! Invariants enforced here (SPEC §2, "cache lost entirely"):
 //! - Segments are written back in id order, in batches of consecutive segments of ONE epoch.
-//! - Inside a batch, and only there, blocks are sorted, merged and superseded versions dropped.
+//! - Inside a batch, and only there, blocks are sorted, merged and superseded versions dropped,
+//!   and whole-block writes are issued several at a time (they may complete in any order).
+//! - Reading is not writing: the next batch is read from the cache while this one is written,
+//!   but nothing of it reaches the backing device before this batch's flush and commit.
 //! - After each batch the backing device is flushed, and only then is the checkpoint advanced
 //!   (`CacheLog::commit`); so every epoch boundary is crossed with the previous epoch flushed,
 //!   and a crash at any point leaves: all epochs before the batch's, plus a subset of its writes.
 //! - Re-writing a segment that was already written back (after a crash before the checkpoint)
-//!   writes the same values in the same order again: harmless.
+//!   writes values of the same epoch again, before anything newer: harmless.
 
 use std::collections::BTreeMap;
 use std::io;
