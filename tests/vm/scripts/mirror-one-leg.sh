@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Issue 6, one cache leg fails (SPEC §5): leg A of a mirrored cache is a dm linear target over a
+# disk; while a fio verify job writes through the device, leg A's table is switched to the dm
+# `error` target (every I/O to it fails with EIO from then on). The job must pass (no I/O error,
+# verify ok); `wbctl status --json` must show leg A failed with errors and the mode go
+# mirrored → degraded → passthrough (once writeback made the cache clean). `wbctl replace`
+# puts a spare disk in leg A's place → mirrored; a second fio verify job passes; `wbctl delete
+# --drain` leaves the backing device holding what the device held; `wbctl check` says clean.
+#
+#   cargo build --release -p wb-tools --bin wbctl
+#   truncate -s 1G backing.img; truncate -s 512M c0.img c1.img spare.img
+#   tests/vm/run.sh --disk backing.img:throttle --disk c0.img --disk c1.img --disk spare.img \
+#       tests/vm/scripts/mirror-one-leg.sh [WRITE_MIB [FIO_RATE]]
+#
+# WRITE_MIB (default 128): what the first fio job writes; FIO_RATE (default 16m): its write rate
+# cap, so its write phase lasts some seconds. Prints "mirror-one-leg: PASS" at the end.
+set -euo pipefail
+source "$(dirname "$0")/../guest-lib.sh"
+source "$(dirname "$0")/ublk-lib.sh"
+source "$(dirname "$0")/mirror-lib.sh"
+need_vm
+need_ublk
+need_dm
+[[ -z "${WB_WATCHDOG:-}" ]] || wb_watchdog "$WB_WATCHDOG"
+WRITE_MIB="${1:-128}"
+FIO_RATE="${2:-16m}"
+BACKING="$(disk 0)" RAW0="$(disk 1)" CACHE1="$(disk 2)" SPARE="$(disk 3)"
+log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING (throttled), leg A over $RAW0, leg B $CACHE1, spare $SPARE"
+
+LEG0="$(dm_linear wbleg0 "$RAW0")"
+log "leg A: $LEG0 = $(dm_table wbleg0)"
+dev="$(wb_create d1 --backing "$BACKING" --cache "$LEG0" --cache "$CACHE1")"
+log "wbctl create d1 -> $dev"
+[[ "$(wb_field d1 mode)" == mirrored ]] || fail "mode is $(wb_field d1 mode), not mirrored"
+mode_sampler d1 "$WB_OUT/modes.txt"
+
+fio_job() { # NAME SIZE OFFSET RATE
+    local f="$WB_OUT/$1.fio"
+    cat >"$f" <<EOF
+[global]
+filename=\${DEV}
+ioengine=libaio
+direct=1
+group_reporting=1
+
+[$1]
+rw=randwrite
+bssplit=4k/40:16k/30:64k/30
+iodepth=16
+size=$2
+offset=$3
+randrepeat=0
+fsync=64
+verify=crc32c
+do_verify=1
+verify_fatal=1
+EOF
+    [[ -z "$4" ]] || echo "rate=$4" >>"$f"
+    echo "$f"
+}
+
+# ---- fio verify job; leg A fails while it writes
+job1="$(fio_job mirror-one-leg-1 "${WRITE_MIB}M" 0 "$FIO_RATE")"
+(wb_fio d1 "$job1") &
+fio_pid=$!
+third=$(((WRITE_MIB << 20) / 3))
+for ((i = 0; ; i++)); do
+    written="$(wb_field d1 write_bytes)"
+    ((written >= third)) && break
+    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before it wrote a third of its data ($written bytes)"
+    ((i < 1200)) || fail "fio wrote only $written bytes in 240 s"
+    sleep 0.2
+done
+kill -0 "$fio_pid" 2>/dev/null || fail "fio is no longer running at the injection"
+inj_written="$written"
+dm_error wbleg0
+t_inj=$EPOCHREALTIME
+log "INJECTED: leg A ($LEG0) is now '$(dm_table wbleg0)' after $((written >> 20)) MiB of ${WRITE_MIB} MiB written"
+wait "$fio_pid" || fail "the fio verify job failed after leg A failed (see above)"
+after="$(wb_field d1 write_bytes)"
+log "fio verify job passed: $(((after - inj_written) >> 20)) MiB written after the injection"
+((after > inj_written)) || fail "fio wrote nothing after the injection: the failure did not hit a write phase"
+grep -E "err= *0|READ:|WRITE:" "$WB_OUT/d1.mirror-one-leg-1.log" | sed 's/^ */  /' || true
+
+wait_mode d1 passthrough 900
+stop_mode_sampler
+log "mode samples (secs mode legA-health legA-errors legB-health legB-errors dirty_bytes): $(wc -l <"$WB_OUT/modes.txt") in $WB_OUT/modes.txt"
+python3 - "$WB_OUT/modes.txt" "$(awk -v a="$WB_LIB_T0" -v b="$t_inj" 'BEGIN{print b-a}')" <<'PY' || fail "the modes did not go mirrored -> degraded -> passthrough"
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+t_inj = float(sys.argv[2])
+runs = []  # [mode, first secs, last secs, max legA errors]
+for r in rows:
+    t, mode = float(r[0]), r[1]
+    if runs and runs[-1][0] == mode:
+        runs[-1][2] = t
+    else:
+        runs.append([mode, t, t])
+print("mode history: " + ", ".join(f"{m} {a:.1f}-{b:.1f}s" for m, a, b in runs) + f" (injection at {t_inj:.1f}s)")
+modes = [m for m, _, _ in runs]
+assert modes[0] == "mirrored", f"did not start mirrored: {modes}"
+assert "degraded" in modes, f"degraded never seen: {modes}"
+assert modes[-1] == "passthrough", f"did not end in passthrough: {modes}"
+assert modes == ["mirrored", "degraded", "passthrough"], f"unexpected mode sequence {modes}"
+first_degraded = runs[1][1]
+assert first_degraded >= t_inj - 0.5, "degraded before the injection"
+deg = [r for r in rows if r[1] == "degraded"]
+assert all(r[2] == "failed" and int(r[3]) > 0 and r[4] == "ok" for r in deg), "leg health while degraded"
+print(f"degraded from {first_degraded - t_inj:.1f}s to {runs[2][1] - t_inj:.1f}s after the injection; "
+      f"dirty bytes while degraded: {deg[0][6]} -> {deg[-1][6]}")
+PY
+status_excerpt() {
+    wb_status "$1" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+keep = {k: s[k] for k in ("mode", "cache_lost_at", "dirty_bytes", "passthrough_writes", "failure")}
+keep["legs"] = [{k: l[k] for k in ("path", "health", "errors", "read_errors", "write_errors", "repairs")} for l in s["legs"]]
+keep["segments"] = s["segments"]
+print(json.dumps(keep))'
+}
+log "status after: $(status_excerpt d1)"
+[[ "$(leg_field d1 0 health)" == failed ]] || fail "leg A health is $(leg_field d1 0 health), not failed"
+(($(leg_field d1 0 errors) > 0)) || fail "leg A shows no errors"
+[[ "$(leg_field d1 1 health)" == ok && "$(leg_field d1 1 errors)" == 0 ]] || fail "leg B is not ok with 0 errors"
+[[ "$(wb_field d1 dirty_bytes)" == 0 ]] || fail "passthrough with $(wb_field d1 dirty_bytes) dirty bytes"
+grep -E "cache leg 0 .* failed|degraded|passthrough" "$(daemon_log d1)" | sed 's/^/  daemon: /' | head -10 || true
+
+# ---- passthrough serves I/O: a short verify job straight to the backing device
+job_pt="$(fio_job mirror-one-leg-pt 8M "$((WRITE_MIB + 64))M" "")"
+wb_fio d1 "$job_pt"
+(($(wb_field d1 passthrough_writes) > 0)) || fail "passthrough_writes is 0 after writing in passthrough"
+
+# ---- replace leg A by the spare: mirrored again
+t0=$EPOCHREALTIME
+"$WBCTL" replace d1 --old "$LEG0" --new "$SPARE" || fail "wbctl replace d1 --old $LEG0 --new $SPARE failed"
+log "wbctl replace took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')s"
+wait_mode d1 mirrored 30
+[[ "$(leg_field d1 0 path)" == "$SPARE" && "$(leg_field d1 0 health)" == ok ]] || fail "leg 0 is $(leg_field d1 0 path) $(leg_field d1 0 health)"
+log "status after replace: $(status_excerpt d1)"
+
+job2="$(fio_job mirror-one-leg-2 64M "$((WRITE_MIB + 128))M" "")"
+wb_fio d1 "$job2"
+[[ "$(wb_field d1 mode)" == mirrored ]] || fail "mode $(wb_field d1 mode) after the second fio job"
+[[ "$(leg_field d1 0 errors)" == 0 && "$(leg_field d1 1 errors)" == 0 ]] || fail "errors on the legs after replace"
+(($(wb_field d1 dirty_bytes) > 0)) || fail "the second job left nothing dirty: did it bypass the cache?"
+log "status after the second fio job: $(status_excerpt d1)"
+
+# ---- delete --drain: the backing device alone holds what the device held
+region=$(((WRITE_MIB + 192) << 20))
+sum_dev="$(dev_sha256 "$dev" $region)"
+"$WBCTL" delete d1 --drain || fail "wbctl delete d1 --drain failed"
+sum_backing="$(dev_sha256 "$BACKING" $region)"
+log "sha256 of the first $((region >> 20)) MiB: device $sum_dev, backing alone $sum_backing"
+[[ "$sum_dev" == "$sum_backing" ]] || fail "the backing device does not hold what the device held"
+[[ "$("$WBCTL" check --cache "$SPARE" --cache "$CACHE1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clean"])')" == True ]] ||
+    fail "wbctl check says the replaced cache set is not clean after delete --drain"
+if dmesg | grep -E "I/O error.*ublkb|error on dev ublkb"; then
+    fail "the kernel logged I/O errors on the writeboost device"
+fi
+log "kernel I/O errors on leg A (expected): $(dmesg | grep -c -E 'I/O error.*dm-' || true)"
+log "mirror-one-leg: PASS"
