@@ -1039,6 +1039,7 @@ pub fn run(
             spawn_stats_thread(daemon.clone());
             log::info!("{}: live as {}", daemon.spec.name, daemon.device);
             ready(&daemon.device);
+            notify_systemd(&format!("READY=1\nSTATUS=serving {}", daemon.device));
             let stop = wait_for_stop(&events_rx, &queues_down);
             daemon.stopping.store(true, Ordering::SeqCst);
             *stop_slot.lock() = Some(stop);
@@ -1052,6 +1053,7 @@ pub fn run(
     daemon.stopping.store(true, Ordering::SeqCst);
     let stop = stop_slot.lock().take();
 
+    notify_systemd("STOPPING=1");
     // The device takes no more requests. Drain if asked, then seal and flush the log.
     let mut client = None;
     let mut drained = Ok(());
@@ -1175,6 +1177,30 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
         report.bytes_read
     );
     Ok((engine, holds))
+}
+
+/// Tells systemd (a `Type=notify` unit) how the daemon is doing: `READY=1` once the device is
+/// live, so that units ordered after it (the iSCSI target, Samba) find `/dev/ublkbN`. Does
+/// nothing outside systemd.
+fn notify_systemd(message: &str) {
+    if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
+        if let Err(e) = notify_socket(&socket, message) {
+            log::warn!("telling systemd '{message}': {e}");
+        }
+    }
+}
+
+/// Sends one notification datagram to `socket` (a path, or `@name` for an abstract socket).
+fn notify_socket(socket: &std::ffi::OsStr, message: &str) -> io::Result<()> {
+    let sender = std::os::unix::net::UnixDatagram::unbound()?;
+    if let Some(name) = socket.as_encoded_bytes().strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sender.send_to_addr(message.as_bytes(), &addr)?;
+    } else {
+        sender.send_to(message.as_bytes(), Path::new(socket))?;
+    }
+    Ok(())
 }
 
 fn wait_for_stop(events: &Receiver<Stop>, queues_down: &AtomicBool) -> Stop {
@@ -1456,6 +1482,26 @@ mod tests {
         .unwrap_err();
         assert!(e.0.contains("unknown knob"), "{e}");
         assert!(apply_knobs(&Policy::default(), &pairs(&[("pressure_start", "0.95")])).is_err());
+    }
+
+    #[test]
+    fn systemd_notifications_reach_path_and_abstract_sockets() {
+        use std::os::unix::net::UnixDatagram;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        notify_socket(path.as_os_str(), "READY=1").unwrap();
+        let mut buf = [0u8; 64];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("wb-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let receiver = UnixDatagram::bind_addr(&addr).unwrap();
+        notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
     }
 
     #[test]

@@ -344,7 +344,8 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
     log::info!("ublk queue {qid}: stopped");
 }
 
-/// Runs one request against the engine; returns what the request completes with.
+/// Runs one request against the engine; returns what the request completes with: the byte
+/// count for READ and WRITE, 0 for the others, or a negative errno.
 pub fn handle_request(
     engine: &Engine,
     op_flags: u32,
@@ -370,7 +371,11 @@ pub fn handle_request(
         _ => return -libc::EOPNOTSUPP,
     };
     match result {
-        Ok(()) => len as i32,
+        // READ and WRITE complete with their byte count (at most the I/O buffer, 512 KiB). The
+        // others complete with 0: a DISCARD of 2 GiB or more would overflow an i32 byte count
+        // into a negative result, which the kernel takes for an error.
+        Ok(()) if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) => len as i32,
+        Ok(()) => 0,
         Err(e) => {
             log::error!("request op {op} at byte {offset} length {len}: {e}");
             -e.errno()
@@ -409,7 +414,7 @@ mod tests {
         assert_eq!(p.basic.logical_bs_shift, 12);
     }
 
-    /// An engine over files in `dir`: two 32 MiB legs, a 64 MiB backing file.
+    /// An engine over files in `dir`: two 32 MiB legs, an 8 GiB (sparse) backing file.
     fn engine_in(dir: &std::path::Path) -> Engine {
         use crate::device::{Device, FileDevice};
         let file = |name: &str, size: u64| -> Arc<dyn Device> {
@@ -418,7 +423,7 @@ mod tests {
             Arc::new(FileDevice::open(&path).unwrap())
         };
         let legs = vec![file("leg0", 32 << 20), file("leg1", 32 << 20)];
-        let backing = file("backing", 64 << 20);
+        let backing = file("backing", 8 << 30);
         let options = crate::format::FormatOptions {
             logical_block_size: 512,
             force: false,
@@ -461,14 +466,33 @@ mod tests {
         // FLUSH completes with 0 bytes.
         assert_eq!(op(&engine, sys::UBLK_IO_OP_FLUSH, 0, 0, &mut buf), 0);
         // DISCARD and WRITE_ZEROES: the range reads back as zeroes.
-        assert_eq!(op(&engine, sys::UBLK_IO_OP_DISCARD, 16, 8, &mut buf), 4096);
+        assert_eq!(op(&engine, sys::UBLK_IO_OP_DISCARD, 16, 8, &mut buf), 0);
         assert_eq!(
             op(&engine, sys::UBLK_IO_OP_WRITE_ZEROES, 24, 8, &mut buf),
-            4096
+            0
         );
         buf.fill(0xff);
         assert_eq!(op(&engine, sys::UBLK_IO_OP_READ, 16, 16, &mut buf), 8192);
         assert!(buf[..8192].iter().all(|&b| b == 0));
+        // The largest discard the device accepts (mkfs discards whole devices): more than
+        // i32::MAX bytes, yet it completes with 0, never a negative (error) count.
+        assert!((MAX_DISCARD_SECTORS as u64) << 9 > i32::MAX as u64);
+        assert_eq!(
+            op(
+                &engine,
+                sys::UBLK_IO_OP_DISCARD,
+                0,
+                MAX_DISCARD_SECTORS,
+                &mut buf
+            ),
+            0
+        );
+        assert_eq!(op(&engine, sys::UBLK_IO_OP_READ, 16, 16, &mut buf), 8192);
+        assert!(buf[..8192].iter().all(|&b| b == 0));
+        assert_eq!(
+            handle_request(&engine, sys::UBLK_IO_OP_DISCARD, 0, 0, &mut buf),
+            0
+        );
         // Beyond the end, larger than the buffer, unknown ops: errors, never short counts.
         let end_sector = engine.device_size_bytes() >> 9;
         assert_eq!(

@@ -247,7 +247,12 @@ fn run_wb_vm(
             .arg(&path)
             .status()
             .expect("running truncate");
-        assert!(st.success(), "{test}: truncate -s {} {}", d.size, path.display());
+        assert!(
+            st.success(),
+            "{test}: truncate -s {} {}",
+            d.size,
+            path.display()
+        );
         vm_args.push("--disk".into());
         vm_args.push(format!(
             "{}{}",
@@ -350,11 +355,11 @@ fn vm_ublk_bench_iops_and_burst() {
         &["wbctl", "wb-null"],
         &[
             disk("backing", "2G", true),
-            disk("cache0", "1G", false),
-            disk("cache1", "1G", false),
+            disk("cache0", "4G", false),
+            disk("cache1", "4G", false),
         ],
         "tests/vm/scripts/ublk-bench.sh",
-        &["20", "64"],
+        &["15", "64"],
         1500,
         "ublk-bench: DONE",
     ) else {

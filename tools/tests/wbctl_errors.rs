@@ -96,13 +96,20 @@ fn assert_refused(out: &Output, needles: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     for n in needles {
-        assert!(
-            stderr.contains(n),
-            "error message lacks {n:?}:\n{stderr}"
-        );
+        assert!(stderr.contains(n), "error message lacks {n:?}:\n{stderr}");
     }
     assert!(stderr.starts_with("wbctl: error: "), "{stderr}");
     stderr
+}
+
+/// `wbctl create d0 --backing BACKING --cache C... EXTRA...`
+fn create(rig: &Rig, backing: &Path, caches: &[&Path], extra: &[&str]) -> Output {
+    let mut args = vec!["create", "d0", "--backing", p(backing)];
+    for c in caches {
+        args.extend(["--cache", p(c)]);
+    }
+    args.extend(extra);
+    rig.wbctl(&args)
 }
 
 fn am_root() -> bool {
@@ -139,12 +146,13 @@ fn missing_backing_device() {
     let d = devices(&rig);
     let before = digests(&[&d.c0, &d.c1]);
     let missing = rig.path("no-such-disk");
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&missing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &missing, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &[p(&missing), "backing device", "no such device"]);
     assert_eq!(digests(&[&d.c0, &d.c1]), before);
-    assert!(!rig.run_dir().exists(), "nothing may be created before the checks pass");
+    assert!(
+        !rig.run_dir().exists(),
+        "nothing may be created before the checks pass"
+    );
 }
 
 #[test]
@@ -152,9 +160,7 @@ fn missing_cache_device() {
     let rig = Rig::new();
     let d = devices(&rig);
     let missing = rig.path("nvme9n1");
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&missing),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &missing], &[]);
     assert_refused(&out, &[p(&missing), "cache device", "no such device"]);
 }
 
@@ -162,9 +168,7 @@ fn missing_cache_device() {
 fn not_a_block_device() {
     let rig = Rig::new();
     let d = devices(&rig);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", "/dev/null",
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, Path::new("/dev/null")], &[]);
     assert_refused(&out, &["/dev/null", "not a block device"]);
 }
 
@@ -174,9 +178,7 @@ fn cache_too_small() {
     let d = devices(&rig);
     let small = rig.file("small", 4 * MIB);
     let before = digests(&[&d.c0, &small]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&small),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &small], &[]);
     assert_refused(&out, &[p(&small), "too small", "4194304 bytes"]);
     assert_eq!(digests(&[&d.c0, &small]), before);
 }
@@ -186,9 +188,7 @@ fn odd_backing_size() {
     let rig = Rig::new();
     let d = devices(&rig);
     let odd = rig.file("odd", 100 * MIB + 512);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&odd), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &odd, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &[p(&odd), "not a non-zero multiple of 4096"]);
 }
 
@@ -196,16 +196,15 @@ fn odd_backing_size() {
 fn one_leg_needs_the_flag_and_legs_must_differ() {
     let rig = Rig::new();
     let d = devices(&rig);
-    let out = rig.wbctl(&["create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0)]);
+    let out = create(&rig, &d.backing, &[&d.c0], &[]);
     assert_refused(&out, &[p(&d.c0), "--single-leg"]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c0),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c0], &[]);
     assert_refused(&out, &[p(&d.c0), "twice"]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.backing),
-    ]);
-    assert_refused(&out, &[p(&d.backing), "both the backing device and a cache device"]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.backing], &[]);
+    assert_refused(
+        &out,
+        &[p(&d.backing), "both the backing device and a cache device"],
+    );
     let out = rig.wbctl(&["create", "d0", "--backing", p(&d.backing)]);
     assert_refused(&out, &["--cache"]);
 }
@@ -245,12 +244,15 @@ fn foreign_cache_is_refused_and_untouched() {
     let other_backing = rig.file("other-backing", 256 * MIB);
     rig.format(&[&d.c0, &d.c1], &other_backing);
     let before = digests(&[&d.c0, &d.c1, &d.backing]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(
         &out,
-        &[p(&d.c0), "cache of another backing device", p(&d.backing), "--force"],
+        &[
+            p(&d.c0),
+            "cache of another backing device",
+            p(&d.backing),
+            "--force",
+        ],
     );
     assert_eq!(digests(&[&d.c0, &d.c1, &d.backing]), before);
 }
@@ -268,9 +270,7 @@ fn shrunk_backing_device_is_refused() {
         .set_len(128 * MIB)
         .unwrap();
     let before = digests(&[&d.c0, &d.c1]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(
         &out,
         &[p(&d.backing), "shrank from 268435456 to 134217728 bytes"],
@@ -287,9 +287,7 @@ fn corrupted_superblock_is_refused() {
     bytes[100] ^= 0xff; // inside the superblock: its CRC no longer matches
     std::fs::write(&d.c1, &bytes).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &[p(&d.c1), "corrupted superblock", "checksum"]);
     assert_eq!(digests(&[&d.c0, &d.c1]), before);
 }
@@ -302,14 +300,10 @@ fn leg_of_another_set_is_refused() {
     let c3 = rig.file("cache3", 64 * MIB);
     rig.format(&[&d.c0, &d.c1], &d.backing);
     rig.format(&[&c2, &c3], &d.backing);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&c2),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &c2], &[]);
     assert_refused(&out, &[p(&c2), "another cache set"]);
     // One leg of a mirror given alone.
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--single-leg",
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0], &["--single-leg"]);
     assert_refused(&out, &[p(&d.c0), "2 legs", "1 cache device"]);
 }
 
@@ -336,16 +330,12 @@ fn name_in_use_by_a_running_daemon() {
     };
     state.store(&run.state("d0")).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &["d0", "name in use", "/dev/ublkb7"]);
     assert_eq!(digests(&[&d.c0, &d.c1]), before);
     // Also with only the socket (no state file yet: a daemon starting up).
     std::fs::remove_file(run.state("d0")).unwrap();
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &["d0", "name in use"]);
     // And recover refuses a running device.
     state.store(&run.state("d0")).unwrap();
@@ -373,10 +363,11 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
         started_unix_secs: 0,
     };
     state.store(&run.state("d0")).unwrap();
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
-    assert_refused(&out, &["d0", "daemon died", "/dev/ublkb3", "wbctl recover d0"]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
+    assert_refused(
+        &out,
+        &["d0", "daemon died", "/dev/ublkb3", "wbctl recover d0"],
+    );
     // The commands that need a daemon say how to get one back.
     for args in [
         vec!["status", "d0"],
@@ -454,9 +445,7 @@ fn no_ublk_control_is_the_last_check_and_writes_nothing() {
     let rig = Rig::new();
     let d = devices(&rig);
     let before = digests(&[&d.c0, &d.c1, &d.backing]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &["/dev/ublk-control", "ublk_drv", "kernel >= 6.0"]);
     assert_eq!(digests(&[&d.c0, &d.c1, &d.backing]), before);
     assert!(!rig.run_dir().exists());
@@ -477,9 +466,7 @@ fn no_ublk_control_is_the_last_check_and_writes_nothing() {
     // Re-attaching an existing cache gets as far, and leaves it alone too.
     rig.format(&[&d.c0, &d.c1], &d.backing);
     let before = digests(&[&d.c0, &d.c1]);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c1), "--cache", p(&d.c0),
-    ]);
+    let out = create(&rig, &d.backing, &[&d.c1, &d.c0], &[]);
     assert_refused(&out, &["/dev/ublk-control"]);
     assert_eq!(digests(&[&d.c0, &d.c1]), before);
 }
@@ -489,10 +476,9 @@ fn not_root() {
     let rig = Rig::new();
     let d = devices(&rig);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wbctl"));
-    cmd.args([
-        "create", "d0", "--backing", p(&d.backing), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ])
-    .env("WRITEBOOST_RUN_DIR", rig.run_dir());
+    cmd.args(["create", "d0", "--backing", p(&d.backing)])
+        .args(["--cache", p(&d.c0), "--cache", p(&d.c1)])
+        .env("WRITEBOOST_RUN_DIR", rig.run_dir());
     if am_root() {
         // Drop to nobody for this one run.
         use std::os::unix::process::CommandExt;
@@ -506,7 +492,8 @@ fn not_root() {
         }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("Permission denied") && stderr.contains("wbctl") && !stderr.contains("root") {
+    if stderr.contains("Permission denied") && stderr.contains("wbctl") && !stderr.contains("root")
+    {
         eprintln!("SKIPPED: nobody cannot execute the test binary: {stderr}");
         return;
     }
@@ -520,7 +507,11 @@ fn check_reports_a_cache_and_writes_nothing() {
     rig.format(&[&d.c0, &d.c1], &d.backing);
     let before = digests(&[&d.c0, &d.c1]);
     let out = rig.wbctl(&["check", "--cache", p(&d.c0), "--cache", p(&d.c1), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["leg_count"], 2);
     assert_eq!(v["backing_size_bytes"], 256 * MIB);
@@ -532,7 +523,10 @@ fn check_reports_a_cache_and_writes_nothing() {
     let out = rig.wbctl(&["check", "--cache", p(&d.c1)]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("clean") && text.contains("checkpoint"), "{text}");
+    assert!(
+        text.contains("clean") && text.contains("checkpoint"),
+        "{text}"
+    );
     assert_eq!(digests(&[&d.c0, &d.c1]), before);
 }
 
@@ -555,7 +549,11 @@ fn check_reports_dirty_data() {
         engine.shutdown().unwrap();
     }
     let out = rig.wbctl(&["check", "--cache", p(&d.c0), "--cache", p(&d.c1), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["clean"], false);
     assert_eq!(v["dirty_blocks"], 16);
@@ -565,9 +563,7 @@ fn check_reports_dirty_data() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("DIRTY"));
     // Formatting over it is refused without --force (dirty data of this very backing device).
     let other = rig.file("other", 256 * MIB);
-    let out = rig.wbctl(&[
-        "create", "d0", "--backing", p(&other), "--cache", p(&d.c0), "--cache", p(&d.c1),
-    ]);
+    let out = create(&rig, &other, &[&d.c0, &d.c1], &[]);
     assert_refused(&out, &["cache of another backing device"]);
 }
 

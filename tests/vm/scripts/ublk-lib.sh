@@ -17,6 +17,7 @@
 #   wb_fio NAME JOB [ARGS]   DEV=<device of NAME> fio JOB ARGS (output kept in $WB_OUT/NAME.fio.log);
 #                            fails on a non-zero exit or any "err=" other than 0
 #   dev_sha256 DEV BYTES     SHA-256 of the first BYTES of DEV (direct I/O)
+#   wb_no_kernel_io_errors   fail if the kernel logged an I/O error on a /dev/ublkb* device
 #   wb_diagnose              dump what every process waits on and the daemons' logs (called
 #                            when a step fails; also by the watchdog)
 #   wb_watchdog SECS         run wb_diagnose if the script is still running after SECS
@@ -130,3 +131,9 @@ _wb_save_logs() {
     cp "$WRITEBOOST_RUN_DIR"/*.log "$WB_OUT"/ 2>/dev/null || true
 }
 on_exit _wb_save_logs
+
+wb_no_kernel_io_errors() {
+    if dmesg | grep -E "I/O error.*ublkb|error on dev ublkb"; then
+        fail "the kernel logged I/O errors on a writeboost device (see above)"
+    fi
+}

@@ -81,7 +81,8 @@ log "fio passed its verify after $recovered kill -9 + recover cycles"
 # A kill -9 with no I/O in flight, right after unflushed writes were acknowledged: recover,
 # and a verify-only pass of the same job (same seeds: randrepeat) reads every one of them back.
 last=(--name=last-writes --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k
-    --iodepth=16 --size=16M --offset=512M --randrepeat=1 --verify=crc32c --eta=never)
+    --iodepth=16 --size=16M --offset=512M --randrepeat=1 --verify=crc32c --verify_state_save=0
+    --eta=never)
 fio "${last[@]}" --do_verify=0 >/dev/null || fail "last-writes fio failed"
 kill -9 "$(wb_pid r0)"
 sleep 1
@@ -103,4 +104,5 @@ grep -q "$SPARE" "$WRITEBOOST_RUN_DIR/r0.json" || fail "the state file does not 
 "$WBCTL" status r0
 
 "$WBCTL" delete r0 || fail "wbctl delete failed"
+wb_no_kernel_io_errors
 log "ublk-recover: PASS"

@@ -139,4 +139,5 @@ log "re-attached (legs given in the other order) -> $dev2"
 [[ "$(dev_sha256 "$dev2" $region)" == "$sum_dev" ]] || fail "re-attached device reads differently"
 "$WBCTL" delete v0 || fail "wbctl delete failed"
 
+wb_no_kernel_io_errors
 log "ublk-verify: PASS"

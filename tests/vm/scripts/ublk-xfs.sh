@@ -84,4 +84,5 @@ mount -t xfs -o ro "$BACKING" "$MNT" || fail "the backing device alone does not 
 [[ -L "$MNT/link" ]] || fail "symlink missing on the backing device"
 umount "$MNT"
 log "backing device alone: $files files match"
+wb_no_kernel_io_errors
 log "ublk-xfs: PASS"

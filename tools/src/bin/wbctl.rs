@@ -231,6 +231,8 @@ struct DeviceConfig {
     queues: Option<u16>,
     depth: Option<u16>,
     logical_block_size: Option<u32>,
+    /// The ublk device id (`/dev/ublkb<dev_id>`).
+    dev_id: Option<i32>,
     /// Writeback knobs, by the names `wbctl set` takes.
     #[serde(default)]
     policy: BTreeMap<String, toml::Value>,
@@ -326,7 +328,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
             .depth
             .or(config.depth)
             .unwrap_or(wb_target::ublk::DEFAULT_QUEUE_DEPTH),
-        dev_id: args.dev_id.unwrap_or(-1),
+        dev_id: args.dev_id.or(config.dev_id).unwrap_or(-1),
         run_dir: run_dir.clone(),
     };
     let (spec, start) = daemon::check_create(&request)?;
@@ -1048,6 +1050,7 @@ mod tests {
         let c: DeviceConfig = toml::from_str(text).unwrap();
         assert!(c.backing.is_some());
         assert_eq!(c.caches.len(), 2);
+        assert_eq!(c.dev_id, Some(0));
         let knobs: Vec<(String, String)> = c
             .policy
             .iter()
