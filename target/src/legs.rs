@@ -32,6 +32,11 @@ impl Leg {
     pub(crate) fn replace(&self, device: Arc<dyn Device>) {
         assert!(!self.is_healthy(), "only a failed leg is replaced");
         *self.device.write() = device;
+        // The counters describe the device (status shows them next to its path): the new one
+        // starts with none of the old one's errors.
+        self.read_errors.store(0, Ordering::Relaxed);
+        self.write_errors.store(0, Ordering::Relaxed);
+        self.repairs.store(0, Ordering::Relaxed);
         self.failed.store(false, Ordering::Release);
     }
 
