@@ -17,10 +17,12 @@
 #   cargo build --release -p wb-tools --bin wbctl
 #   truncate -s 1G backing.img; truncate -s 256M c0.img c1.img s0.img s1.img
 #   tests/vm/run.sh --disk backing.img:throttle --disk c0.img --disk c1.img --disk s0.img \
-#       --disk s1.img tests/vm/scripts/mirror-both-fail.sh [PRE_SECS [POST_WRITES]]
+#       --disk s1.img tests/vm/scripts/mirror-both-fail.sh [PRE_SECS [POST_WRITES [EPOCH_WRITES]]]
 #
 # PRE_SECS (default 20): how long the workload writes before the injection; POST_WRITES (default
-# 1500): writes after passthrough was seen. WB_MIRROR_SEED picks the workload's random sequence
+# 1500): writes after passthrough was seen; EPOCH_WRITES (default 48): an fsync every 1..N
+# writes (large N: long epochs, so writeback batches are large and one is likely in flight when
+# the legs fail). WB_MIRROR_SEED picks the workload's random sequence
 # (default: random, printed). Prints "mirror-both-fail: PASS" at the end.
 set -euo pipefail
 source "$(dirname "$0")/../guest-lib.sh"
@@ -32,6 +34,7 @@ need_dm
 [[ -z "${WB_WATCHDOG:-}" ]] || wb_watchdog "$WB_WATCHDOG"
 PRE_SECS="${1:-20}"
 POST_WRITES="${2:-1500}"
+EPOCH_WRITES="${3:-48}"
 SEED="${WB_MIRROR_SEED:-$((RANDOM * 32768 + RANDOM))}"
 BACKING="$(disk 0)" RAW0="$(disk 1)" RAW1="$(disk 2)" SPARE0="$(disk 3)" SPARE1="$(disk 4)"
 log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING (throttled), legs over $RAW0 $RAW1, spares $SPARE0 $SPARE1; seed $SEED"
@@ -67,7 +70,7 @@ dmsetup resume --noudevsync wbleg1
 EOF
 t0=$EPOCHREALTIME
 python3 "$MJ" write "$dev" --journal "$J" --base $((16 << 20)) --blocks 8192 --seed "$SEED" \
-    --inject-after "$PRE_SECS" --inject-cmd "bash $inject" \
+    --max-epoch-writes "$EPOCH_WRITES" --inject-after "$PRE_SECS" --inject-cmd "bash $inject" \
     --status-cmd "$WBCTL status m2 --json" --status-out "$WB_OUT/status-at-passthrough.json" \
     --post-writes "$POST_WRITES" || fail "the journaled workload failed (see above)"
 log "workload done in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')s"
