@@ -244,6 +244,10 @@ fn logical_block_size_of(path: &Path) -> u32 {
     }
 }
 
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
@@ -638,8 +642,10 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
 
     let spec = DaemonSpec {
         name: req.name.clone(),
-        backing: req.backing.clone(),
-        caches: ordered,
+        // Absolute (symlinks kept: /dev/disk/by-id/... stays readable in status), because the
+        // daemon leaves its working directory and `wbctl recover` may run from anywhere.
+        backing: absolute(&req.backing),
+        caches: ordered.iter().map(|c| absolute(c)).collect(),
         policy: req.policy.clone(),
         queues: req.queues,
         depth: req.depth,
@@ -945,6 +951,15 @@ pub fn run(
     ready: impl FnOnce(&str) + Send + Sync + 'static,
 ) -> Result<()> {
     let signals = block_stop_signals();
+    // Hold no directory busy (a daemon outlives the shell that started it). Every path in the
+    // spec is absolute.
+    let spec = DaemonSpec {
+        run_dir: RunDir::new(absolute(&spec.run_dir.path)),
+        ..spec
+    };
+    if let Err(e) = std::env::set_current_dir("/") {
+        log::warn!("cannot change to /: {e}");
+    }
     let run_dir = spec.run_dir.clone();
     let name = spec.name.clone();
     std::fs::create_dir_all(&run_dir.path)
