@@ -243,6 +243,13 @@ pub struct Shared {
     /// The superblock the legs were opened with (what a replacement leg is given).
     pub superblock: logfmt::Superblock,
     pub(crate) crc_cache: crate::cached_block::CrcCache,
+    /// Orders writeback's backing writes before passthrough writes. Once every leg is lost,
+    /// writeback may still hold a batch it read before; a write it issued after a passthrough
+    /// write could bring back stale data. Writeback holds this shared around each backing write
+    /// and checks `writeback_fenced` under it; passthrough takes it exclusively once after the
+    /// fence, so every writeback write lands before the first passthrough write.
+    pub(crate) backing_gate: parking_lot::RwLock<()>,
+    pub(crate) writeback_fenced: AtomicBool,
     pub recovery: crate::recovery::ScanReport,
 }
 

@@ -298,6 +298,16 @@ pub struct EngineStatus {
 }
 
 impl Shared {
+    /// After every leg was lost, writeback's batch in hand is stale: refuse its writes.
+    fn check_not_fenced(&self) -> io::Result<()> {
+        if self.writeback_fenced.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "every cache leg was lost: the batch in hand is stale",
+            ));
+        }
+        Ok(())
+    }
+
     /// Writeback retries failed backing I/O (the cache still holds the data); the errors are
     /// counted so that `wbctl status` shows a backing device in trouble.
     fn count_backing_error(&self, result: io::Result<()>) -> io::Result<()> {
@@ -351,6 +361,8 @@ impl CacheLog for Shared {
     }
 
     fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _gate = self.backing_gate.read();
+        self.check_not_fenced()?;
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
         self.stats
             .written_back_bytes
@@ -359,6 +371,8 @@ impl CacheLog for Shared {
     }
 
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
+        let _gate = self.backing_gate.read();
+        self.check_not_fenced()?;
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
         self.count_backing_error(self.backing.zero_range(offset, len, discard))
     }

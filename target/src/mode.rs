@@ -56,6 +56,7 @@ impl Shared {
             state.written_back_id
         );
         state.cache_lost_at = Some(state.written_back_id);
+        self.writeback_fenced.store(true, Ordering::Release);
         state.lost_generation += 1;
         state.passthrough = true;
         state.closing_log = false;
@@ -114,7 +115,16 @@ impl Shared {
         }
     }
 
+    /// Every writeback write that passed the fence before it was raised has landed once the
+    /// gate can be taken exclusively (see `Shared::backing_gate`).
+    fn wait_for_fenced_writeback(&self) {
+        if self.writeback_fenced.load(Ordering::Acquire) {
+            drop(self.backing_gate.write());
+        }
+    }
+
     pub(crate) fn passthrough_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.wait_for_fenced_writeback();
         let mut buf = AlignedBuf::new(data.len());
         buf[..data.len()].copy_from_slice(data);
         self.backing
@@ -140,6 +150,7 @@ impl Shared {
     }
 
     pub(crate) fn passthrough_zero(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
+        self.wait_for_fenced_writeback();
         self.backing
             .zero_range(offset, len, kind == EntryKind::Discard)
             .map_err(|e| EngineError::io(self.backing.name(), e))
@@ -231,6 +242,7 @@ impl Engine {
         if s.legs.healthy_count() == legs.len() {
             state.passthrough = false;
             state.cache_lost_at = None;
+            s.writeback_fenced.store(false, Ordering::Release);
             log::warn!("leg {index} replaced by {}: mirrored again", device.name());
         } else {
             log::warn!(

@@ -564,6 +564,8 @@ pub fn open(
         policy: Mutex::new(None),
         superblock: sb.clone(),
         crc_cache: Default::default(),
+        backing_gate: parking_lot::RwLock::new(()),
+        writeback_fenced: AtomicBool::new(false),
         recovery: report,
     });
     Ok(Engine::start(shared, log_rx, options.writeback))
