@@ -160,7 +160,7 @@ fn write_random(engine: &Engine, blocks: u64, threads: usize, seed: u64) -> Resu
             .map(|t| {
                 let share = blocks / threads as u64 + (t == 0) as u64 * (blocks % threads as u64);
                 scope.spawn(move || -> Result<()> {
-                    let mut rng = Xorshift(0x2545_f491_4f6c_dd1d ^ (seed << 8 | t as u64 + 1));
+                    let mut rng = Xorshift(0x2545_f491_4f6c_dd1d ^ ((seed << 8) | (t as u64 + 1)));
                     let mut data = vec![0u8; logfmt::BLOCK_SIZE_BYTES];
                     for i in 0..share {
                         data[..8].copy_from_slice(&i.to_le_bytes());
