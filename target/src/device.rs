@@ -35,15 +35,20 @@ pub trait Device: Send + Sync {
     /// space released; either way reads of the range must return zeroes afterwards.
     fn zero_range(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
         let _ = discard;
-        let chunk = AlignedBuf::new(1 << 20);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_at(&chunk[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeroes(self, offset, len)
     }
+}
+
+/// Zeroes a range by writing zero-filled blocks (where the device cannot zero it by itself).
+fn write_zeroes<D: Device + ?Sized>(device: &D, offset: u64, len: u64) -> io::Result<()> {
+    let chunk = AlignedBuf::new(1 << 20);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        device.write_at(&chunk[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A file or block device opened for direct I/O.
@@ -218,14 +223,7 @@ impl Device for FileDevice {
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
-                let chunk = AlignedBuf::new(1 << 20);
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(chunk.len() as u64) as usize;
-                    self.write_at(&chunk[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
+                write_zeroes(self, offset, len)
             }
             _ => Err(err),
         }
