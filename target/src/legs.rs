@@ -21,6 +21,9 @@ pub struct Leg {
     pub write_errors: AtomicU64,
     /// Blocks rewritten on this leg from the other one after a read error or bad checksum.
     pub repairs: AtomicU64,
+    /// Read I/O errors in a row: a leg that answers no read at all is dead even if nothing
+    /// was written to it since (a full cache writes nothing until writeback frees space).
+    consecutive_read_errors: AtomicU64,
 }
 
 impl Leg {
@@ -44,6 +47,19 @@ impl Leg {
         !self.failed.load(Ordering::Acquire)
     }
 
+    /// Counts a read I/O error; too many in a row take the leg out of use.
+    pub fn note_read_error(&self, e: &io::Error) {
+        self.read_errors.fetch_add(1, Ordering::Relaxed);
+        let in_a_row = self.consecutive_read_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= MAX_CONSECUTIVE_READ_ERRORS {
+            self.mark_failed(e);
+        }
+    }
+
+    pub fn note_read_ok(&self) {
+        self.consecutive_read_errors.store(0, Ordering::Relaxed);
+    }
+
     pub fn mark_failed(&self, why: &io::Error) {
         if !self.failed.swap(true, Ordering::AcqRel) {
             log::error!(
@@ -57,6 +73,9 @@ impl Leg {
 
 /// A predicate a read's bytes must pass (a checksum).
 pub type BytesCheck<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
+/// A leg whose reads fail this many times in a row is taken out of use.
+const MAX_CONSECUTIVE_READ_ERRORS: u64 = 8;
 
 /// Granularity at which reads alternate between the legs.
 const BLOCK_SPREAD_BYTES: u64 = 4096;
@@ -79,6 +98,7 @@ impl CacheLegs {
                     read_errors: AtomicU64::new(0),
                     write_errors: AtomicU64::new(0),
                     repairs: AtomicU64::new(0),
+                    consecutive_read_errors: AtomicU64::new(0),
                 })
                 .collect(),
         }
@@ -142,6 +162,7 @@ impl CacheLegs {
         for leg in order.filter(|l| l.is_healthy()) {
             match leg.device().read_at(buf, offset) {
                 Ok(()) if check.is_none_or(|c| c(buf)) => {
+                    leg.note_read_ok();
                     for bad in bad_legs {
                         self.repair(bad, buf, offset);
                     }
@@ -156,7 +177,7 @@ impl CacheLegs {
                     bad_legs.push(leg);
                 }
                 Err(e) => {
-                    leg.read_errors.fetch_add(1, Ordering::Relaxed);
+                    leg.note_read_error(&e);
                     last_error = e;
                     bad_legs.push(leg);
                 }

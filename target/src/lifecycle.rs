@@ -65,6 +65,9 @@ impl Engine {
                                 Err(e) => {
                                     log::error!("writeback: {e}; retrying from the checkpoint");
                                     s.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
+                                    // Legs may have been taken out by read errors: settle the
+                                    // mode (every leg gone → passthrough, waiting writers go on).
+                                    s.recompute_log_progress(&mut s.state.lock());
                                     s.wait_for_work(WRITEBACK_RETRY_PAUSE);
                                 }
                             }
@@ -503,7 +506,11 @@ fn read_segment_into(
         match attempt {
             Ok(header) => return Ok(header),
             Err(e) => {
-                leg.read_errors.fetch_add(1, Ordering::Relaxed);
+                if e.kind() == io::ErrorKind::InvalidData {
+                    leg.read_errors.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    leg.note_read_error(&e);
+                }
                 log::warn!("segment {id} on {}: {e}", leg.device().name());
                 last_error = e;
             }
