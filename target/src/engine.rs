@@ -250,6 +250,8 @@ pub struct Shared {
     /// fence, so every writeback write lands before the first passthrough write.
     pub(crate) backing_gate: parking_lot::RwLock<()>,
     pub(crate) writeback_fenced: AtomicBool,
+    /// A writeback thread runs (the fence is raised only then: that thread lifts it).
+    pub(crate) writeback_running: AtomicBool,
     pub recovery: crate::recovery::ScanReport,
 }
 

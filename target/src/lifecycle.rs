@@ -50,6 +50,7 @@ impl Engine {
         );
         if let Some(policy) = policy {
             *shared.policy.lock() = Some(policy);
+            shared.writeback_running.store(true, Ordering::Release);
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -301,14 +302,20 @@ pub struct EngineStatus {
 }
 
 impl Shared {
-    /// After every leg was lost, writeback's batch in hand is stale: refuse its writes.
-    fn check_not_fenced(&self) -> io::Result<()> {
-        if self.writeback_fenced.load(Ordering::Acquire) {
-            return Err(io::Error::other(
-                "every cache leg was lost: the batch in hand is stale",
-            ));
+    /// After every leg was lost, writeback's batch in hand is stale: its writes are dropped
+    /// (what it held was lost with the cache; any subset of one epoch may reach the backing
+    /// device). They are not refused: writeback would retry the batch until the fence drops and
+    /// then write it over passthrough writes. Dropped, the batch reaches its commit, which fails.
+    fn fenced(&self) -> bool {
+        self.writeback_fenced.load(Ordering::Acquire)
+    }
+
+    /// Writeback waits for work only between batches, holding nothing it read before a loss (a
+    /// batch read ahead is stale and dropped by its first id): the fence can go.
+    fn lift_fence(&self) {
+        if self.writeback_fenced.swap(false, Ordering::AcqRel) {
+            log::info!("writeback dropped the batch it held when the cache was lost");
         }
-        Ok(())
     }
 
     /// Writeback retries failed backing I/O (the cache still holds the data); the errors are
@@ -365,7 +372,9 @@ impl CacheLog for Shared {
 
     fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let _gate = self.backing_gate.read();
-        self.check_not_fenced()?;
+        if self.fenced() {
+            return Ok(());
+        }
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
         self.stats
             .written_back_bytes
@@ -375,7 +384,9 @@ impl CacheLog for Shared {
 
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
         let _gate = self.backing_gate.read();
-        self.check_not_fenced()?;
+        if self.fenced() {
+            return Ok(());
+        }
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
         self.count_backing_error(self.backing.zero_range(offset, len, discard))
     }
@@ -387,11 +398,12 @@ impl CacheLog for Shared {
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
         let sequence = {
             let state = self.state.lock();
-            if state.cache_lost_at.is_some() && through_id <= state.written_back_id {
-                // Every leg was lost while this batch was written back: nothing to commit.
+            if through_id <= state.written_back_id {
+                // Every leg was lost while this batch was written back (the log was reset past
+                // it; new legs may be attached since): nothing to commit.
                 return Err(io::Error::other("the cache was lost during writeback"));
             }
-            assert!(through_id > state.written_back_id && through_id <= state.written_id);
+            assert!(through_id <= state.written_id);
             state.checkpoint_sequence + 1
         };
         // The checkpoint must be durable before any slot it covers is reused.
@@ -415,6 +427,11 @@ impl CacheLog for Shared {
             .any(|h| state.slots[slot_of(h.segment_id, n) as usize].readers > 0)
         {
             self.progress.wait(&mut state);
+        }
+        if through_id <= state.written_back_id {
+            // Every leg was lost after the checkpoint was written: the log, slots included, was
+            // reset meanwhile; nothing is left to release.
+            return Err(io::Error::other("the cache was lost during writeback"));
         }
         for h in headers {
             let slot = slot_of(h.segment_id, n);
@@ -463,11 +480,14 @@ impl CacheLog for Shared {
     }
 
     fn wait_for_work(&self, timeout: Duration) {
+        self.lift_fence();
         let mut state = self.state.lock();
         if self.stopping.load(Ordering::Acquire) {
             return;
         }
         self.writeback_wakeup.wait_for(&mut state, timeout);
+        drop(state);
+        self.lift_fence();
     }
 
     fn is_shutting_down(&self) -> bool {

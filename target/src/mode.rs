@@ -56,7 +56,11 @@ impl Shared {
             state.written_back_id
         );
         state.cache_lost_at = Some(state.written_back_id);
-        self.writeback_fenced.store(true, Ordering::Release);
+        // Only the writeback thread lifts the fence (`wait_for_work`), once it holds nothing it
+        // read before the loss.
+        if self.writeback_running.load(Ordering::Acquire) {
+            self.writeback_fenced.store(true, Ordering::Release);
+        }
         state.lost_generation += 1;
         state.passthrough = true;
         state.closing_log = false;
@@ -203,7 +207,9 @@ impl Engine {
             if let Some(why) = &state.failure {
                 return Err(EngineError::CacheFailed(why.clone()));
             }
-            if state.passthrough {
+            // After a cache loss, also until writeback has dropped the batch it held then: new
+            // segments must not be written back while its writes are being dropped.
+            if state.passthrough && !s.writeback_fenced.load(Ordering::Acquire) {
                 break;
             }
             if std::time::Instant::now() >= deadline {
@@ -242,7 +248,6 @@ impl Engine {
         if s.legs.healthy_count() == legs.len() {
             state.passthrough = false;
             state.cache_lost_at = None;
-            s.writeback_fenced.store(false, Ordering::Release);
             log::warn!("leg {index} replaced by {}: mirrored again", device.name());
         } else {
             log::warn!(

@@ -566,6 +566,7 @@ pub fn open(
         crc_cache: Default::default(),
         backing_gate: parking_lot::RwLock::new(()),
         writeback_fenced: AtomicBool::new(false),
+        writeback_running: AtomicBool::new(false),
         recovery: report,
     });
     Ok(Engine::start(shared, log_rx, options.writeback))
