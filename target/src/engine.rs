@@ -69,6 +69,9 @@ pub(crate) struct Slot {
     /// Readers reading its data from a leg; writeback may not free it before they finish.
     pub readers: u32,
     pub sealed_at: Option<Instant>,
+    /// Bytes of the segment that hold something (`SegmentHeader::used_bytes`), once sealed:
+    /// writeback reads a segment in one I/O of this length.
+    pub used_bytes: usize,
 }
 
 pub(crate) struct OpenSegment {
@@ -570,6 +573,7 @@ impl Shared {
                     buffer: Some(buffer),
                     readers: 0,
                     sealed_at: None,
+                    used_bytes: 0,
                 };
                 state.open = Some(OpenSegment {
                     id,
@@ -642,7 +646,9 @@ impl Shared {
             entries: open.entries,
         };
         state.sealed_id = open.id;
-        state.slots[open.slot as usize].sealed_at = Some(Instant::now());
+        let slot = &mut state.slots[open.slot as usize];
+        slot.sealed_at = Some(Instant::now());
+        slot.used_bytes = header.used_bytes();
         if reason == SealReason::Flush {
             state.epoch_id += 1;
         }

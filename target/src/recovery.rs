@@ -480,6 +480,7 @@ pub fn open(
             buffer: None,
             readers: 0,
             sealed_at: Some(now),
+            used_bytes: h.used_bytes(),
         };
         epoch_id = epoch_id.max(h.epoch_id);
         for e in &h.entries {
