@@ -370,16 +370,17 @@ impl CacheLog for Shared {
         Ok(header)
     }
 
-    fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn backing_write(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         let _gate = self.backing_gate.read();
         if self.fenced() {
             return Ok(());
         }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
         self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
         self.stats
             .written_back_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.count_backing_error(self.backing.write_at(buf, offset))
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.count_backing_error(self.backing.write_vectored_at(bufs, offset))
     }
 
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {

@@ -11,7 +11,10 @@ mod replay;
 
 pub use aligned::AlignedBuf;
 pub use policy::{Policy, PolicyError, PressureCurve, Throttle, KNOBS};
-pub use replay::{plan_batch, BackingOp, BatchPlan, Writeback, WritebackStats, MAX_BATCH_SEGMENTS};
+pub use replay::{
+    plan_batch, BackingOp, BatchPlan, Writeback, WritebackStats, MAX_BATCH_SEGMENTS,
+    READS_IN_FLIGHT,
+};
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -31,7 +34,8 @@ pub trait CacheLog: Send + Sync {
     /// read into directly). Only the header and the data blocks it lists are meaningful after.
     /// Called from a second thread (read-ahead) while the first writes to the backing device.
     fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader>;
-    fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `bufs` back to back from `offset`, as one I/O where the backing device can.
+    fn backing_write(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()>;
     fn backing_flush(&self) -> io::Result<()>;
     /// Records the checkpoint `through_id` (durably, on every leg) and then frees the segments

@@ -32,12 +32,9 @@ use crate::{AlignedBuf, CacheLog, Throttle};
 /// Segments per batch at most: 16 MiB of segment images held in memory, twice over while the
 /// next batch is read during the writing of this one.
 pub const MAX_BATCH_SEGMENTS: usize = 32;
-/// Largest merged backing write.
+/// Largest merged backing write. Its pieces are sent straight from the segment images as one
+/// vectored write (no copy), at most 256 of them.
 pub const MAX_MERGED_WRITE_BYTES: usize = 1 << 20;
-/// A run of blocks that lie one after the other in one segment image, this long or longer, is
-/// written on its own straight from the image instead of being copied together with the next
-/// image's blocks into a larger write.
-pub const ZERO_COPY_RUN_BYTES: usize = 64 << 10;
 /// Whole-block backing writes of a batch issued at once. They cover distinct blocks of one
 /// epoch, so they may complete in any order; several in flight keep a backing device that is
 /// an array, a zvol or an iSCSI LUN busy (one at a time waits a full round trip per write).
@@ -47,10 +44,10 @@ pub const WRITES_IN_FLIGHT: usize = 4;
 /// streams several times that with a few requests in flight.
 pub const READS_IN_FLIGHT: usize = 4;
 /// Within one epoch, the backing device is flushed and the checkpoint advanced at least this
-/// often (32 MiB of segments): less often than every batch, because a flush and a checkpoint
+/// often (64 MiB of segments): less often than every batch, because a flush and a checkpoint
 /// per 16 MiB batch cost a quarter of a fast drain; often enough that space comes back
 /// steadily (and at once, batch by batch, while writers wait for it).
-pub const COMMIT_EVERY_SEGMENTS: usize = 64;
+pub const COMMIT_EVERY_SEGMENTS: usize = 128;
 /// How long the loop sleeps when the policy says "not now" (it is woken earlier by new work).
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -206,12 +203,9 @@ impl Run {
     }
 
     /// Whether the block at `offset`, held by `piece`, joins this run: it must be adjacent and
-    /// fit under the cap. A run that is one long stretch of one image goes out as it is (written
-    /// straight from the image, no copy) rather than glued to the next image's blocks.
+    /// fit under the cap.
     fn takes(&self, offset: u64, piece: &Piece) -> bool {
-        self.offset + self.len as u64 == offset
-            && self.len + piece.2 <= MAX_MERGED_WRITE_BYTES
-            && (self.continues(piece) || self.pieces.len() > 1 || self.len < ZERO_COPY_RUN_BYTES)
+        self.offset + self.len as u64 == offset && self.len + piece.2 <= MAX_MERGED_WRITE_BYTES
     }
 
     fn push(&mut self, piece: Piece) {
@@ -379,9 +373,6 @@ pub struct Writeback {
     /// whole stretches of them are written to the backing device without a copy.
     spare: Vec<AlignedBuf>,
     throttle: Throttle,
-    /// Merged writes of pieces of several images are assembled here, one buffer per write in
-    /// flight: aligned, because the backing device is opened O_DIRECT.
-    write_bufs: Vec<AlignedBuf>,
     pub stats: WritebackStats,
     /// Read the next batch while writing this one (on by default; off, each batch is read,
     /// then written, then committed).
@@ -396,9 +387,6 @@ impl Writeback {
             uncommitted: Vec::new(),
             spare: Vec::new(),
             throttle: Throttle::new(),
-            write_bufs: (0..WRITES_IN_FLIGHT)
-                .map(|_| AlignedBuf::new(MAX_MERGED_WRITE_BYTES))
-                .collect(),
             stats: WritebackStats::default(),
             read_ahead: true,
         }
@@ -568,7 +556,6 @@ impl Writeback {
         let Writeback {
             log,
             throttle,
-            write_bufs,
             stats,
             ..
         } = self;
@@ -599,20 +586,20 @@ impl Writeback {
             pace(0);
         }
         for op in partial {
-            let bytes = write_one(log, op, images, &mut write_bufs[0])?;
+            let bytes = write_one(log, op, images)?;
             stats.ios_merged += 1;
             stats.bytes_written += bytes;
             pace(bytes);
         }
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        let worker = |buf: &mut AlignedBuf| -> io::Result<(u64, u64)> {
+        let worker = || -> io::Result<(u64, u64)> {
             let (mut ios, mut bytes) = (0, 0);
             while !failed.load(Ordering::Relaxed) {
                 let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
-                match write_one(log, op, images, buf) {
+                match write_one(log, op, images) {
                     Ok(n) => {
                         ios += 1;
                         bytes += n;
@@ -628,16 +615,14 @@ impl Writeback {
         };
         let writers = WRITES_IN_FLIGHT.min(whole.len());
         let results: Vec<io::Result<(u64, u64)>> = if writers <= 1 {
-            vec![worker(&mut write_bufs[0])]
+            vec![worker()]
         } else {
             std::thread::scope(|scope| {
-                let handles: Vec<_> = write_bufs
-                    .iter_mut()
-                    .take(writers)
-                    .map(|buf| {
+                let handles: Vec<_> = (0..writers)
+                    .map(|_| {
                         std::thread::Builder::new()
                             .name("wb-write".into())
-                            .spawn_scoped(scope, || worker(buf))
+                            .spawn_scoped(scope, worker)
                             .expect("spawn a writeback writer")
                     })
                     .collect();
@@ -667,29 +652,17 @@ fn is_whole_blocks(op: &BackingOp) -> bool {
     }
 }
 
-/// Issues one data write: straight from its image when it is one stretch of one image, else
-/// assembled in `buf`. Returns the bytes written.
-fn write_one(
-    log: &dyn CacheLog,
-    op: &BackingOp,
-    images: &[AlignedBuf],
-    buf: &mut AlignedBuf,
-) -> io::Result<u64> {
+/// Issues one data write, its pieces straight from their images. Returns the bytes written.
+fn write_one(log: &dyn CacheLog, op: &BackingOp, images: &[AlignedBuf]) -> io::Result<u64> {
     let BackingOp::Write { offset, pieces } = op else {
         unreachable!("only data writes here");
     };
-    let len: usize = pieces.iter().map(|p| p.2).sum();
-    if let [(segment, from, n)] = pieces[..] {
-        log.backing_write(&images[segment][from..from + n], *offset)?;
-    } else {
-        let mut at = 0;
-        for &(segment, from, n) in pieces {
-            buf[at..at + n].copy_from_slice(&images[segment][from..from + n]);
-            at += n;
-        }
-        log.backing_write(&buf[..len], *offset)?;
-    }
-    Ok(len as u64)
+    let bufs: Vec<&[u8]> = pieces
+        .iter()
+        .map(|&(segment, from, n)| &images[segment][from..from + n])
+        .collect();
+    log.backing_write(&bufs, *offset)?;
+    Ok(pieces.iter().map(|p| p.2 as u64).sum())
 }
 
 #[cfg(test)]
@@ -790,8 +763,9 @@ mod tests {
     }
 
     #[test]
-    fn a_stretch_of_one_image_is_written_from_it_whole() {
-        // Sequential writes: each segment holds 127 consecutive blocks in slot order.
+    fn sequential_images_merge_into_capped_writes() {
+        // Sequential writes: each segment holds 127 consecutive blocks in slot order, so the
+        // images follow each other on the backing device and merge up to the cap.
         let headers: Vec<SegmentHeader> = (0..3u64)
             .map(|s| {
                 header(
@@ -803,22 +777,30 @@ mod tests {
             })
             .collect();
         let plan = plan_batch(&headers);
-        assert_eq!(plan.ops.len(), 3, "one write per segment image");
-        for (s, op) in plan.ops.iter().enumerate() {
-            assert_eq!(
-                *op,
+        let stretch = 127 * 4096;
+        assert_eq!(
+            plan.ops,
+            vec![
                 BackingOp::Write {
-                    offset: s as u64 * 127 * 4096,
-                    pieces: vec![(s, data_block_offset(0), 127 * 4096)],
-                }
-            );
-        }
+                    offset: 0,
+                    pieces: vec![
+                        (0, data_block_offset(0), stretch),
+                        (1, data_block_offset(0), stretch),
+                        (2, data_block_offset(0), 2 * 4096),
+                    ],
+                },
+                BackingOp::Write {
+                    offset: MAX_MERGED_WRITE_BYTES as u64,
+                    pieces: vec![(2, data_block_offset(2), 125 * 4096)],
+                },
+            ]
+        );
     }
 
     #[test]
     fn scattered_pieces_merge_up_to_the_cap() {
         // Two segments interleave: segment s holds blocks 2i + s. Adjacent blocks alternate
-        // between images, so writes are assembled (copied) and capped.
+        // between images, so writes gather many pieces, and are capped.
         let headers: Vec<SegmentHeader> = (0..3u64)
             .map(|s| {
                 header(
@@ -841,7 +823,7 @@ mod tests {
 
     #[test]
     fn a_short_stretch_joins_the_next_image() {
-        // 4 blocks at the end of one image, then 127 in the next: one write, assembled.
+        // 4 blocks at the end of one image, then 127 in the next: one write of two pieces.
         let first = header(
             1,
             (0..4)
@@ -900,12 +882,13 @@ mod tests {
             image.copy_from_slice(data);
             Ok(h.clone())
         }
-        fn backing_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        fn backing_write(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+            let buf = bufs.concat();
             self.events
                 .lock()
                 .unwrap()
                 .push(Event::Write(offset, buf.len()));
-            self.backing.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
+            self.backing.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(&buf);
             Ok(())
         }
         fn backing_zero(&self, _: u64, _: u64, _: bool) -> io::Result<()> {

@@ -47,6 +47,43 @@ pub fn sequential_write_bandwidth(path: &Path, offset: u64, bytes: u64) -> Resul
     Ok(done as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Bandwidth (bytes/s) of reading `bytes` of `path` from `offset` in 512 KiB O_DIRECT reads,
+/// `threads` at a time (thread `t` reads every `threads`-th chunk), as writeback reads the log.
+pub fn sequential_read_bandwidth(
+    path: &Path,
+    offset: u64,
+    bytes: u64,
+    threads: usize,
+) -> Result<f64> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .or_else(|_| OpenOptions::new().read(true).open(path))
+        .with_context(|| format!("opening {}", path.display()))?;
+    let chunk = logfmt::SEGMENT_SIZE_BYTES as u64;
+    let chunks = bytes.div_ceil(chunk);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let readers: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let file = &file;
+                scope.spawn(move || -> Result<()> {
+                    let mut buf = AlignedBuf::new(chunk as usize);
+                    for i in (t..chunks).step_by(threads) {
+                        file.read_exact_at(&mut buf, offset + i * chunk)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .try_for_each(|r| r.join().expect("reader"))
+    })?;
+    Ok((chunks * chunk) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Bandwidth (bytes/s) of 4 KiB O_DIRECT writes at `blocks` (in that order), then fdatasync.
 pub fn random_write_bandwidth(path: &Path, blocks: &[u64]) -> Result<f64> {
     let file = OpenOptions::new()
