@@ -5,6 +5,7 @@
 pub mod hooked;
 pub mod model;
 pub mod simdisk;
+pub mod vm;
 
 use std::path::Path;
 use std::sync::Arc;

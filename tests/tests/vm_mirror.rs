@@ -3,244 +3,15 @@
 //! which puts device-mapper targets under the cache legs and switches them to the `error`
 //! target mid-workload.
 //!
-//! Like `vm.rs` (whose glue is copied here, not shared, to keep the two files independent):
-//! before booting, `tests/vm/setup.sh` runs and `cargo build --release` builds `wbctl`; a test is
-//! SKIPPED (loud message, no failure) only when the VM cannot run at all: not root, or
-//! `qemu-system-x86_64` missing even after setup. One VM at a time (`VM_LOCK` in this binary,
-//! run.sh's machine-wide lock across binaries).
+//! Setup, build, skip rules and one-VM-at-a-time are `vm.rs`'s: see `tests/src/vm.rs`.
 //!
 //! `mirror_oracle_self_test` needs no VM: it runs the cache-loss oracle of
 //! `tests/vm/scripts/mirror-journal.py` on synthetic journals and checks that it accepts states
 //! a flush boundary allows and rejects reordered, torn, misdirected and foreign images.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-fn skip(test: &str, why: &str) {
-    let msg = format!("SKIPPED {test}: {why}");
-    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!!! {msg}");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-    println!("{msg}");
-}
-
-fn is_root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .is_some_and(|euid| euid == "0")
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Setup and build; `Err(reason)` means the test must be skipped.
-fn prepare(test: &str) -> Result<(), String> {
-    if !is_root() {
-        return Err("not root (the VM harness installs packages and boots QEMU as root)".into());
-    }
-    let root = repo_root();
-    let setup = Command::new("bash")
-        .arg(root.join("tests/vm/setup.sh"))
-        .status()
-        .expect("running tests/vm/setup.sh");
-    if !have("qemu-system-x86_64") {
-        return Err("qemu-system-x86_64 is missing even after tests/vm/setup.sh".into());
-    }
-    assert!(setup.success(), "{test}: tests/vm/setup.sh failed: {setup}");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let t = Instant::now();
-    let st = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "wb-tools", "--bin", "wbctl"])
-        .status()
-        .expect("running cargo build --release");
-    assert!(
-        st.success(),
-        "{test}: cargo build --release of wbctl failed: {st}"
-    );
-    eprintln!(
-        "{test}: release build of wbctl ready in {:.1?}",
-        t.elapsed()
-    );
-    Ok(())
-}
-
-/// Where the release binaries are, handed to the guest as WB_BIN_DIR when Cargo's target dir is
-/// not the default `build/`.
-fn bin_dir() -> Option<PathBuf> {
-    std::env::var_os("CARGO_TARGET_DIR").map(|d| {
-        let d = PathBuf::from(d);
-        let d = if d.is_absolute() {
-            d
-        } else {
-            repo_root().join(d)
-        };
-        d.join("release")
-    })
-}
-
-struct VmRun {
-    status: Option<i32>,
-    output: String,
-    wall: Duration,
-}
-
-/// `tests/vm/run.sh ARGS...`, echoing the guest console line by line.
-fn run_vm(args: &[String]) -> VmRun {
-    let root = repo_root();
-    let t = Instant::now();
-    let mut cmd = Command::new("bash");
-    cmd.current_dir(&root)
-        .arg(root.join("tests/vm/run.sh"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(d) = bin_dir() {
-        cmd.env("WB_BIN_DIR", d);
-    }
-    let mut child = cmd.spawn().expect("spawning tests/vm/run.sh");
-    let stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let mut output = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        println!("{line}");
-        output.push_str(&line);
-        output.push('\n');
-    }
-    let status = child.wait().expect("waiting for run.sh").code();
-    output.push_str(&err_thread.join().unwrap_or_default());
-    VmRun {
-        status,
-        output,
-        wall: t.elapsed(),
-    }
-}
-
-fn explain(status: Option<i32>) -> &'static str {
-    match status {
-        Some(0) => "passed",
-        Some(250) => "harness error (see run.sh: ERROR above)",
-        Some(251) => "the guest never reported a status (crash/panic)",
-        Some(252) => "timeout: the VM was killed",
-        None => "run.sh killed by a signal",
-        _ => "the guest script failed",
-    }
-}
-
-/// A disk image for the VM: name, size (truncate syntax), throttled like an HDD or not.
-struct Disk {
-    name: &'static str,
-    size: &'static str,
-    throttle: bool,
-}
-
-const fn disk(name: &'static str, size: &'static str, throttle: bool) -> Disk {
-    Disk {
-        name,
-        size,
-        throttle,
-    }
-}
-
-/// Builds wbctl, makes fresh sparse images under `.vm-cache/<test>/`, boots the VM on
-/// `script ARGS`, and checks it exited 0 and printed `pass_line`. `None` when skipped.
-fn run_mirror_vm(
-    test: &str,
-    disks: &[Disk],
-    script: &str,
-    args: &[&str],
-    timeout_secs: u32,
-    pass_line: &str,
-) -> Option<VmRun> {
-    let _guard = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(why) = prepare(test) {
-        skip(test, &why);
-        return None;
-    }
-    let dir = repo_root().join(".vm-cache").join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creating the image folder");
-    let mut vm_args: Vec<String> = vec!["--timeout".into(), timeout_secs.to_string()];
-    for d in disks {
-        let path = dir.join(format!("{}.img", d.name));
-        let st = Command::new("truncate")
-            .args(["-s", d.size])
-            .arg(&path)
-            .status()
-            .expect("running truncate");
-        assert!(
-            st.success(),
-            "{test}: truncate -s {} {}",
-            d.size,
-            path.display()
-        );
-        vm_args.push("--disk".into());
-        vm_args.push(format!(
-            "{}{}",
-            path.display(),
-            if d.throttle { ":throttle" } else { "" }
-        ));
-    }
-    vm_args.push(script.into());
-    vm_args.extend(args.iter().map(|a| a.to_string()));
-    let run = run_vm(&vm_args);
-    eprintln!("{test}: VM wall time {:.1?}", run.wall);
-    assert_eq!(
-        run.status,
-        Some(0),
-        "{test}: {} (exit {:?})",
-        explain(run.status),
-        run.status
-    );
-    assert!(
-        run.output.contains(pass_line),
-        "{test}: no '{pass_line}' line in the VM output"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Some(run)
-}
-
-/// The output lines containing `needle`; at least one must exist.
-fn lines_with<'a>(test: &str, output: &'a str, needle: &str) -> Vec<&'a str> {
-    let found: Vec<&str> = output.lines().filter(|l| l.contains(needle)).collect();
-    assert!(
-        !found.is_empty(),
-        "{test}: no line containing '{needle}' in the VM output"
-    );
-    found
-}
+use wb_tests::vm::{disk, have, lines_with, repo_root, skip, VmTest};
 
 /// One leg fails during a fio verify job: leg A is a dm linear target switched to the `error`
 /// target while fio writes. The job passes (no I/O error, verify ok); status shows leg A failed
@@ -250,19 +21,21 @@ fn lines_with<'a>(test: &str, output: &'a str, needle: &str) -> Vec<&'a str> {
 #[test]
 fn vm_mirror_one_leg_fails_during_fio_verify() {
     let test = "vm_mirror_one_leg_fails_during_fio_verify";
-    let Some(run) = run_mirror_vm(
+    let Some(run) = VmTest {
         test,
-        &[
+        bins: &["wbctl"],
+        disks: &[
             disk("backing", "1G", true),
             disk("cache0", "512M", false),
             disk("cache1", "512M", false),
             disk("spare", "512M", false),
         ],
-        "tests/vm/scripts/mirror-one-leg.sh",
-        &[],
-        1500,
-        "mirror-one-leg: PASS",
-    ) else {
+        script: "tests/vm/scripts/mirror-one-leg.sh",
+        args: &[],
+        timeout_secs: 1500,
+        pass_line: "mirror-one-leg: PASS",
+    }
+    .run() else {
         return;
     };
     let out = &run.output;
@@ -318,20 +91,22 @@ fn vm_mirror_both_legs_fail_long_epochs() {
 }
 
 fn both_legs_fail(test: &str, args: &[&str]) {
-    let Some(run) = run_mirror_vm(
+    let Some(run) = VmTest {
         test,
-        &[
+        bins: &["wbctl"],
+        disks: &[
             disk("backing", "1G", true),
             disk("cache0", "256M", false),
             disk("cache1", "256M", false),
             disk("spare0", "256M", false),
             disk("spare1", "256M", false),
         ],
-        "tests/vm/scripts/mirror-both-fail.sh",
+        script: "tests/vm/scripts/mirror-both-fail.sh",
         args,
-        1500,
-        "mirror-both-fail: PASS",
-    ) else {
+        timeout_secs: 1500,
+        pass_line: "mirror-both-fail: PASS",
+    }
+    .run() else {
         return;
     };
     let out = &run.output;
