@@ -24,7 +24,8 @@
 #   start_wb_null [ARGS] start the null ublk target in the background; sets
 #                        WB_NULL_DEV (/dev/ublkbN) and WB_NULL_PID; stopped at exit
 #   stop_wb_null         stop it now (SIGTERM, wait, device deleted)
-#   fio_iops RW FIO-ARGS...   run fio with JSON output (kept in $WB_OUT), print
+#   fio_iops RW FIO-ARGS...   run fio with JSON output (kept in $WB_OUT as
+#                        fio-<job name>-<time>.json), print
 #                        the IOPS of direction RW (read|write|trim) as an integer
 #   fio_json_field FILE RW FIELD   a field (iops, bw_bytes, ...) of a fio JSON
 
@@ -160,12 +161,15 @@ print(int(round(total)))
 PY
 }
 
-WB_FIO_N=0
 fio_iops() {
-    local rw="$1"
+    local rw="$1" name=fio arg
     shift
-    WB_FIO_N=$((WB_FIO_N + 1))
-    local out="${WB_OUT:-/tmp}/fio-$WB_FIO_N.json"
+    for arg in "$@"; do
+        if [[ "$arg" == --name=* ]]; then name="${arg#--name=}"; fi
+    done
+    # Named by job and time: callers run this in $(...), a subshell, where a counter would not
+    # survive from one call to the next.
+    local out="${WB_OUT:-/tmp}/fio-$name-${EPOCHREALTIME/./}.json"
     fio --output-format=json --output="$out" --eta=never "$@" >&2 || {
         cat "$out" >&2 2>/dev/null
         fail "fio $* failed"
