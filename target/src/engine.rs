@@ -255,6 +255,8 @@ pub struct Shared {
     pub(crate) writeback_fenced: AtomicBool,
     /// A writeback thread runs (the fence is raised only then: that thread lifts it).
     pub(crate) writeback_running: AtomicBool,
+    /// What the last failed writeback attempt said (for a drain that gives up).
+    pub(crate) last_writeback_error: Mutex<Option<String>>,
     pub recovery: crate::recovery::ScanReport,
 }
 

@@ -31,6 +31,12 @@ pub enum EngineError {
     CacheFailed(String),
     #[error("engine is shutting down")]
     ShuttingDown,
+    /// A drain gave up: writeback keeps failing without progress (it goes on retrying).
+    #[error(
+        "drain gave up: writeback failed {errors} times in a row without progress (last error: \
+         {last}); the dirty data stays in the cache and writeback keeps retrying"
+    )]
+    WritebackStuck { errors: u64, last: String },
     /// Internal: the log is out of use (passthrough); the request is re-done on the backing
     /// device. Never returned by the engine's public methods.
     #[error("passthrough")]

@@ -28,6 +28,10 @@ use crate::log_writer::{self, LogJob};
 const SYNC_TICK: Duration = Duration::from_millis(50);
 /// Pause before writeback retries after a failed batch.
 const WRITEBACK_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// A drain returns an error once writeback has failed this many times in a row (about as many
+/// seconds: `WRITEBACK_RETRY_PAUSE`) without writing anything back, instead of waiting forever
+/// on a backing device that is gone. Writeback itself keeps retrying.
+const DRAIN_GIVES_UP_AFTER_ERRORS: u64 = 5;
 
 impl Engine {
     pub(crate) fn start(
@@ -66,6 +70,7 @@ impl Engine {
                                 Ok(()) => break,
                                 Err(e) => {
                                     log::error!("writeback: {e}; retrying from the checkpoint");
+                                    *s.last_writeback_error.lock() = Some(e.to_string());
                                     s.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
                                     // Legs may have been taken out by read errors: settle the
                                     // mode (every leg gone → passthrough, waiting writers go on).
@@ -140,6 +145,9 @@ impl Engine {
         self.shared.flush()?;
         let started = Instant::now();
         let first = self.status();
+        let writeback_errors = || self.shared.stats.writeback_errors.load(Ordering::Relaxed);
+        // (written-back id, writeback errors) when writeback last made progress.
+        let mut last_progress = (first.segments.last_written_back_id, writeback_errors());
         let mut state = self.shared.state.lock();
         state.drain_requested = true;
         self.shared.writeback_wakeup.notify_all();
@@ -149,6 +157,17 @@ impl Engine {
             }
             if state.shutting_down {
                 break Err(EngineError::ShuttingDown);
+            }
+            if state.written_back_id != last_progress.0 {
+                last_progress = (state.written_back_id, writeback_errors());
+            }
+            let errors = writeback_errors() - last_progress.1;
+            if errors >= DRAIN_GIVES_UP_AFTER_ERRORS {
+                let last = self.shared.last_writeback_error.lock().clone();
+                break Err(EngineError::WritebackStuck {
+                    errors,
+                    last: last.unwrap_or_default(),
+                });
             }
             let left = state.sealed_id - state.written_back_id;
             if left == 0 && state.open.is_none() {

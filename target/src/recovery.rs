@@ -568,6 +568,7 @@ pub fn open(
         backing_gate: parking_lot::RwLock::new(()),
         writeback_fenced: AtomicBool::new(false),
         writeback_running: AtomicBool::new(false),
+        last_writeback_error: Mutex::new(None),
         recovery: report,
     });
     Ok(Engine::start(shared, log_rx, options.writeback))

@@ -701,3 +701,47 @@ fn writeback_over_direct_io_files_leaves_the_backing_file_equal_to_the_model() {
         );
     }
 }
+
+/// A backing device that refuses every write: the drain gives up with an error naming the cause
+/// (instead of waiting forever), nothing is lost, and once the device is back writeback resumes
+/// and a second drain completes with the backing device holding every write.
+#[test]
+fn drain_gives_up_on_a_failing_backing_device_and_resumes_after() {
+    let rig = Rig::new(2, 16, 8 << 20, 4096);
+    let engine = open_over(&rig, rig.leg_devices(), rig.backing.clone(), paused());
+    let mut model = Model::from_image(rig.backing.snapshot());
+    for block in 0..300u64 {
+        let data = vec![block as u8 | 1; 4096];
+        engine.write(block * 4096, &data, false).unwrap();
+        model.write(block as usize * 4096, &data);
+    }
+    engine.flush().unwrap();
+    rig.backing
+        .faults
+        .write_error_ppm
+        .store(1_000_000, Ordering::Relaxed);
+    let err = engine
+        .drain(Duration::from_millis(10), |_| {})
+        .expect_err("a drain onto a device that refuses every write cannot succeed");
+    let message = err.to_string();
+    assert!(
+        matches!(err, wb_target::EngineError::WritebackStuck { .. })
+            && message.contains("injected write error"),
+        "drain error does not say why: {message}"
+    );
+    assert_eq!(
+        written_back(&engine),
+        0,
+        "nothing can have been written back"
+    );
+    rig.backing
+        .faults
+        .write_error_ppm
+        .store(0, Ordering::Relaxed);
+    engine.drain(Duration::from_millis(10), |_| {}).unwrap();
+    assert_eq!(engine.status().dirty_bytes, 0);
+    assert!(
+        rig.backing.snapshot() == model.data,
+        "after the second drain the backing device differs from what was written"
+    );
+}
