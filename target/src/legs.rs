@@ -126,10 +126,37 @@ impl CacheLegs {
         self.for_each_healthy(|leg| leg.device().flush())
     }
 
-    fn for_each_healthy(&self, op: impl Fn(&Leg) -> io::Result<()>) -> io::Result<()> {
+    /// Writes to every healthy leg and flushes it (a checkpoint); succeeds if at least one leg
+    /// has it durably.
+    pub fn write_durably_all(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.for_each_healthy(|leg| {
+            leg.device().write_at(buf, offset)?;
+            leg.device().flush()
+        })
+    }
+
+    /// Runs `op` on every healthy leg, the legs side by side (the caller waits for the slowest
+    /// leg, not for each in turn); a leg whose `op` fails is taken out of use.
+    fn for_each_healthy(&self, op: impl Fn(&Leg) -> io::Result<()> + Sync) -> io::Result<()> {
+        let healthy: Vec<&Leg> = self.legs.iter().filter(|l| l.is_healthy()).collect();
+        let results: Vec<io::Result<()>> = match healthy[..] {
+            [] => Vec::new(),
+            [leg] => vec![op(leg)],
+            _ => std::thread::scope(|scope| {
+                let op = &op;
+                let handles: Vec<_> = healthy
+                    .iter()
+                    .map(|&leg| scope.spawn(move || op(leg)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("leg I/O thread"))
+                    .collect()
+            }),
+        };
         let mut ok = 0;
-        for leg in self.legs.iter().filter(|l| l.is_healthy()) {
-            match op(leg) {
+        for (leg, result) in healthy.into_iter().zip(results) {
+            match result {
                 Ok(()) => ok += 1,
                 Err(e) => {
                     leg.write_errors.fetch_add(1, Ordering::Relaxed);

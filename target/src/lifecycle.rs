@@ -436,8 +436,7 @@ impl CacheLog for Shared {
         let mut buf = AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
         buf.copy_from_slice(&checkpoint.encode());
         self.legs
-            .write_all(&buf, checkpoint_offset(checkpoint.ring_index()))?;
-        self.legs.flush_all()?;
+            .write_durably_all(&buf, checkpoint_offset(checkpoint.ring_index()))?;
 
         let n = self.geometry.segment_count;
         let mut state = self.state.lock();
