@@ -249,8 +249,9 @@ pub struct Shared {
     /// Orders writeback's backing writes before passthrough writes. Once every leg is lost,
     /// writeback may still hold a batch it read before; a write it issued after a passthrough
     /// write could bring back stale data. Writeback holds this shared around each backing write
-    /// and checks `writeback_fenced` under it; passthrough takes it exclusively once after the
-    /// fence, so every writeback write lands before the first passthrough write.
+    /// and checks `writeback_fenced` under it; passthrough writes and reads take it exclusively
+    /// while the fence is up, so every writeback write lands before the first passthrough write
+    /// and before any passthrough read.
     pub(crate) backing_gate: parking_lot::RwLock<()>,
     pub(crate) writeback_fenced: AtomicBool,
     /// A writeback thread runs (the fence is raised only then: that thread lifts it).
@@ -832,7 +833,13 @@ impl Shared {
     fn resolve(&self, first: u64, count: usize, blocks: &mut [u8]) -> Result<Vec<Source>> {
         // In passthrough the map is empty: every block resolves to the backing device.
         let mut state = match self.lock_live() {
-            Err(EngineError::Passthrough) => self.state.lock(),
+            Err(EngineError::Passthrough) => {
+                // After every leg was lost, a writeback write that passed the fence just before
+                // may still be on its way to the backing device: read after it has landed, or a
+                // later read (with no write in between) would return other data.
+                self.wait_for_fenced_writeback();
+                self.state.lock()
+            }
             result => result?,
         };
         let mut sources = Vec::with_capacity(count);

@@ -120,8 +120,10 @@ impl Shared {
     }
 
     /// Every writeback write that passed the fence before it was raised has landed once the
-    /// gate can be taken exclusively (see `Shared::backing_gate`).
-    fn wait_for_fenced_writeback(&self) {
+    /// gate can be taken exclusively (see `Shared::backing_gate`). Passthrough writes wait for
+    /// this so that they land on top; passthrough reads, so that what they return is not
+    /// changed afterwards by such a write.
+    pub(crate) fn wait_for_fenced_writeback(&self) {
         if self.writeback_fenced.load(Ordering::Acquire) {
             drop(self.backing_gate.write());
         }

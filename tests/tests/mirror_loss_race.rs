@@ -211,6 +211,45 @@ fn a_passthrough_write_is_not_overwritten_by_the_write_in_flight_at_the_loss() {
     writeback_still_works(&rig, &engine);
 }
 
+/// A read in passthrough while writeback's write issued before the loss is still on its way to
+/// the backing device: the read must wait for it. Returning the block as it was before would let
+/// the device change under the reader with no write in between (the next read differs).
+#[test]
+fn a_passthrough_read_waits_for_the_write_in_flight_at_the_loss() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let gate = Arc::new(Gate::default());
+    let engine = engine_with_gated_backing(&rig, &gate);
+    let data = vec![0xc3u8; BLOCK];
+
+    gate.armed.store(true, Ordering::Release);
+    engine.write(0, &data, false).unwrap();
+    engine.flush().unwrap();
+    assert!(
+        gate.wait_held(Duration::from_secs(30)),
+        "writeback never wrote block 0 back"
+    );
+    lose_both_legs(&rig, &engine);
+
+    let reader = {
+        let engine = engine.clone();
+        std::thread::spawn(move || read_block(&engine, 0))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    gate.release();
+    let first = reader.join().unwrap();
+    let again = read_block(&engine, 0);
+    assert!(
+        again == data,
+        "block 0: writeback's write issued before the loss did not land"
+    );
+    assert!(
+        first == again,
+        "block 0: a read in passthrough returned the block as it was before writeback's write \
+         in flight at the loss landed; the next read returns other data"
+    );
+    assert!(rig.backing.snapshot()[..BLOCK] == data[..]);
+}
+
 /// The batch in flight has more backing writes than are issued at once: some were issued before
 /// the loss, the rest were not. A passthrough write goes to one of the blocks not yet written
 /// back; then both legs are replaced. The stale batch must never land on top of it, and
