@@ -122,7 +122,7 @@ impl Shared {
     /// Every writeback write that passed the fence before it was raised has landed once the
     /// gate can be taken exclusively (see `Shared::backing_gate`). Passthrough writes wait for
     /// this so that they land on top; passthrough reads, so that what they return is not
-    /// changed afterwards by such a write.
+    /// changed afterwards by such a write; FLUSHes, so that they cover it.
     pub(crate) fn wait_for_fenced_writeback(&self) {
         if self.writeback_fenced.load(Ordering::Acquire) {
             drop(self.backing_gate.write());
@@ -150,6 +150,9 @@ impl Shared {
     }
 
     pub(crate) fn passthrough_flush(&self) -> Result<()> {
+        // What a FLUSH returns for covers everything on the backing device, a writeback write
+        // issued before the loss included.
+        self.wait_for_fenced_writeback();
         self.backing
             .flush()
             .map_err(|e| EngineError::io(self.backing.name(), e))
