@@ -84,7 +84,7 @@ fn vm_ublk_xfs_then_backing_alone() {
     .run();
 }
 
-/// kill -9 of the daemon during fio (three times, in the write and the verify phase), `wbctl
+/// kill -9 of the daemon during fio (twice: in the write and the verify phase), `wbctl
 /// recover` each time: fio carries on without an I/O error and its verify passes; unflushed
 /// writes acknowledged just before a kill read back after recovery. Then `wbctl replace` swaps a
 /// leg for a spare disk online, and the data reads back the same.
@@ -100,7 +100,7 @@ fn vm_ublk_kill_and_recover_during_fio() {
             disk("spare", "1G", false),
         ],
         script: "tests/vm/scripts/ublk-recover.sh",
-        args: &["3"],
+        args: &["2"],
         timeout_secs: 1200,
         pass_line: "ublk-recover: PASS",
     }
@@ -123,7 +123,7 @@ fn vm_ublk_bench_iops_and_burst() {
             disk("cache1", "4G", false),
         ],
         script: "tests/vm/scripts/ublk-bench.sh",
-        args: &["15", "64"],
+        args: &["10", "32"],
         timeout_secs: 1500,
         pass_line: "ublk-bench: DONE",
     }

@@ -19,7 +19,6 @@
 #   mode_sampler NAME FILE   sample "secs mode leg0-health leg0-errors leg1-health leg1-errors
 #                            dirty_bytes" every 0.2 s into FILE until stop_mode_sampler
 #   stop_mode_sampler
-#   settle_writeback NAME    wait until written_back_bytes stops changing (3 s; at most 120 s)
 #   daemon_log NAME          the daemon's log file
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
@@ -110,22 +109,6 @@ stop_mode_sampler() {
     kill "$MODE_SAMPLER_PID" 2>/dev/null || true
     wait "$MODE_SAMPLER_PID" 2>/dev/null || true
     MODE_SAMPLER_PID=""
-}
-
-settle_writeback() {
-    local name="$1" last="" now same=0 i
-    for ((i = 0; i < 600; i++)); do
-        now="$(wb_field "$name" written_back_bytes)"
-        if [[ "$now" == "$last" ]]; then
-            same=$((same + 1))
-            ((same >= 15)) && return 0
-        else
-            same=0
-        fi
-        last="$now"
-        sleep 0.2
-    done
-    fail "$name: written_back_bytes still changing after 120 s"
 }
 
 daemon_log() {

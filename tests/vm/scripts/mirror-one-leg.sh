@@ -12,7 +12,7 @@
 #   tests/vm/run.sh --disk backing.img:throttle --disk c0.img --disk c1.img --disk spare.img \
 #       tests/vm/scripts/mirror-one-leg.sh [WRITE_MIB [FIO_RATE]]
 #
-# WRITE_MIB (default 128): what the first fio job writes; FIO_RATE (default 16m): its write rate
+# WRITE_MIB (default 64): what the first fio job writes; FIO_RATE (default 8m): its write rate
 # cap, so its write phase lasts some seconds. Prints "mirror-one-leg: PASS" at the end.
 set -euo pipefail
 source "$(dirname "$0")/../guest-lib.sh"
@@ -22,8 +22,8 @@ need_vm
 need_ublk
 need_dm
 [[ -z "${WB_WATCHDOG:-}" ]] || wb_watchdog "$WB_WATCHDOG"
-WRITE_MIB="${1:-128}"
-FIO_RATE="${2:-16m}"
+WRITE_MIB="${1:-64}"
+FIO_RATE="${2:-8m}"
 BACKING="$(disk 0)" RAW0="$(disk 1)" CACHE1="$(disk 2)" SPARE="$(disk 3)"
 log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING (throttled), leg A over $RAW0, leg B $CACHE1, spare $SPARE"
 
@@ -139,7 +139,7 @@ wait_mode d1 mirrored 30
 log "status after replace: $(status_excerpt d1)"
 
 read -r pt0 w0 <<<"$(wb_field d1 passthrough_writes write_bytes)"
-job2="$(fio_job mirror-one-leg-2 64M "$((WRITE_MIB + 128))M" "")"
+job2="$(fio_job mirror-one-leg-2 32M "$((WRITE_MIB + 128))M" "")"
 wb_fio d1 "$job2"
 read -r mode pt1 w1 <<<"$(wb_field d1 mode passthrough_writes write_bytes)"
 [[ "$mode" == mirrored ]] || fail "mode $mode after the second fio job"
@@ -149,7 +149,7 @@ read -r mode pt1 w1 <<<"$(wb_field d1 mode passthrough_writes write_bytes)"
 log "status after the second fio job: $(status_excerpt d1)"
 
 # ---- delete --drain: the backing device alone holds what the device held
-region=$(((WRITE_MIB + 192) << 20))
+region=$(((WRITE_MIB + 160) << 20))
 sum_dev="$(dev_sha256 "$dev" $region)"
 "$WBCTL" delete d1 --drain || fail "wbctl delete d1 --drain failed"
 sum_backing="$(dev_sha256 "$BACKING" $region)"
