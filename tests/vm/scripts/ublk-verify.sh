@@ -98,6 +98,9 @@ fio --name=once --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --
     --iodepth=8 --size="${ONCE_MIB}M" --offset=1G --randrepeat=0 --eta=never >/dev/null || fail "write-once fio failed"
 dirty=$(wb_field v0 dirty_bytes)
 [[ "$dirty" -eq $((ONCE_MIB << 20)) ]] || fail "dirty_bytes $dirty after writing $ONCE_MIB MiB once, expected exactly that"
+# One epoch drains in steps of at most 64 MiB (a checkpoint at least that often) and, here, in a
+# second or two: capped at 16 MiB/s, the samples see it between full and clean.
+"$WBCTL" set v0 max_bandwidth_mib=16
 samples="$WB_OUT/drain-samples.txt"
 : >"$samples"
 touch "$WB_OUT/draining"
@@ -121,6 +124,7 @@ assert all(b <= a for a, b in zip(v, v[1:])), f"dirty bytes rose during the drai
 assert v[-1] == 0, f"not clean after the drain: {v}"
 assert any(0 < x < v[0] for x in v), f"no sample between full and clean: {v}"
 PY
+"$WBCTL" set v0 max_bandwidth_mib=0
 
 # ---- delete --drain: the backing device alone holds what the device held
 fio --name=tail-writes --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
