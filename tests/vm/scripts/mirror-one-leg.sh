@@ -139,17 +139,18 @@ wait_mode d1 mirrored 30
 log "status after replace: $(status_excerpt d1)"
 
 read -r pt0 w0 <<<"$(wb_field d1 passthrough_writes write_bytes)"
-job2="$(fio_job mirror-one-leg-2 32M "$((WRITE_MIB + 128))M" "")"
+JOB2_MIB=32
+job2="$(fio_job mirror-one-leg-2 "${JOB2_MIB}M" "$((WRITE_MIB + 128))M" "")"
 wb_fio d1 "$job2"
 read -r mode pt1 w1 <<<"$(wb_field d1 mode passthrough_writes write_bytes)"
 [[ "$mode" == mirrored ]] || fail "mode $mode after the second fio job"
 [[ "$(leg_field d1 0 errors)" == 0 && "$(leg_field d1 1 errors)" == 0 ]] || fail "errors on the legs after replace"
 [[ "$pt1" == "$pt0" ]] || fail "passthrough_writes grew $pt0 -> $pt1 in mirrored mode"
-(((w1 - w0) >> 20 == 64)) || fail "write_bytes grew by $((w1 - w0)), expected 64 MiB"
+(((w1 - w0) >> 20 == JOB2_MIB)) || fail "write_bytes grew by $((w1 - w0)), expected $JOB2_MIB MiB"
 log "status after the second fio job: $(status_excerpt d1)"
 
 # ---- delete --drain: the backing device alone holds what the device held
-region=$(((WRITE_MIB + 160) << 20))
+region=$(((WRITE_MIB + 128 + JOB2_MIB) << 20))
 sum_dev="$(dev_sha256 "$dev" $region)"
 "$WBCTL" delete d1 --drain || fail "wbctl delete d1 --drain failed"
 sum_backing="$(dev_sha256 "$BACKING" $region)"
