@@ -77,7 +77,8 @@ pub type BytesCheck<'a> = dyn Fn(&[u8]) -> bool + 'a;
 /// A leg whose reads fail this many times in a row is taken out of use.
 const MAX_CONSECUTIVE_READ_ERRORS: u64 = 8;
 
-/// Granularity at which reads alternate between the legs.
+/// Granularity at which reads of a block alternate between the legs; reads of more than a
+/// block (writeback reading whole segments) alternate per segment.
 const BLOCK_SPREAD_BYTES: u64 = 4096;
 
 pub struct CacheLegs {
@@ -184,7 +185,12 @@ impl CacheLegs {
         let mut bad_legs: Vec<&Leg> = Vec::new();
         // Spread reads over the legs by address, so both serve reads (and a leg that returns
         // bad data is found by reads, not only when the other one fails).
-        let first = (offset / BLOCK_SPREAD_BYTES) as usize % self.legs.len();
+        let spread = if buf.len() as u64 > BLOCK_SPREAD_BYTES {
+            logfmt::SEGMENT_SIZE_BYTES as u64
+        } else {
+            BLOCK_SPREAD_BYTES
+        };
+        let first = (offset / spread) as usize % self.legs.len();
         let order = self.legs[first..].iter().chain(&self.legs[..first]);
         for leg in order.filter(|l| l.is_healthy()) {
             match leg.device().read_at(buf, offset) {

@@ -4,6 +4,7 @@
 //! sync interval passes), `wb-writeback` (ordered replay onto the backing device).
 //! Every shutdown path seals and flushes the log before the threads stop.
 
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,17 +12,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use logfmt::{
-    checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader,
-    SEGMENT_HEADER_SIZE_BYTES,
-};
+use logfmt::{checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader};
 use parking_lot::Mutex;
 use writeback::{Activity, CacheLog, Policy, Writeback};
 
 use crate::device::AlignedBuf;
 use crate::engine::{Engine, Shared, Slot};
 use crate::error::{EngineError, Result};
-use crate::legs::Leg;
 use crate::log_writer::{self, LogJob};
 
 /// How often `wb-sync` looks at the open segment.
@@ -515,11 +512,13 @@ impl CacheLog for Shared {
 }
 
 /// Reads segment `id` (at `offset` on the legs) into `buf`, an aligned segment-sized buffer, and
-/// checks the header and the data it lists against their CRCs; another leg on failure.
+/// checks the header and the data it lists against their CRCs; like any cache read, from the
+/// other leg when one fails, which is then repaired.
 ///
-/// One I/O of `used_bytes` (known since the segment was sealed) reads the header and the data
-/// together: a second round trip per segment halved writeback's read rate. Consecutive segments
-/// start on alternate legs, so a mirrored cache serves writeback from both of its devices.
+/// One I/O of `used_bytes` (recorded when the segment was sealed or recovered; 0: unknown, the
+/// whole segment) reads the header and the data together: a second round trip per segment halved
+/// writeback's read rate. Consecutive segments are read from alternate legs, so a mirrored cache
+/// serves writeback from both of its devices.
 fn read_segment_into(
     shared: &Shared,
     id: u64,
@@ -527,47 +526,23 @@ fn read_segment_into(
     used_bytes: usize,
     buf: &mut [u8],
 ) -> io::Result<SegmentHeader> {
-    let legs: Vec<&Leg> = shared
-        .legs
-        .all()
-        .iter()
-        .filter(|l| l.is_healthy())
-        .collect();
-    let first = (id % legs.len().max(1) as u64) as usize;
-    let len = used_bytes.clamp(SEGMENT_HEADER_SIZE_BYTES, buf.len());
-    let mut last_error = io::Error::other("no healthy cache leg");
-    for leg in legs[first..].iter().chain(&legs[..first]) {
-        let attempt = leg
-            .device()
-            .read_at(&mut buf[..len], offset)
-            .and_then(|()| {
-                SegmentHeader::decode_expecting(buf, &shared.geometry.uuid, id)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-            })
-            .and_then(|header| {
-                let used = header.used_bytes();
-                if used > len {
-                    // Sealed before `used_bytes` was recorded (never, today): read the rest.
-                    leg.device()
-                        .read_at(&mut buf[len..used], offset + len as u64)?;
-                }
-                header
-                    .verify_data(buf)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                Ok(header)
-            });
-        match attempt {
-            Ok(header) => return Ok(header),
-            Err(e) => {
-                if e.kind() == io::ErrorKind::InvalidData {
-                    leg.read_errors.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    leg.note_read_error(&e);
-                }
-                log::warn!("segment {id} on {}: {e}", leg.device().name());
-                last_error = e;
+    let len = match used_bytes {
+        0 => buf.len(),
+        n => n.min(buf.len()),
+    };
+    let found = Cell::new(None);
+    let check = |bytes: &[u8]| {
+        let header = SegmentHeader::decode_expecting(bytes, &shared.geometry.uuid, id);
+        match header {
+            Ok(h) if h.used_bytes() <= bytes.len() && h.verify_data(bytes).is_ok() => {
+                found.set(Some(h));
+                true
             }
+            _ => false,
         }
-    }
-    Err(last_error)
+    };
+    shared.legs.read(&mut buf[..len], offset, Some(&check))?;
+    Ok(found
+        .take()
+        .expect("a read that passed the check found the header"))
 }
