@@ -55,12 +55,7 @@ pub fn sequential_read_bandwidth(
     bytes: u64,
     threads: usize,
 ) -> Result<f64> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .or_else(|_| OpenOptions::new().read(true).open(path))
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = open_direct(path, false)?;
     let chunk = logfmt::SEGMENT_SIZE_BYTES as u64;
     let chunks = bytes.div_ceil(chunk);
     let started = Instant::now();
@@ -98,6 +93,17 @@ pub fn random_write_bandwidth(path: &Path, blocks: &[u64]) -> Result<f64> {
     }
     file.sync_data()?;
     Ok((blocks.len() * logfmt::BLOCK_SIZE_BYTES) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Opens with O_DIRECT, or buffered where the filesystem refuses it (tmpfs), as the engine does.
+pub fn open_direct(path: &Path, write: bool) -> Result<std::fs::File> {
+    let mut options = OpenOptions::new();
+    options.read(!write).write(write);
+    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path),
+        other => other,
+    }
+    .with_context(|| format!("opening {}", path.display()))
 }
 
 /// A device that counts the bytes read through it.

@@ -31,8 +31,7 @@
 //! took (it returns once the last checkpoint is on the cache), so per-batch flushes and
 //! checkpoints are paid inside the figure.
 
-use std::fs::OpenOptions as FileOptions;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -325,7 +324,7 @@ fn fill(engine: &Engine, blocks: &[u64]) -> Result<u64> {
 /// Checks a sample of the drained blocks on the backing file: block `blocks[i]` holds `i` (what
 /// `fill` wrote), so a fast but wrong drain does not pass for a result.
 fn verify_sample(backing: &Path, blocks: &[u64]) -> Result<()> {
-    let file = open_direct(backing, false)?;
+    let file = files::open_direct(backing, false)?;
     let mut buf = AlignedBuf::new(BLOCK as usize);
     let step = (blocks.len() / 512).max(1);
     for (i, &b) in blocks.iter().enumerate().step_by(step) {
@@ -363,7 +362,10 @@ fn drain(engine: &Engine) -> Result<Drain> {
 /// 512 KiB O_DIRECT reads and writes, reading the next chunk while the last is written, then
 /// fdatasync: what any writeback of that data can at best do when it shares the devices.
 fn copy_bandwidth(src: &Path, src_offset: u64, dst: &Path, bytes: u64) -> Result<f64> {
-    let (src, dst) = (open_direct(src, false)?, open_direct(dst, true)?);
+    let (src, dst) = (
+        files::open_direct(src, false)?,
+        files::open_direct(dst, true)?,
+    );
     let chunk = logfmt::SEGMENT_SIZE_BYTES as u64;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, AlignedBuf)>(1);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<AlignedBuf>();
@@ -392,20 +394,9 @@ fn copy_bandwidth(src: &Path, src_offset: u64, dst: &Path, bytes: u64) -> Result
     Ok(bytes.next_multiple_of(chunk) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Opens with O_DIRECT, or buffered where the filesystem refuses it (tmpfs), as the engine does.
-fn open_direct(path: &Path, write: bool) -> Result<std::fs::File> {
-    let mut options = FileOptions::new();
-    options.read(!write).write(write);
-    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path),
-        other => other,
-    }
-    .with_context(|| format!("opening {}", path.display()))
-}
-
 /// Writes the whole file once (allocating its blocks), then fdatasync.
 fn write_through(path: &Path, bytes: u64) -> Result<()> {
-    let file = open_direct(path, true)?;
+    let file = files::open_direct(path, true)?;
     let buf = AlignedBuf::new(logfmt::SEGMENT_SIZE_BYTES);
     let mut done = 0;
     while done < bytes {
