@@ -293,3 +293,14 @@ pub fn lines_with<'a>(test: &str, output: &'a str, needle: &str) -> Vec<&'a str>
     );
     found
 }
+
+/// Prints, prefixed with the test's name, the output lines containing any of `needles` (the
+/// figures and milestones worth seeing in a passing run).
+pub fn echo_lines_with(test: &str, output: &str, needles: &[&str]) {
+    for l in output
+        .lines()
+        .filter(|l| needles.iter().any(|n| l.contains(n)))
+    {
+        println!("{test}: {}", l.trim());
+    }
+}

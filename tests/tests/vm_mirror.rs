@@ -11,7 +11,7 @@
 
 use std::process::Command;
 
-use wb_tests::vm::{disk, have, lines_with, repo_root, skip, VmTest};
+use wb_tests::vm::{disk, echo_lines_with, have, lines_with, repo_root, skip, VmTest};
 
 /// One leg fails during a fio verify job: leg A is a dm linear target switched to the `error`
 /// target while fio writes. The job passes (no I/O error, verify ok); status shows leg A failed
@@ -54,16 +54,18 @@ fn vm_mirror_one_leg_fails_during_fio_verify() {
         after[0]
     );
     lines_with(test, out, "mode mirrored after");
-    for l in out.lines().filter(|l| {
-        l.contains("INJECTED")
-            || l.contains("mode history")
-            || l.contains("degraded from")
-            || l.contains("status after")
-            || l.contains("wbctl replace took")
-            || l.contains("sha256 of the first")
-    }) {
-        println!("{test}: {}", l.trim());
-    }
+    echo_lines_with(
+        test,
+        out,
+        &[
+            "INJECTED",
+            "mode history",
+            "degraded from",
+            "status after",
+            "wbctl replace took",
+            "sha256 of the first",
+        ],
+    );
     println!("{test}: VM wall time {:.1}s", run.wall.as_secs_f64());
 }
 
@@ -123,19 +125,21 @@ fn both_legs_fail(test: &str, args: &[&str]) {
         "{test}: expected two self-test PASS lines"
     );
     lines_with(test, out, "rejected as expected");
-    for l in out.lines().filter(|l| {
-        l.contains("an fsync every")
-            || l.contains("injecting after")
-            || l.contains("passthrough seen")
-            || l.contains("mirror-journal: done")
-            || l.contains("CRITICAL")
-            || l.contains("status after")
-            || l.contains("oracle:")
-            || l.contains("oracle self-test")
-            || l.contains("mode history")
-    }) {
-        println!("{test}: {}", l.trim());
-    }
+    echo_lines_with(
+        test,
+        out,
+        &[
+            "an fsync every",
+            "injecting after",
+            "passthrough seen",
+            "mirror-journal: done",
+            "CRITICAL",
+            "status after",
+            "oracle:",
+            "oracle self-test",
+            "mode history",
+        ],
+    );
     println!("{test}: VM wall time {:.1}s", run.wall.as_secs_f64());
 }
 
