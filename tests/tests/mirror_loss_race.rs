@@ -172,6 +172,24 @@ fn writeback_still_works(rig: &Rig, engine: &Arc<Engine>) {
     assert!(rig.backing.snapshot()[200 * BLOCK..201 * BLOCK] == [0x99u8; BLOCK][..]);
 }
 
+/// Writes `data` to block 0 and flushes; once writeback's backing write of it is held at the
+/// gate (issued before the loss, not landed), both legs die.
+fn write_block_0_and_lose_both_legs_while_writeback_holds_it(
+    rig: &Rig,
+    engine: &Engine,
+    gate: &Gate,
+    data: &[u8],
+) {
+    gate.armed.store(true, Ordering::Release);
+    engine.write(0, data, false).unwrap();
+    engine.flush().unwrap();
+    assert!(
+        gate.wait_held(Duration::from_secs(30)),
+        "writeback never wrote block 0 back"
+    );
+    lose_both_legs(rig, engine);
+}
+
 /// The batch in flight has one backing write, issued before the loss and landing after it: the
 /// passthrough write to the same block must land after it, not under it.
 #[test]
@@ -181,14 +199,7 @@ fn a_passthrough_write_is_not_overwritten_by_the_write_in_flight_at_the_loss() {
     let engine = engine_with_gated_backing(&rig, &gate);
     let (old, new) = (vec![0xa1u8; BLOCK], vec![0xb2u8; BLOCK]);
 
-    gate.armed.store(true, Ordering::Release);
-    engine.write(0, &old, false).unwrap();
-    engine.flush().unwrap();
-    assert!(
-        gate.wait_held(Duration::from_secs(30)),
-        "writeback never wrote block 0 back"
-    );
-    lose_both_legs(&rig, &engine);
+    write_block_0_and_lose_both_legs_while_writeback_holds_it(&rig, &engine, &gate, &old);
 
     let writer = {
         let (engine, new) = (engine.clone(), new.clone());
@@ -221,14 +232,7 @@ fn a_passthrough_read_waits_for_the_write_in_flight_at_the_loss() {
     let engine = engine_with_gated_backing(&rig, &gate);
     let data = vec![0xc3u8; BLOCK];
 
-    gate.armed.store(true, Ordering::Release);
-    engine.write(0, &data, false).unwrap();
-    engine.flush().unwrap();
-    assert!(
-        gate.wait_held(Duration::from_secs(30)),
-        "writeback never wrote block 0 back"
-    );
-    lose_both_legs(&rig, &engine);
+    write_block_0_and_lose_both_legs_while_writeback_holds_it(&rig, &engine, &gate, &data);
 
     let reader = {
         let engine = engine.clone();
