@@ -18,7 +18,7 @@ mod layout;
 mod segment;
 mod superblock;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{CacheLost, Checkpoint, Faults};
 pub use error::FormatError;
 pub use layout::*;
 pub use segment::{Entry, EntryKind, SegmentHeader, FLAG_FLUSH};

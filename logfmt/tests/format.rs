@@ -235,15 +235,39 @@ fn arb_superblock() -> impl Strategy<Value = Superblock> {
         )
 }
 
-fn arb_checkpoint() -> impl Strategy<Value = Checkpoint> {
-    (any::<[u8; 16]>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-        |(uuid, sequence, last_written_back_id, last_written_back_epoch)| Checkpoint {
-            uuid,
-            sequence,
-            last_written_back_id,
-            last_written_back_epoch,
-        },
+fn arb_faults() -> impl Strategy<Value = Faults> {
+    (
+        any::<u64>(),
+        0u32..4,
+        proptest::option::of((any::<u64>(), any::<u64>())),
     )
+        .prop_map(|(sequence, failed_legs, lost)| Faults {
+            sequence,
+            failed_legs,
+            cache_lost: lost.map(|(backing_holds_id, log_through_id)| CacheLost {
+                backing_holds_id,
+                log_through_id,
+            }),
+        })
+}
+
+fn arb_checkpoint() -> impl Strategy<Value = Checkpoint> {
+    (
+        any::<[u8; 16]>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        arb_faults(),
+    )
+        .prop_map(
+            |(uuid, sequence, last_written_back_id, last_written_back_epoch, faults)| Checkpoint {
+                uuid,
+                sequence,
+                last_written_back_id,
+                last_written_back_epoch,
+                faults,
+            },
+        )
 }
 
 /// What a single flipped bit at `byte` of a self-checksummed record must be reported as: the
@@ -443,6 +467,7 @@ fn checkpoint_fields_sit_at_documented_offsets() {
         sequence: 11,
         last_written_back_id: 222,
         last_written_back_epoch: 33,
+        faults: Default::default(),
     };
     let bytes = cp.encode();
     assert_eq!(&bytes[0..8], b"WBCHKPT1");
@@ -680,6 +705,7 @@ fn foreign_uuid_is_rejected() {
         sequence: 1,
         last_written_back_id: 0,
         last_written_back_epoch: 0,
+        faults: Default::default(),
     }
     .encode();
     assert_eq!(
@@ -699,6 +725,7 @@ fn wrong_version_is_rejected_in_every_record() {
         sequence: 1,
         last_written_back_id: 0,
         last_written_back_epoch: 0,
+        faults: Default::default(),
     };
     let records: [(&str, Vec<u8>); 3] = [
         ("superblock", sample_superblock().encode()),
@@ -742,6 +769,7 @@ fn bad_magic_is_rejected_in_every_record() {
         sequence: 1,
         last_written_back_id: 0,
         last_written_back_epoch: 0,
+        faults: Default::default(),
     }
     .encode();
     assert_eq!(
@@ -922,6 +950,7 @@ fn ring_with(sequences: impl IntoIterator<Item = u64>) -> Vec<u8> {
             sequence,
             last_written_back_id: sequence * 10,
             last_written_back_epoch: sequence,
+            faults: Default::default(),
         };
         let at = cp.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
         ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&cp.encode());
@@ -964,6 +993,7 @@ fn checkpoint_of_another_cache_set_is_ignored_in_the_ring() {
         sequence: 1000,
         last_written_back_id: 1,
         last_written_back_epoch: 1,
+        faults: Default::default(),
     };
     let at = foreign.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
     ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&foreign.encode());

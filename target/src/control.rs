@@ -207,6 +207,18 @@ pub struct LegReport {
     pub repairs: u64,
 }
 
+/// `DeviceStatus::cache_lost`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheLostReport {
+    /// The backing device holds every segment up to this id (a consistent older state).
+    pub backing_holds_id: u64,
+    /// Log segments `lost_from_id..=lost_through_id` are gone and never replayed.
+    pub lost_from_id: u64,
+    pub lost_through_id: u64,
+    /// Acknowledged bytes the loss took (known only to the daemon that saw it).
+    pub lost_dirty_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SegmentReport {
     pub current_id: u64,
@@ -236,6 +248,15 @@ pub struct DeviceStatus {
     pub failure: Option<String>,
     /// Set when every cache leg was lost: the last segment id the backing device holds.
     pub cache_lost_at: Option<u64>,
+    /// Set when every cache leg was lost (now or recorded by an earlier run): what is gone and
+    /// what the backing device holds.
+    #[serde(default)]
+    pub cache_lost: Option<CacheLostReport>,
+    /// The fault record: its sequence (0: nothing ever failed) and the host's copy.
+    #[serde(default)]
+    pub fault_record_sequence: u64,
+    #[serde(default)]
+    pub fault_file: Option<String>,
     pub backing: String,
     pub legs: Vec<LegReport>,
     pub device_size_bytes: u64,

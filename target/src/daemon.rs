@@ -781,6 +781,17 @@ impl Daemon {
             mode,
             failure: s.failure.clone(),
             cache_lost_at: s.cache_lost_at,
+            cache_lost: s
+                .cache_lost
+                .as_ref()
+                .map(|l| crate::control::CacheLostReport {
+                    backing_holds_id: l.backing_holds_id,
+                    lost_from_id: l.lost_from_id,
+                    lost_through_id: l.lost_through_id,
+                    lost_dirty_bytes: l.lost_dirty_bytes,
+                }),
+            fault_record_sequence: s.fault_record_sequence,
+            fault_file: s.fault_file.clone(),
             backing: self.spec.backing.display().to_string(),
             legs,
             device_size_bytes: self.engine.device_size_bytes(),
@@ -1181,6 +1192,7 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
     }
     let mut options = crate::recovery::OpenOptions::new(buffer_path);
     options.writeback = Some(spec.policy.clone());
+    options.fault_dir = Some(crate::faults::fault_dir_from_env());
     let engine = crate::recovery::open(legs, backing, &identity, options)?;
     let report = engine.recovery_report();
     log::info!(

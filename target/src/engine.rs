@@ -5,7 +5,12 @@
 //! Invariants owned here (asserted where they are enforced):
 //! - Segment ids are handed out in order, one open segment at a time; id `k` lives in ring slot
 //!   `(k-1) % N`, and a slot is reused only after writeback freed the segment N ids older.
-//! - `written_back_id ≤ durable_id ≤ written_id ≤ sealed_id < next_segment_id`.
+//! - `written_back_id ≤ written_id`, `durable_id ≤ written_id ≤ sealed_id < next_segment_id`
+//!   (writeback works up to `written_id`: a segment on every leg, flushed or not).
+//! - A FLUSH (or FUA write) completes with success only if every write it covers is durable: on
+//!   every leg still in use, whose failures are on record (`faults`), or on the backing device.
+//!   After a cache loss, the FLUSHes waiting then, every FUA write logged before it, and the first
+//!   FLUSH after it (if acknowledged writes were not yet covered by a FLUSH) fail.
 //! - Epochs only grow along the log; a FLUSH ends the epoch of every write acknowledged before it.
 //! - A block's map entry only moves to a newer copy; writeback removes it only while it still
 //!   points into the segment being freed, and only once no reader has that segment pinned.
@@ -181,18 +186,32 @@ pub(crate) struct State {
     /// Requests go straight to the backing device (a leg is missing and the cache is clean, or
     /// every leg is lost).
     pub passthrough: bool,
-    /// Every leg was lost: the last segment id the backing device holds.
-    pub cache_lost_at: Option<u64>,
-    /// Bumped when every leg is lost: FLUSHes waiting at that moment fail.
+    /// Every leg was lost: what the backing device holds, and the log that is gone.
+    pub cache_lost: Option<logfmt::CacheLost>,
+    /// Dirty blocks the loss took (known only to the engine that saw it happen).
+    pub lost_dirty_blocks: Option<u64>,
+    /// Bumped when every leg is lost: FLUSHes waiting at that moment fail, and so does a FUA
+    /// write logged before it.
     pub lost_generation: u64,
+    /// Every write in a segment up to this id was covered by a FLUSH that succeeded.
+    pub flushed_id: u64,
+    /// A cache loss took acknowledged writes no FLUSH had covered: the next FLUSH fails.
+    pub flush_error_owed: bool,
+    /// Writes and zeroings logged so far; a FLUSH covers those logged before it was issued.
+    pub logged_writes: u64,
+    /// `logged_writes` at the loss: a FLUSH that covers this many has reported the loss.
+    pub lost_writes_mark: u64,
+    /// The fault record as it is durably recorded (`faults`).
+    pub faults_recorded: logfmt::Faults,
 }
 
 impl State {
-    fn check_invariants(&self) {
-        debug_assert!(self.written_back_id <= self.durable_id.max(self.written_back_id));
-        debug_assert!(self.durable_id <= self.written_id);
-        debug_assert!(self.written_id <= self.sealed_id);
-        debug_assert!(self.sealed_id < self.next_segment_id);
+    pub(crate) fn check_invariants(&self) {
+        assert!(self.written_back_id <= self.written_id);
+        assert!(self.durable_id <= self.written_id);
+        assert!(self.written_id <= self.sealed_id);
+        assert!(self.sealed_id < self.next_segment_id);
+        assert!(self.flushed_id <= self.durable_id.max(self.written_back_id));
     }
     pub fn dirty_segments(&self) -> u64 {
         self.sealed_id - self.written_back_id + self.open.is_some() as u64
@@ -259,6 +278,20 @@ pub struct Shared {
     /// What the last failed writeback attempt said (for a drain that gives up).
     pub(crate) last_writeback_error: Mutex<Option<String>>,
     pub recovery: crate::recovery::ScanReport,
+    /// The host's copy of the fault record (`faults`); `None`: the legs' copies only.
+    pub(crate) fault_file: Option<crate::faults::FaultFile>,
+    /// One fault-record writer at a time (and `replace_leg`, which changes the record).
+    pub(crate) fault_recorder: Mutex<()>,
+    /// One checkpoint writer at a time (writeback's commit, the fault record): each takes the
+    /// next sequence, and its slot, from the state.
+    pub(crate) checkpoint_lock: Mutex<()>,
+    /// A passthrough write or zeroing was acknowledged and the backing device not flushed since:
+    /// the next FLUSH flushes it, in passthrough or not (a FLUSH after leaving passthrough must
+    /// cover the writes made in it).
+    pub(crate) backing_unflushed: AtomicBool,
+    /// On tmpfs beside the RAM buffer file: present while a cache loss owes the client a FLUSH
+    /// error (it outlives a daemon crash, like the client's view of the device; not a reboot).
+    pub(crate) flush_error_marker: std::path::PathBuf,
 }
 
 /// The engine handle. Dropping it (or `shutdown`) seals and flushes the log and stops threads.
@@ -378,23 +411,27 @@ impl Shared {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_request(offset, data.len() as u64)?;
         self.note_request();
-        match self.log_write(offset, data) {
+        let generation = match self.log_write(offset, data) {
             Err(EngineError::Passthrough) => return self.passthrough_write(offset, data, fua),
             result => result?,
-        }
+        };
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if fua {
-            self.flush_inner()?;
+            // Durable only if no cache loss took the log it was written to.
+            self.flush_inner(generation, None)?;
         }
         Ok(())
     }
 
-    /// Logs a write into the RAM buffer, block by block.
-    fn log_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Logs a write into the RAM buffer, block by block. Returns the loss generation it was
+    /// logged in.
+    fn log_write(&self, offset: u64, data: &[u8]) -> Result<u64> {
         let mut state = self.lock_live()?;
+        let generation = state.lost_generation;
+        state.logged_writes += 1;
         let mut scratch = [0u8; BLOCK_SIZE_BYTES];
         let mut pos = 0usize;
         while pos < data.len() {
@@ -411,7 +448,7 @@ impl Shared {
             self.put_block(&mut state, block, sector_mask(in_block, n), piece)?;
             pos += n;
         }
-        Ok(())
+        Ok(generation)
     }
 
     /// Logs one block (the sectors of `mask`, at their places in `data`) into the open segment.
@@ -679,16 +716,43 @@ impl Shared {
 
     pub fn flush(&self) -> Result<()> {
         self.note_request();
-        self.flush_inner()
+        let (generation, covers) = {
+            let state = self.state.lock();
+            (state.lost_generation, state.logged_writes)
+        };
+        self.flush_inner(generation, Some(covers))
     }
 
-    fn flush_inner(&self) -> Result<()> {
+    /// A FLUSH (covering the first `covers` logged writes) or a FUA write's flush (`None`: it
+    /// vouches for that write only) issued in loss generation `issued`: it fails if the cache was
+    /// lost since, because what it covers was in the cache that is gone.
+    fn flush_inner(&self, issued: u64, covers: Option<u64>) -> Result<()> {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        let mut state = match self.lock_live() {
-            Err(EngineError::Passthrough) => return self.passthrough_flush(),
-            result => result?,
+        let lost_since = |state: &mut State| {
+            // A FLUSH that covers every write the loss took has reported it to the client.
+            if covers.is_some_and(|c| c >= state.lost_writes_mark) && state.flush_error_owed {
+                state.flush_error_owed = false;
+                let _ = std::fs::remove_file(&self.flush_error_marker);
+            }
+            EngineError::CacheFailed(
+                "every cache leg was lost before this FLUSH completed: the writes it covers are \
+                 gone"
+                    .into(),
+            )
         };
-        let generation = state.lost_generation;
+        let mut state = self.state.lock();
+        if let Some(why) = &state.failure {
+            return Err(EngineError::CacheFailed(why.clone()));
+        }
+        if state.shutting_down {
+            return Err(EngineError::ShuttingDown);
+        }
+        if state.lost_generation != issued {
+            return Err(lost_since(&mut state));
+        }
+        if state.passthrough {
+            return self.flush_in_passthrough(state);
+        }
         self.seal(&mut state, SealReason::Flush);
         let target = state.sealed_id;
         if state.durable_id < target {
@@ -696,17 +760,30 @@ impl Shared {
                 .send(LogJob::Flush)
                 .expect("log writer is running");
         }
-        while state.durable_id < target {
+        // The loss check comes first: a loss sets `durable_id` past every id it dropped.
+        loop {
             if let Some(why) = &state.failure {
                 return Err(EngineError::CacheFailed(why.clone()));
             }
-            if state.lost_generation != generation {
-                // The writes this FLUSH covers were in the cache that is gone.
-                return Err(EngineError::CacheFailed(
-                    "every cache leg was lost before this FLUSH completed".into(),
-                ));
+            if state.lost_generation != issued {
+                return Err(lost_since(&mut state));
+            }
+            if state.durable_id >= target {
+                break;
             }
             self.progress.wait(&mut state);
+        }
+        state.flushed_id = state.flushed_id.max(target);
+        // New legs were attached after a loss that no FLUSH has reported yet: this one does.
+        let owed = std::mem::take(&mut state.flush_error_owed);
+        drop(state);
+        self.flush_backing_if_written()?;
+        if owed {
+            let _ = std::fs::remove_file(&self.flush_error_marker);
+            return Err(EngineError::CacheFailed(
+                "the cache was lost with acknowledged writes this FLUSH covers: they are gone"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -733,6 +810,7 @@ impl Shared {
         let end_full = end / block_bytes;
         let zeroes = [0u8; BLOCK_SIZE_BYTES];
         let mut state = self.lock_live()?;
+        state.logged_writes += 1;
         if first_full >= end_full {
             // Inside one block, or straddling two without a whole one.
             return self.zero_edges(&mut state, offset, end, &zeroes);
@@ -987,7 +1065,17 @@ impl Shared {
             return;
         }
         let written = healthy.iter().map(|&l| state.leg_written[l]).min().unwrap();
-        let durable = healthy.iter().map(|&l| state.leg_durable[l]).min().unwrap();
+        // A failed leg counts for durability until its failure is on record: a FLUSH must not
+        // complete on the other leg alone while a restart could still take the failed leg for a
+        // good one (`faults`).
+        let durable = self
+            .legs
+            .all()
+            .iter()
+            .filter(|l| l.is_healthy() || !state.faults_recorded.leg_failed(l.index))
+            .map(|l| state.leg_durable[l.index])
+            .min()
+            .unwrap();
         while state.written_id < written {
             state.written_id += 1;
             let slot = slot_of(state.written_id, self.geometry.segment_count) as usize;

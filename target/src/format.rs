@@ -90,6 +90,7 @@ pub fn format(
         sequence: 0,
         last_written_back_id: 0,
         last_written_back_epoch: 0,
+        faults: Default::default(),
     };
     ring[..logfmt::CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&initial.encode());
     cache_legs
@@ -127,6 +128,15 @@ fn refuse_if_dirty(legs: &[Arc<dyn Device>]) -> Result<()> {
             continue; // not a cache: nothing to lose
         };
         let report = scan(&CacheLegs::new(vec![leg.clone()]), &superblocks[0]);
+        if let Some(why) = &report.checkpoint_error {
+            return Err(EngineError::refused(
+                leg.name(),
+                format!(
+                    "is a writeboost cache whose checkpoint cannot be read ({why}): whether it \
+                     holds dirty data is unknown; pass --force to format it anyway"
+                ),
+            ));
+        }
         if report.is_dirty() {
             return Err(EngineError::refused(
                 leg.name(),

@@ -45,6 +45,9 @@ impl Engine {
                     while !s.stopping.load(Ordering::Acquire) {
                         std::thread::sleep(SYNC_TICK);
                         s.seal_if_stale();
+                        // Failures noticed by reads or checkpoint writes (the log writer records
+                        // its own at once); a FLUSH waits for them to be on record.
+                        let _ = s.record_faults();
                         s.check_mode_transition(&mut s.state.lock());
                     }
                 })
@@ -72,6 +75,7 @@ impl Engine {
                                     // Legs may have been taken out by read errors: settle the
                                     // mode (every leg gone → passthrough, waiting writers go on).
                                     s.recompute_log_progress(&mut s.state.lock());
+                                    let _ = s.record_faults();
                                     s.wait_for_work(WRITEBACK_RETRY_PAUSE);
                                 }
                             }
@@ -223,7 +227,18 @@ impl Engine {
                 .collect(),
             failure: state.failure.clone(),
             mode: s.mode_name(&state).to_string(),
-            cache_lost_at: state.cache_lost_at,
+            cache_lost_at: state.cache_lost.map(|l| l.backing_holds_id),
+            cache_lost: state.cache_lost.map(|l| CacheLostStatus {
+                backing_holds_id: l.backing_holds_id,
+                lost_from_id: l.backing_holds_id + 1,
+                lost_through_id: l.log_through_id,
+                lost_dirty_bytes: state.lost_dirty_blocks.map(|b| b * block),
+            }),
+            fault_record_sequence: state.faults_recorded.sequence,
+            fault_file: s
+                .fault_file
+                .as_ref()
+                .map(|f| f.path().display().to_string()),
             passthrough_writes: s.stats.passthrough_writes.load(Ordering::Relaxed),
             map_bytes: state.map.memory_bytes() as u64,
             // Everything kept per cached block or per segment: the map, the per-slot state, the
@@ -280,6 +295,18 @@ pub struct SegmentIds {
     pub last_written_back_id: u64,
 }
 
+/// What a cache loss took, and what the backing device holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheLostStatus {
+    /// The backing device holds every segment up to this id.
+    pub backing_holds_id: u64,
+    /// Segments `lost_from_id..=lost_through_id` are gone (none if `from > through`).
+    pub lost_from_id: u64,
+    pub lost_through_id: u64,
+    /// Acknowledged bytes not yet written back that the loss took; unknown after a restart.
+    pub lost_dirty_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LegStatus {
     pub path: String,
@@ -302,6 +329,12 @@ pub struct EngineStatus {
     pub mode: String,
     /// Set when every leg was lost: the last segment id the backing device holds.
     pub cache_lost_at: Option<u64>,
+    /// Set when every leg was lost (in this run or recorded by an earlier one).
+    pub cache_lost: Option<CacheLostStatus>,
+    /// The fault record's sequence (0: nothing ever failed).
+    pub fault_record_sequence: u64,
+    /// The host's copy of the fault record.
+    pub fault_file: Option<String>,
     pub passthrough_writes: u64,
     pub map_bytes: u64,
     pub metadata_bytes: u64,
@@ -413,7 +446,9 @@ impl CacheLog for Shared {
     }
 
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
-        let sequence = {
+        // Until the state has the new sequence: the fault record writes checkpoints too.
+        let checkpoints = self.checkpoint_lock.lock();
+        let (sequence, faults) = {
             let state = self.state.lock();
             if through_id <= state.written_back_id {
                 // Every leg was lost while this batch was written back (the log was reset past
@@ -421,7 +456,7 @@ impl CacheLog for Shared {
                 return Err(io::Error::other("the cache was lost during writeback"));
             }
             assert!(through_id <= state.written_id);
-            state.checkpoint_sequence + 1
+            (state.checkpoint_sequence + 1, state.faults_recorded)
         };
         // The checkpoint must be durable before any slot it covers is reused.
         let checkpoint = Checkpoint {
@@ -429,6 +464,7 @@ impl CacheLog for Shared {
             sequence,
             last_written_back_id: through_id,
             last_written_back_epoch: epoch,
+            faults,
         };
         let mut buf = AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
         buf.copy_from_slice(&checkpoint.encode());
@@ -446,7 +482,8 @@ impl CacheLog for Shared {
         }
         if through_id <= state.written_back_id {
             // Every leg was lost after the checkpoint was written: the log, slots included, was
-            // reset meanwhile; nothing is left to release.
+            // reset meanwhile; nothing is left to release. The sequence is used all the same.
+            state.checkpoint_sequence = state.checkpoint_sequence.max(sequence);
             return Err(io::Error::other("the cache was lost during writeback"));
         }
         for h in headers {
@@ -461,9 +498,14 @@ impl CacheLog for Shared {
             state.slots[slot as usize] = Slot::default();
         }
         state.zeros.release_through(through_id);
+        assert!(
+            through_id > state.written_back_id,
+            "the checkpoint only moves forward"
+        );
         state.written_back_id = through_id;
         state.written_back_epoch = epoch;
         state.checkpoint_sequence = sequence;
+        drop(checkpoints);
         self.check_mode_transition(&mut state);
         self.stats
             .written_back_segments

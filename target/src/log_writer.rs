@@ -9,6 +9,7 @@
 //! Segments in flight are bounded by the RAM buffers: a buffer is reused only once its segment
 //! is on every leg.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -87,9 +88,7 @@ fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
                 buffer,
                 flush_legs,
             } => {
-                header.durable_id = shared
-                    .durable_hint
-                    .load(std::sync::atomic::Ordering::Acquire);
+                header.durable_id = shared.durable_hint.load(Ordering::Acquire);
                 shared.ram.finalise(buffer, &mut header);
                 let len = header.used_bytes();
                 let id = header.segment_id;
@@ -114,6 +113,7 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
     let mut durable = 0u64;
     let mut held: Option<LegJob> = None;
     while let Some(job) = held.take().or_else(|| jobs.recv().ok()) {
+        let mut failed = false;
         let (flush, wrote) = match job {
             LegJob::Write {
                 id,
@@ -153,10 +153,10 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
                         .map(|&(_, buffer, len)| &shared.ram.image(buffer)[..len])
                         .collect();
                     let offset = segment_offset(slot_of(id, n));
-                    if let Err(e) = leg.device().write_vectored_at(&images, offset) {
-                        leg.write_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        leg.mark_failed(&e);
+                    let (device, generation) = leg.device_for_io();
+                    if let Err(e) = device.write_vectored_at(&images, offset) {
+                        leg.write_failed(generation, &e);
+                        failed = true;
                     }
                 }
                 written = run.last().expect("non-empty").0;
@@ -169,17 +169,23 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
             LegJob::Stop => break,
         };
         if flush && leg.is_healthy() && durable < written {
-            match leg.device().flush() {
+            let (device, generation) = leg.device_for_io();
+            match device.flush() {
                 Ok(()) => durable = written,
                 Err(e) => {
-                    leg.write_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    leg.mark_failed(&e);
+                    leg.write_failed(generation, &e);
+                    failed = true;
                 }
             }
         }
+        leg.handled_id.fetch_max(written, Ordering::AcqRel);
         if wrote || flush {
             shared.on_leg_progress(leg_index, written, durable);
+        }
+        if failed {
+            // Before a FLUSH may complete on the other leg alone, the failure must be on record
+            // (the engine's durable id waits for it): record it now rather than at the next tick.
+            let _ = shared.record_faults();
         }
     }
 }

@@ -9,7 +9,13 @@
 //!   remaining SSD. Entered at once when every leg is lost (what the cache held is gone; the
 //!   backing device holds a consistent older state, named in the log and in status).
 //! - `replace_leg` formats a new device as the missing leg and returns to mirrored. It waits for
-//!   passthrough first, so the cache is clean and the new leg needs no copy of live segments.
+//!   passthrough first, so the cache is clean and the new leg needs no copy of live segments, and
+//!   for the old leg's writer to be idle; it flushes the backing device before leaving
+//!   passthrough (the passthrough writes were plain writes in its volatile cache).
+//!
+//! Failures are recorded durably (`faults`) before anything relies on them: a failed leg is not
+//! read again after a restart, and a lost log is never replayed (the next start comes up in
+//! passthrough, saying so).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use crate::device::{AlignedBuf, Device};
 use crate::engine::{Engine, SealReason, Shared, Slot, State};
 use crate::error::{EngineError, Result};
 use crate::zero_ranges::ZeroRanges;
+use parking_lot::MutexGuard;
 
 /// In degraded mode, stop opening segments once no more than this many are dirty, so the switch
 /// to passthrough stalls writers only for the time it takes to write back this little.
@@ -44,18 +51,46 @@ impl Shared {
         }
     }
 
-    /// Every leg is gone: what only the cache held is lost. Go to passthrough at once.
+    /// Every leg is gone: what only the cache held is lost. Go to passthrough at once. The loss
+    /// is recorded (`faults`) before the first passthrough write reaches the backing device.
     pub(crate) fn enter_cache_lost(&self, state: &mut State) {
-        if state.cache_lost_at.is_some() {
+        if state.cache_lost.is_some() {
             return;
         }
+        let lost = logfmt::CacheLost {
+            backing_holds_id: state.written_back_id,
+            log_through_id: state.sealed_id,
+        };
+        let open_entries = state.open.as_ref().is_some_and(|o| !o.entries.is_empty());
+        let dirty_blocks = state.map.len() as u64;
         log::error!(
-            "CRITICAL: every cache leg has failed; the cache's dirty data is lost. The backing \
-             device holds every segment up to id {} (a consistent older state). Passthrough \
-             from now on; attach new legs with `wbctl replace`.",
-            state.written_back_id
+            "CRITICAL: every cache leg has failed; the cache's dirty data is lost: {} \
+             acknowledged blocks ({} KiB) not yet written back, in log segments {}..={}{}. The \
+             backing device holds every segment up to id {} (a consistent older state: the disk \
+             as of an earlier FLUSH). Passthrough from now on; the lost log will never be \
+             replayed, and the next FLUSH fails if it covers lost writes. Attach new legs with \
+             `wbctl replace`, or re-create the cache with --force.",
+            dirty_blocks,
+            dirty_blocks * 4,
+            lost.backing_holds_id + 1,
+            lost.log_through_id,
+            if open_entries {
+                " and the open segment"
+            } else {
+                ""
+            },
+            lost.backing_holds_id
         );
-        state.cache_lost_at = Some(state.written_back_id);
+        // Acknowledged writes that no successful FLUSH covered are gone: the next FLUSH says so.
+        if open_entries || state.sealed_id > state.flushed_id {
+            state.flush_error_owed = true;
+            if let Err(e) = std::fs::write(&self.flush_error_marker, b"cache lost\n") {
+                log::warn!("{}: {e}", self.flush_error_marker.display());
+            }
+        }
+        state.cache_lost = Some(lost);
+        state.lost_dirty_blocks = Some(dirty_blocks);
+        state.lost_writes_mark = state.logged_writes;
         // Only the writeback thread lifts the fence (`wait_for_work`), once it holds nothing it
         // read before the loss.
         if self.writeback_running.load(Ordering::Acquire) {
@@ -73,6 +108,7 @@ impl Shared {
         state.written_id = state.sealed_id;
         state.durable_id = state.sealed_id;
         state.written_back_id = state.sealed_id;
+        state.flushed_id = state.sealed_id;
         for slot in state.slots.iter_mut() {
             if let Some(buffer) = slot.buffer.take() {
                 self.ram.release(buffer);
@@ -129,13 +165,27 @@ impl Shared {
         }
     }
 
+    /// Before a passthrough write or zeroing reaches the backing device: the faults that put the
+    /// engine in passthrough are on record, so no later start replays a lost log over it. If
+    /// the record cannot be written anywhere, the write is refused (an I/O error now is better
+    /// than a silent overwrite later).
+    fn faults_on_record(&self) -> Result<()> {
+        self.record_faults().map_err(|e| {
+            EngineError::CacheFailed(format!(
+                "refusing a passthrough write: the cache's failure could not be recorded ({e})"
+            ))
+        })
+    }
+
     pub(crate) fn passthrough_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.faults_on_record()?;
         self.wait_for_fenced_writeback();
         let mut buf = AlignedBuf::new(data.len());
         buf[..data.len()].copy_from_slice(data);
         self.backing
             .write_at(&buf[..data.len()], offset)
             .map_err(|e| EngineError::io(self.backing.name(), e))?;
+        self.backing_unflushed.store(true, Ordering::SeqCst);
         self.stats
             .passthrough_writes
             .fetch_add(1, Ordering::Relaxed);
@@ -153,16 +203,52 @@ impl Shared {
         // What a FLUSH returns for covers everything on the backing device, a writeback write
         // issued before the loss included.
         self.wait_for_fenced_writeback();
-        self.backing
-            .flush()
-            .map_err(|e| EngineError::io(self.backing.name(), e))
+        self.flush_backing()
+    }
+
+    /// Flushes the backing device; a failure leaves the flag for the next FLUSH to try again.
+    fn flush_backing(&self) -> Result<()> {
+        self.backing_unflushed.store(false, Ordering::SeqCst);
+        self.backing.flush().map_err(|e| {
+            self.backing_unflushed.store(true, Ordering::SeqCst);
+            EngineError::io(self.backing.name(), e)
+        })
+    }
+
+    /// A FLUSH through the log also covers the passthrough writes acknowledged before it (made
+    /// before the engine left passthrough, or racing that switch).
+    pub(crate) fn flush_backing_if_written(&self) -> Result<()> {
+        if self.backing_unflushed.load(Ordering::SeqCst) {
+            return self.flush_backing();
+        }
+        Ok(())
+    }
+
+    /// A FLUSH in passthrough. After a cache loss that took acknowledged writes no FLUSH had
+    /// covered, the first one fails (after flushing what it can): they are gone.
+    pub(crate) fn flush_in_passthrough(&self, mut state: MutexGuard<'_, State>) -> Result<()> {
+        let owed = std::mem::take(&mut state.flush_error_owed);
+        drop(state);
+        let flushed = self.passthrough_flush();
+        if owed {
+            let _ = std::fs::remove_file(&self.flush_error_marker);
+            return Err(EngineError::CacheFailed(
+                "every cache leg was lost with acknowledged writes this FLUSH covers: they are \
+                 gone (the backing device holds an older, consistent state)"
+                    .into(),
+            ));
+        }
+        flushed
     }
 
     pub(crate) fn passthrough_zero(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
+        self.faults_on_record()?;
         self.wait_for_fenced_writeback();
         self.backing
             .zero_range(offset, len, kind == EntryKind::Discard)
-            .map_err(|e| EngineError::io(self.backing.name(), e))
+            .map_err(|e| EngineError::io(self.backing.name(), e))?;
+        self.backing_unflushed.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -207,26 +293,19 @@ impl Engine {
             leg.mark_failed(&std::io::Error::other("taken out of use for replacement"));
         }
         let deadline = std::time::Instant::now() + timeout;
-        let mut state = s.state.lock();
-        loop {
-            if let Some(why) = &state.failure {
-                return Err(EngineError::CacheFailed(why.clone()));
+        let (_recorder, mut state) = loop {
+            self.wait_until_replaceable(leg, deadline, device.name())?;
+            // The fault record changes with the swap: no other writer of it meanwhile (taken
+            // before the state lock, the lock order of `faults`).
+            let recorder = s.fault_recorder.lock();
+            // Leaving passthrough: what it wrote must be durable first, since the next FLUSH
+            // waits for the log only (`flush_backing_if_written` covers writes racing the switch).
+            s.passthrough_flush()?;
+            let state = s.state.lock();
+            if s.replaceable(&state, leg) {
+                break (recorder, state);
             }
-            // After a cache loss, also until writeback has dropped the batch it held then: new
-            // segments must not be written back while its writes are being dropped.
-            if state.passthrough && !s.writeback_fenced.load(Ordering::Acquire) {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(EngineError::refused(
-                    device.name(),
-                    "timed out waiting for writeback to empty the cache before attaching",
-                ));
-            }
-            s.writeback_wakeup.notify_all();
-            s.space_freed
-                .wait_for(&mut state, Duration::from_millis(100));
-        }
+        };
         // Clean and in passthrough: nothing is in flight to any leg. Give the new device the
         // set's superblock (as leg `index`) and the current checkpoint.
         let mut superblock = s.superblock.clone();
@@ -236,6 +315,7 @@ impl Engine {
             sequence: state.checkpoint_sequence,
             last_written_back_id: state.written_back_id,
             last_written_back_epoch: state.written_back_epoch,
+            faults: state.faults_recorded,
         };
         let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
         let at = checkpoint.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
@@ -252,7 +332,8 @@ impl Engine {
         state.leg_durable[index] = state.durable_id;
         if s.legs.healthy_count() == legs.len() {
             state.passthrough = false;
-            state.cache_lost_at = None;
+            state.cache_lost = None;
+            state.lost_dirty_blocks = None;
             log::warn!("leg {index} replaced by {}: mirrored again", device.name());
         } else {
             log::warn!(
@@ -260,7 +341,55 @@ impl Engine {
                 device.name()
             );
         }
+        drop(state);
         s.space_freed.notify_all();
+        // Until this is on record the old record stands: the new leg counts as failed at a
+        // restart (safe: degraded, then replace again).
+        if let Err(e) = s.record_faults_locked() {
+            log::error!("leg {index} replaced, but the fault record was not updated: {e}");
+        }
         Ok(())
+    }
+
+    /// Waits (writeback at full speed meanwhile) until leg `leg` may be swapped: see
+    /// `Shared::replaceable`.
+    fn wait_until_replaceable(
+        &self,
+        leg: &crate::legs::Leg,
+        deadline: std::time::Instant,
+        name: &str,
+    ) -> Result<()> {
+        let s = &self.shared;
+        let mut state = s.state.lock();
+        loop {
+            if let Some(why) = &state.failure {
+                return Err(EngineError::CacheFailed(why.clone()));
+            }
+            if s.replaceable(&state, leg) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(EngineError::refused(
+                    name,
+                    "timed out waiting for writeback to empty the cache before attaching",
+                ));
+            }
+            s.writeback_wakeup.notify_all();
+            s.space_freed
+                .wait_for(&mut state, Duration::from_millis(100));
+        }
+    }
+}
+
+impl Shared {
+    /// A leg may be swapped once the cache is clean and in passthrough; after a cache loss, also
+    /// once writeback has dropped the batch it held then (new segments must not be written back
+    /// while its writes are being dropped); and once the leg's writer has handled every segment
+    /// sealed for it (a write it still had queued must not land on the new device, nor a late
+    /// error of the old device fail the new one).
+    fn replaceable(&self, state: &State, leg: &crate::legs::Leg) -> bool {
+        state.passthrough
+            && !self.writeback_fenced.load(Ordering::Acquire)
+            && leg.handled_id.load(Ordering::Acquire) >= state.sealed_id
     }
 }

@@ -14,24 +14,25 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logfmt::{
-    checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader, Superblock,
-    ALL_SECTORS_VALID, CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES, SECTORS_PER_BLOCK,
+    checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, Faults, SegmentHeader,
+    Superblock, ALL_SECTORS_VALID, CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES, SECTORS_PER_BLOCK,
     SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES, SUPERBLOCK_SIZE_BYTES,
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::block_map::BlockMap;
+use crate::block_map::{BlockMap, Location};
 use crate::device::{AlignedBuf, Device};
 use crate::engine::{remove_map_range, Engine, Geometry, Shared, Slot, State, Stats};
 use crate::error::{EngineError, Result};
+use crate::faults::{self, FaultFile};
 use crate::legs::CacheLegs;
-use crate::ram_buffer::RamBuffers;
+use crate::ram_buffer::{Adopted, RamBuffers};
 use crate::zero_ranges::ZeroRanges;
 
 /// Slots past the replayed head that are checked for out-of-order leftovers. Bounded by the
@@ -51,11 +52,18 @@ pub struct OpenOptions {
     pub sync_interval: Duration,
     /// Writeback policy; `None` starts no writeback thread (tests of the log alone).
     pub writeback: Option<writeback::Policy>,
+    /// Folder of the host's copy of the fault record (`faults`): persistent storage, because a
+    /// cache loss must be remembered across a reboot. `None`: the legs' copies only (then a
+    /// loss with no writable leg refuses passthrough writes).
+    pub fault_dir: Option<PathBuf>,
 }
 
 impl OpenOptions {
+    /// Defaults; the fault record's file goes beside the buffer file (the daemon moves it to
+    /// persistent storage).
     pub fn new(buffer_path: PathBuf) -> Self {
         OpenOptions {
+            fault_dir: buffer_path.parent().map(Path::to_path_buf),
             buffer_path,
             ram_buffers: 16,
             sync_interval: Duration::from_secs(1),
@@ -79,6 +87,8 @@ pub struct ScanReport {
     /// Live segments whose copy on one leg is torn or missing while another leg's is whole.
     pub repairs: Vec<Repair>,
     pub bytes_read: u64,
+    /// Why the checkpoint (and so the log's start) cannot be trusted; nothing past it was read.
+    pub checkpoint_error: Option<String>,
 }
 
 /// A segment copy to rewrite on one leg from another (see `ScanReport::repairs`).
@@ -162,26 +172,50 @@ fn unreadable_legs(legs: &[Arc<dyn Device>]) -> Vec<(usize, io::Error)> {
 }
 
 /// Reads the log of a cache set without changing anything.
+/// The newest valid checkpoint over the healthy legs, or why there is none. A formatted cache
+/// always has one (format writes sequence 0), so none at all means the rings are unreadable or
+/// damaged on every leg: the written-back id is unknown, and guessing 0 would discard every dirty
+/// block of a wrapped ring (recovery refuses, as for a bad superblock).
+pub fn read_checkpoint(legs: &CacheLegs, uuid: &[u8; 16]) -> (CheckpointRead, u64) {
+    let mut found: Option<Checkpoint> = None;
+    let mut problems = Vec::new();
+    let mut bytes_read = 0;
+    let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
+    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        let name = leg.device().name().to_string();
+        if let Err(e) = leg.device().read_at(&mut ring, checkpoint_offset(0)) {
+            problems.push(format!("{name}: checkpoint ring unreadable: {e}"));
+            continue;
+        }
+        bytes_read += ring.len() as u64;
+        match Checkpoint::newest_in_ring(&ring, uuid) {
+            Some(c) if found.is_none_or(|old| c.sequence > old.sequence) => found = Some(c),
+            Some(_) => {}
+            None => problems.push(format!("{name}: no valid checkpoint in the ring")),
+        }
+    }
+    let read = match found {
+        Some(c) => Ok(c),
+        None if problems.is_empty() => Err("no healthy leg to read the checkpoint from".into()),
+        None => Err(problems.join("; ")),
+    };
+    (read, bytes_read)
+}
+
+/// The newest checkpoint, or why none could be read (`read_checkpoint`).
+pub type CheckpointRead = std::result::Result<Checkpoint, String>;
+
+/// Reads the log of a cache set without changing anything.
 pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
     let mut report = ScanReport::default();
     let uuid = sb.uuid;
-    // The newest valid checkpoint over all legs.
-    let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
-    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-        if leg
-            .device()
-            .read_at(&mut ring, checkpoint_offset(0))
-            .is_ok()
-        {
-            report.bytes_read += ring.len() as u64;
-            if let Some(c) = Checkpoint::newest_in_ring(&ring, &uuid) {
-                if report
-                    .checkpoint
-                    .is_none_or(|old| c.sequence > old.sequence)
-                {
-                    report.checkpoint = Some(c);
-                }
-            }
+    let (checkpoint, bytes_read) = read_checkpoint(legs, &uuid);
+    report.bytes_read += bytes_read;
+    match checkpoint {
+        Ok(c) => report.checkpoint = Some(c),
+        Err(why) => {
+            report.checkpoint_error = Some(why);
+            return report;
         }
     }
     let n = sb.segment_count;
@@ -211,6 +245,20 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
                     break;
                 }
                 Err(e) => last_error = e.to_string(),
+            }
+            // A later lap's segment where the log should go on: the slot was reused, which
+            // happens only after a checkpoint past `id` was durable. The checkpoint read is
+            // older than that one: trusting it would discard the live log as leftovers.
+            if let Ok(h) = SegmentHeader::decode(header, &uuid) {
+                if h.segment_id > id && slot_of(h.segment_id, n) == slot_of(id, n) {
+                    report.checkpoint_error = Some(format!(
+                        "the newest valid checkpoint (segment {}) is older than the log: slot of \
+                         segment {id} holds segment {} (the newer checkpoints are damaged)",
+                        report.written_back_id(),
+                        h.segment_id
+                    ));
+                    return report;
+                }
             }
         }
         match found {
@@ -331,8 +379,9 @@ fn check_backing(sb: &Superblock, backing: &dyn Device, identity: &str) -> Resul
     Ok(())
 }
 
-/// Opens a formatted cache: validates it against the backing device, replays the log, adopts a
-/// crashed predecessor's RAM buffer, and starts the engine's threads.
+/// Opens a formatted cache: validates it against the backing device, applies the fault record
+/// (failed legs stay out of use; a lost cache comes up in passthrough without its log), replays
+/// the log, adopts a crashed predecessor's RAM buffer, and starts the engine's threads.
 pub fn open(
     leg_devices: Vec<Arc<dyn Device>>,
     backing: Arc<dyn Device>,
@@ -340,8 +389,61 @@ pub fn open(
     options: OpenOptions,
 ) -> Result<Engine> {
     assert!((2..=MAX_RAM_BUFFERS).contains(&options.ram_buffers));
-    // A leg that cannot be read at all (a dead SSD) leaves a mirrored set degraded, not
-    // unopenable; a leg that reads but does not validate is bad input and refused.
+    let (legs, sb) = open_legs(leg_devices)?;
+    check_backing(&sb, backing.as_ref(), backing_identity)?;
+    let fault_file = options
+        .fault_dir
+        .as_deref()
+        .map(|dir| FaultFile::new(dir, &sb.uuid));
+    let (checkpoint, _) = read_checkpoint(&legs, &sb.uuid);
+    let faults = apply_fault_record(&legs, &sb.uuid, fault_file.as_ref(), &checkpoint)?;
+    if let Some(lost) = faults.cache_lost {
+        let through = checkpoint
+            .as_ref()
+            .map_or(0, |c| c.last_written_back_id)
+            .max(lost.log_through_id);
+        return open_lost(legs, sb, backing, options, fault_file, faults, through);
+    }
+    let report = scan(&legs, &sb);
+    if let Some(why) = &report.checkpoint_error {
+        return Err(EngineError::refused(
+            legs.all()[0].device().name(),
+            format!(
+                "{why}; refusing to start: what was written back is unknown, and guessing would \
+                 discard dirty data. Check the cache legs (`wbctl check`); re-create with --force \
+                 only to give up what the cache holds"
+            ),
+        ));
+    }
+    let n = sb.segment_count;
+    let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
+        .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
+    invalidate_stale_tail(&legs, &report, &adopted, n)?;
+    repair_torn_copies(&legs, &report, n);
+    let headers = adopt_buffers(&legs, &ram, &adopted, &report, &options, n)?;
+    let mut recovered = Recovered::replay(&sb, &headers, &report);
+    recovered.faults_recorded = faults;
+    // A flush error owed by an earlier loss belongs to that loss; this cache set is not lost.
+    let _ = std::fs::remove_file(flush_error_marker(&options));
+    log::info!(
+        "recovered cache {}: checkpoint {}, log head {}, {} live segments, {} verified, read {} \
+         bytes ({})",
+        hex(&sb.uuid),
+        report.written_back_id(),
+        recovered.head,
+        headers.len(),
+        report.data_verified,
+        report.bytes_read,
+        report.stop_reason
+    );
+    Ok(start(
+        legs, backing, ram, sb, recovered, report, fault_file, options,
+    ))
+}
+
+/// Reads and checks the superblocks; a leg that cannot be read at all (a dead SSD) leaves a
+/// mirrored set degraded, not unopenable; a leg that reads but does not validate is bad input.
+fn open_legs(leg_devices: Vec<Arc<dyn Device>>) -> Result<(CacheLegs, Superblock)> {
     let unreadable = unreadable_legs(&leg_devices);
     if unreadable.len() == leg_devices.len() {
         let (i, e) = &unreadable[0];
@@ -375,20 +477,154 @@ pub fn open(
             ));
         }
     }
-    check_backing(&sb, backing.as_ref(), backing_identity)?;
     let legs = CacheLegs::new(leg_devices);
     for (i, e) in &unreadable {
         log::error!("opening degraded: cache leg {i} cannot be read");
         legs.all()[*i].mark_failed(e);
     }
-    let report = scan(&legs, &sb);
-    let n = sb.segment_count;
-    let uuid = sb.uuid;
+    Ok((legs, sb))
+}
 
-    let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &uuid)
+/// Takes the newest fault record (the legs' checkpoints, the host's file) and applies it: a leg
+/// recorded as failed stays out of use, and after a cache loss every leg does. Records what
+/// changed (legs unreadable now) before anything is written to the legs, and brings a copy that
+/// is behind up to date. Returns the record now in force.
+fn apply_fault_record(
+    legs: &CacheLegs,
+    uuid: &[u8; 16],
+    file: Option<&FaultFile>,
+    checkpoint: &CheckpointRead,
+) -> Result<Faults> {
+    let from_file = match file {
+        Some(f) => f
+            .load()
+            .map_err(|e| EngineError::io(f.path().display().to_string(), e))?,
+        None => None,
+    };
+    let on_legs = checkpoint.as_ref().map_or(Faults::default(), |c| c.faults);
+    let recorded = faults::newest(on_legs, from_file);
+    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        if recorded.cache_lost.is_some() || recorded.leg_failed(leg.index) {
+            leg.mark_failed(&io::Error::other(format!(
+                "recorded as failed (fault record {}{})",
+                recorded.sequence,
+                if recorded.cache_lost.is_some() {
+                    ": the whole cache was lost"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+    if legs.healthy_count() == 0 && recorded.cache_lost.is_none() {
+        return Err(EngineError::refused(
+            legs.all()[0].device().name(),
+            "no usable cache leg: every leg is unreadable or recorded as failed (a failed leg \
+             may miss segments only the other one holds). Bring the unreadable leg back and \
+             retry; re-create with --force only to give up what the cache holds",
+        ));
+    }
+    let now = Faults {
+        sequence: recorded.sequence,
+        failed_legs: legs.failed_mask(),
+        cache_lost: recorded.cache_lost,
+    };
+    let changed = now != recorded;
+    let any_fault = now.failed_legs != 0 || now.cache_lost.is_some();
+    let file_behind = file.is_some() && from_file.map(|f| f.sequence) != Some(recorded.sequence);
+    let legs_behind = on_legs.sequence != recorded.sequence;
+    if !changed && !(any_fault && (file_behind || legs_behind)) {
+        return Ok(recorded);
+    }
+    let next = Faults {
+        sequence: recorded.sequence + 1,
+        ..now
+    };
+    let base = checkpoint.as_ref().ok();
+    let written_back_id = base.map_or(0, |c| c.last_written_back_id);
+    let record = Checkpoint {
+        uuid: *uuid,
+        sequence: base.map_or(1, |c| c.sequence + 1),
+        last_written_back_id: now
+            .cache_lost
+            .map_or(written_back_id, |l| l.log_through_id.max(written_back_id)),
+        last_written_back_epoch: base.map_or(0, |c| c.last_written_back_epoch),
+        faults: next,
+    };
+    match faults::persist(legs, file, &record) {
+        Ok(places) => {
+            log::warn!(
+                "fault record {} written to {}",
+                next.sequence,
+                places.join(", ")
+            );
+            Ok(next)
+        }
+        // A new failure must be on record before the legs that are left are written to.
+        Err(e) if changed => Err(EngineError::CacheFailed(e.to_string())),
+        Err(e) => {
+            log::warn!("bringing the fault record's copies up to date: {e}");
+            Ok(recorded)
+        }
+    }
+}
+/// A start after a recorded cache loss: the log is not replayed (the backing device was written
+/// directly since), the RAM buffer's segments (part of that log) are dropped, every leg stays
+/// out of use, and requests go straight to the backing device until new legs are attached.
+fn open_lost(
+    legs: CacheLegs,
+    sb: Superblock,
+    backing: Arc<dyn Device>,
+    options: OpenOptions,
+    fault_file: Option<FaultFile>,
+    faults: Faults,
+    through: u64,
+) -> Result<Engine> {
+    let lost = faults.cache_lost.expect("a lost cache");
+    let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
+    for a in &adopted {
+        ram.release(a.buffer);
+    }
+    log::error!(
+        "CRITICAL: cache {} was lost (fault record {}): segments {}..={} are gone and are not \
+         replayed; the backing device holds every segment up to id {}. Starting in \
+         passthrough{}. Attach new legs with `wbctl replace` (each leg), or re-create the cache \
+         with --force.",
+        hex(&sb.uuid),
+        faults.sequence,
+        lost.backing_holds_id + 1,
+        lost.log_through_id,
+        lost.backing_holds_id,
+        if adopted.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} segments of the lost log in the RAM buffer file dropped",
+                adopted.len()
+            )
+        }
+    );
+    let mut recovered = Recovered::empty(&sb, through);
+    recovered.faults_recorded = faults;
+    recovered.cache_lost = Some(lost);
+    recovered.flush_error_owed = flush_error_marker(&options).exists();
+    let report = ScanReport {
+        stop_reason: "the cache was lost: its log is not replayed".into(),
+        ..ScanReport::default()
+    };
+    Ok(start(
+        legs, backing, ram, sb, recovered, report, fault_file, options,
+    ))
+}
 
-    // Invalidate out-of-order leftovers past the head before anything new is logged.
+/// Invalidates out-of-order leftovers past the head before anything new is logged.
+fn invalidate_stale_tail(
+    legs: &CacheLegs,
+    report: &ScanReport,
+    adopted: &[Adopted],
+    n: u64,
+) -> Result<()> {
     let head = report.head_id();
     let zero_header = AlignedBuf::new(SEGMENT_HEADER_SIZE_BYTES);
     for &id in &report.stale_tail {
@@ -399,8 +635,11 @@ pub fn open(
         legs.write_all(&zero_header, segment_offset(slot_of(id, n)))
             .map_err(|e| EngineError::CacheFailed(format!("invalidating stale segment: {e}")))?;
     }
+    Ok(())
+}
 
-    // Make the legs agree again: a torn copy on one leg is rewritten from the other.
+/// Makes the legs agree again: a torn copy on one leg is rewritten from the other.
+fn repair_torn_copies(legs: &CacheLegs, report: &ScanReport, n: u64) {
     for r in &report.repairs {
         let mut copy = AlignedBuf::new(r.len);
         let offset = segment_offset(slot_of(r.segment_id, n));
@@ -419,10 +658,21 @@ pub fn open(
             Err(e) => all[r.to_leg].mark_failed(&e),
         }
     }
+}
 
+/// Logs the predecessor's buffers (segments the log may not have yet) and returns the live
+/// headers, the adopted ones included. They must continue the log without a gap: every id below
+/// the oldest buffer was on the legs when it was written.
+fn adopt_buffers(
+    legs: &CacheLegs,
+    ram: &RamBuffers,
+    adopted: &[Adopted],
+    report: &ScanReport,
+    options: &OpenOptions,
+    n: u64,
+) -> Result<Vec<SegmentHeader>> {
+    let head = report.head_id();
     let mut headers = report.headers.clone();
-    // Adopt the predecessor's buffers: segments the log may not have yet. They must continue the
-    // log without a gap (every id below the oldest buffer was on the legs when it was written).
     if let Some(oldest) = adopted.first() {
         let oldest_id = oldest.header.segment_id;
         if oldest_id > head + 1 {
@@ -434,7 +684,7 @@ pub fn open(
             )));
         }
     }
-    for a in &adopted {
+    for a in adopted {
         let id = a.header.segment_id;
         let mut header = a.header.clone();
         header.durable_id = 0;
@@ -456,96 +706,171 @@ pub fn open(
     }
     legs.flush_all()
         .map_err(|e| EngineError::CacheFailed(format!("flushing cache legs: {e}")))?;
-    for a in &adopted {
+    for a in adopted {
         ram.release(a.buffer);
     }
+    Ok(headers)
+}
 
-    // Rebuild the in-memory state from the live segments, oldest first.
-    let geometry = Geometry {
-        uuid,
-        segment_count: n,
-        logical_block_size: sb.logical_block_size,
-        device_size_bytes: sb.backing_size_bytes,
-    };
-    let mut map = BlockMap::with_capacity(geometry.capacity_blocks() as usize);
-    let mut partial = HashMap::new();
-    let mut zeros = ZeroRanges::default();
-    let mut slots = vec![Slot::default(); n as usize];
-    let mut epoch_id = report.checkpoint.map_or(0, |c| c.last_written_back_epoch);
-    let now = Instant::now();
-    for h in &headers {
-        let slot = slot_of(h.segment_id, n);
-        slots[slot as usize] = Slot {
-            segment_id: h.segment_id,
-            buffer: None,
-            readers: 0,
-            sealed_at: Some(now),
-            used_bytes: h.used_bytes(),
-        };
-        epoch_id = epoch_id.max(h.epoch_id);
-        for e in &h.entries {
-            match e.kind {
-                EntryKind::Data => {
-                    let location = geometry.location(slot, e.data_slot as usize);
-                    if let Some(old) = map.insert(e.block(), location) {
-                        partial.remove(&old);
-                    }
-                    if e.sector_valid != ALL_SECTORS_VALID {
-                        partial.insert(location, e.sector_valid);
-                    }
+/// The engine's view of the log, rebuilt by recovery.
+struct Recovered {
+    map: BlockMap,
+    partial: HashMap<Location, u8>,
+    zeros: ZeroRanges,
+    slots: Vec<Slot>,
+    /// The newest live segment (or the checkpoint when none is live).
+    head: u64,
+    epoch_id: u64,
+    written_back_id: u64,
+    written_back_epoch: u64,
+    checkpoint_sequence: u64,
+    faults_recorded: Faults,
+    cache_lost: Option<logfmt::CacheLost>,
+    flush_error_owed: bool,
+}
+
+impl Recovered {
+    /// No live segment: everything up to `through` is written back (or lost).
+    fn empty(sb: &Superblock, through: u64) -> Recovered {
+        let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
+        Recovered {
+            map: BlockMap::with_capacity(capacity as usize),
+            partial: HashMap::new(),
+            zeros: ZeroRanges::default(),
+            slots: vec![Slot::default(); sb.segment_count as usize],
+            head: through,
+            epoch_id: 0,
+            written_back_id: through,
+            written_back_epoch: 0,
+            checkpoint_sequence: 0,
+            faults_recorded: Faults::default(),
+            cache_lost: None,
+            flush_error_owed: false,
+        }
+    }
+
+    /// The map, zero ranges and slots of the live segments, oldest first.
+    fn replay(sb: &Superblock, headers: &[SegmentHeader], report: &ScanReport) -> Recovered {
+        let n = sb.segment_count;
+        let checkpoint = report.checkpoint;
+        let mut r = Recovered::empty(sb, report.written_back_id());
+        r.written_back_epoch = checkpoint.map_or(0, |c| c.last_written_back_epoch);
+        r.checkpoint_sequence = checkpoint.map_or(0, |c| c.sequence);
+        r.epoch_id = r.written_back_epoch;
+        let now = Instant::now();
+        for h in headers {
+            let slot = slot_of(h.segment_id, n);
+            r.slots[slot as usize] = Slot {
+                segment_id: h.segment_id,
+                buffer: None,
+                readers: 0,
+                sealed_at: Some(now),
+                used_bytes: h.used_bytes(),
+            };
+            r.epoch_id = r.epoch_id.max(h.epoch_id);
+            r.head = h.segment_id;
+            for e in &h.entries {
+                r.apply(e, h.segment_id, slot);
+            }
+        }
+        r
+    }
+
+    fn apply(&mut self, e: &logfmt::Entry, segment_id: u64, slot: u64) {
+        match e.kind {
+            EntryKind::Data => {
+                let location = (slot * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 + e.data_slot as u64)
+                    as Location;
+                if let Some(old) = self.map.insert(e.block(), location) {
+                    self.partial.remove(&old);
                 }
-                EntryKind::Discard | EntryKind::WriteZeroes => {
-                    let start = e.start_sector / SECTORS_PER_BLOCK as u64;
-                    let end = (e.start_sector + e.length_sectors as u64) / SECTORS_PER_BLOCK as u64;
-                    remove_map_range(&mut map, &mut partial, start, end);
-                    zeros.insert(start, end, h.segment_id);
+                if e.sector_valid != ALL_SECTORS_VALID {
+                    self.partial.insert(location, e.sector_valid);
                 }
+            }
+            EntryKind::Discard | EntryKind::WriteZeroes => {
+                let start = e.start_sector / SECTORS_PER_BLOCK as u64;
+                let end = (e.start_sector + e.length_sectors as u64) / SECTORS_PER_BLOCK as u64;
+                remove_map_range(&mut self.map, &mut self.partial, start, end);
+                self.zeros.insert(start, end, segment_id);
             }
         }
     }
-    let head = headers
-        .last()
-        .map_or(report.written_back_id(), |h| h.segment_id);
+}
+
+/// Where an engine owes a FLUSH error after a cache loss (beside the RAM buffer file, on tmpfs).
+fn flush_error_marker(options: &OpenOptions) -> PathBuf {
+    options.buffer_path.with_extension("flush-error")
+}
+
+/// Builds the engine's shared state from what recovery found and starts its threads.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    legs: CacheLegs,
+    backing: Arc<dyn Device>,
+    ram: RamBuffers,
+    sb: Superblock,
+    r: Recovered,
+    report: ScanReport,
+    fault_file: Option<FaultFile>,
+    options: OpenOptions,
+) -> Engine {
+    let geometry = Geometry {
+        uuid: sb.uuid,
+        segment_count: sb.segment_count,
+        logical_block_size: sb.logical_block_size,
+        device_size_bytes: sb.backing_size_bytes,
+    };
+    debug_assert_eq!(
+        geometry.location(1, 2),
+        (logfmt::DATA_BLOCKS_PER_SEGMENT + 2) as Location,
+        "Recovered::apply computes locations as Geometry does"
+    );
     let legs_count = legs.all().len();
-    let checkpoint = report.checkpoint;
+    let head = r.head;
+    for leg in legs.all() {
+        // Every segment up to the head is on the legs already: nothing for the writers to do.
+        leg.handled_id
+            .store(head, std::sync::atomic::Ordering::Release);
+    }
     let state = State {
         open: None,
         next_segment_id: head + 1,
         // A crash (or a clean stop) ends an epoch: nothing logged before it may be merged with
         // anything after it.
-        epoch_id: epoch_id + 1,
+        epoch_id: r.epoch_id + 1,
         sealed_id: head,
         written_id: head,
         durable_id: head,
-        written_back_id: report.written_back_id(),
-        written_back_epoch: checkpoint.map_or(0, |c| c.last_written_back_epoch),
-        checkpoint_sequence: checkpoint.map_or(0, |c| c.sequence),
+        written_back_id: r.written_back_id,
+        written_back_epoch: r.written_back_epoch,
+        checkpoint_sequence: r.checkpoint_sequence.max(r.faults_recorded.sequence),
         leg_written: vec![head; legs_count],
         leg_durable: vec![head; legs_count],
-        map,
-        partial,
-        zeros,
-        slots,
+        map: r.map,
+        partial: r.partial,
+        zeros: r.zeros,
+        slots: r.slots,
         free_buffers: (0..ram.count()).rev().collect(),
         writers_waiting: 0,
         drain_requested: false,
         shutting_down: false,
         failure: None,
         closing_log: false,
-        passthrough: false,
-        cache_lost_at: None,
+        passthrough: r.cache_lost.is_some(),
+        cache_lost: r.cache_lost,
+        lost_dirty_blocks: None,
         lost_generation: 0,
+        // Conservative: a loss reports every write this engine did not see covered by a FLUSH.
+        flushed_id: r.written_back_id,
+        flush_error_owed: r.flush_error_owed,
+        logged_writes: 0,
+        lost_writes_mark: 0,
+        faults_recorded: r.faults_recorded,
     };
-    log::info!(
-        "recovered cache {}: checkpoint {}, log head {head}, {} live segments, {} verified, read {} bytes ({})",
-        hex(&uuid),
-        report.written_back_id(),
-        headers.len(),
-        report.data_verified,
-        report.bytes_read,
-        report.stop_reason
-    );
+    state.check_invariants();
     let (log_tx, log_rx) = crossbeam_channel::unbounded();
+    let flush_error_marker = flush_error_marker(&options);
     let shared = Arc::new(Shared {
         geometry,
         legs,
@@ -563,15 +888,20 @@ pub fn open(
         stopping: AtomicBool::new(false),
         sync_interval: options.sync_interval,
         policy: Mutex::new(None),
-        superblock: sb.clone(),
+        superblock: sb,
         crc_cache: Default::default(),
         backing_gate: parking_lot::RwLock::new(()),
         writeback_fenced: AtomicBool::new(false),
         writeback_running: AtomicBool::new(false),
         last_writeback_error: Mutex::new(None),
         recovery: report,
+        fault_file,
+        fault_recorder: Mutex::new(()),
+        checkpoint_lock: Mutex::new(()),
+        backing_unflushed: AtomicBool::new(false),
+        flush_error_marker,
     });
-    Ok(Engine::start(shared, log_rx, options.writeback))
+    Engine::start(shared, log_rx, options.writeback)
 }
 
 pub fn hex(bytes: &[u8]) -> String {

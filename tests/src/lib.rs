@@ -2,6 +2,7 @@
 //! of the exported device, and helpers to build an engine over them. Crash and fault oracles live
 //! here once, not per test.
 
+pub mod gate;
 pub mod hooked;
 pub mod model;
 pub mod simdisk;
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use gate::Gate;
 pub use hooked::{Hooked, IoOp};
 pub use model::Model;
 pub use simdisk::SimDisk;
@@ -113,4 +115,34 @@ impl Rig {
 /// Removes a file if present (tests reuse paths).
 pub fn remove_if_exists(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+/// Runs `f` on a thread; fails the test if it does not finish within `secs`.
+pub fn finishes_within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
+}
+
+/// Waits (at most a minute) until the engine reports `mode`.
+pub fn wait_for_mode(engine: &Engine, mode: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while engine.status().mode != mode {
+        let status = engine.status();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mode stayed {} (waiting for {mode}): {:?}, legs {:?}",
+            status.mode,
+            status.segments,
+            status.legs
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -42,6 +42,8 @@ pub struct Faults {
     pub write_error_ppm: AtomicU64,
     pub corrupt_read_ppm: AtomicU64,
     pub seed: AtomicU64,
+    /// Reads overlapping this byte range fail (a media error), as `(start, end)`.
+    pub bad_read_range: Mutex<Option<(u64, u64)>>,
 }
 
 impl Faults {
@@ -144,6 +146,20 @@ impl SimDisk {
         inner.current = image;
     }
 
+    /// The power goes and the device keeps none of its unflushed writes (the worst case of
+    /// `power_cut`, for tests that must not depend on luck).
+    pub fn lose_unflushed(&self) {
+        self.freeze();
+        let mut inner = self.inner.lock();
+        inner.pending.clear();
+        inner.current = inner.durable.clone();
+    }
+
+    /// What survives a power cut now (flushed writes only).
+    pub fn durable_snapshot(&self) -> Vec<u8> {
+        self.inner.lock().durable.clone()
+    }
+
     pub fn power_on(&self) {
         self.frozen.store(false, Ordering::SeqCst);
     }
@@ -171,6 +187,10 @@ impl Device for SimDisk {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
+        let bad = *self.faults.bad_read_range.lock();
+        if bad.is_some_and(|(start, end)| offset < end && offset + buf.len() as u64 > start) {
+            return Err(io::Error::other(format!("{}: media error", self.name)));
+        }
         if self.faults.roll(&self.faults.read_error_ppm) {
             return Err(io::Error::other(format!(
                 "{}: injected read error",

@@ -5,12 +5,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wb_target::{Device, Engine};
-use wb_tests::{Model, Rig, SimDisk};
+use wb_tests::{wait_for_mode, Model, Rig, SimDisk};
 
 const BACKING_BYTES: u64 = 8 << 20;
 const LBS: u64 = 4096;
@@ -61,18 +61,6 @@ fn full_read_matches(engine: &Engine, model: &Model, what: &str) {
         image == model.data,
         "{what}: full read differs from the model"
     );
-}
-
-fn wait_for_mode(engine: &Engine, mode: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while engine.status().mode != mode {
-        assert!(
-            Instant::now() < deadline,
-            "mode stayed {} (waiting for {mode})",
-            engine.status().mode
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn options_writing_back_always(rig: &Rig) -> wb_target::OpenOptions {

@@ -10,77 +10,14 @@
 //! - writeback survives (no panic) and writes back again once new legs are attached.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use wb_target::{Device, Engine};
-use wb_tests::{Hooked, IoOp, Rig, BACKING_IDENTITY};
+use wb_tests::{finishes_within, wait_for_mode, Gate, Hooked, IoOp, Rig, BACKING_IDENTITY};
 
 const BACKING_BYTES: u64 = 8 << 20;
 const BLOCK: usize = 4096;
-
-/// Holds writes while armed: `hold` blocks the caller until `release` (all of them with
-/// `hold_all`, else only the first).
-#[derive(Default)]
-struct Gate {
-    armed: AtomicBool,
-    hold_all: AtomicBool,
-    state: Mutex<(usize, bool)>, // (writes held so far, released)
-    changed: Condvar,
-}
-
-impl Gate {
-    fn hold_if_armed(&self) {
-        let take = if self.hold_all.load(Ordering::Acquire) {
-            self.armed.load(Ordering::Acquire)
-        } else {
-            self.armed.swap(false, Ordering::AcqRel)
-        };
-        if !take {
-            return;
-        }
-        let mut s = self.state.lock().unwrap();
-        if s.1 {
-            return;
-        }
-        s.0 += 1;
-        self.changed.notify_all();
-        while !s.1 {
-            s = self.changed.wait(s).unwrap();
-        }
-    }
-
-    fn wait_held(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.state.lock().unwrap();
-        while s.0 == 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s = self.changed.wait_timeout(s, left).unwrap().0;
-        }
-        true
-    }
-
-    fn release(&self) {
-        self.armed.store(false, Ordering::Release);
-        self.state.lock().unwrap().1 = true;
-        self.changed.notify_all();
-    }
-}
-
-fn wait_for_mode(engine: &Engine, mode: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while engine.status().mode != mode {
-        assert!(
-            Instant::now() < deadline,
-            "mode stayed {} (waiting for {mode})",
-            engine.status().mode
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn writing_back_always(rig: &Rig) -> wb_target::OpenOptions {
     let mut options = rig.options();
@@ -123,20 +60,6 @@ fn lose_both_legs(rig: &Rig, engine: &Engine) {
     let _ = engine.flush();
     wait_for_mode(engine, "passthrough");
     assert!(engine.status().cache_lost_at.is_some());
-}
-
-/// Runs `f` on a thread; fails the test if it does not finish within `secs`.
-fn finishes_within<T: Send + 'static>(
-    secs: u64,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
 }
 
 fn read_block(engine: &Engine, block: u64) -> Vec<u8> {

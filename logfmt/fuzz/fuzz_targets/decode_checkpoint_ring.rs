@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
             sequence: 8 + i as u64,
             last_written_back_id: 100 + i as u64,
             last_written_back_epoch: 7,
+            faults: Default::default(),
         };
         let piece = rest.chunks(64).nth(i).unwrap_or(&[]);
         let from = if bit(*template) { FROM_TEMPLATE } else { 0 };

@@ -529,7 +529,18 @@ fn human_status(s: &DeviceStatus) -> String {
     if let Some(f) = &s.failure {
         let _ = writeln!(w, "  FAILURE    {f}");
     }
-    if let Some(id) = s.cache_lost_at {
+    if let Some(lost) = &s.cache_lost {
+        let took = lost.lost_dirty_bytes.map_or(String::new(), |b| {
+            format!(" ({} of acknowledged writes)", bytes(b))
+        });
+        let _ = writeln!(
+            w,
+            "  CACHE LOST every leg failed: log segments {}..={}{took} are gone and will never be \
+             replayed;\n             the backing device holds the state through segment {} (an \
+             earlier FLUSH's). Attach new legs: `wbctl replace`",
+            lost.lost_from_id, lost.lost_through_id, lost.backing_holds_id
+        );
+    } else if let Some(id) = s.cache_lost_at {
         let _ = writeln!(
             w,
             "  CACHE LOST every leg failed; the backing device holds the state through segment {id}"
@@ -844,6 +855,84 @@ struct CheckReport {
     segments_data_verified: u64,
     stale_segments_past_head: Vec<u64>,
     bytes_read: u64,
+    /// Why the checkpoint cannot be trusted (a start refuses such a cache).
+    checkpoint_error: Option<String>,
+    faults: FaultReport,
+}
+
+/// The fault record: the newest of the legs' checkpoints and the host's fault file.
+#[derive(Serialize)]
+struct FaultReport {
+    sequence: u64,
+    /// Legs out of use until replaced.
+    failed_legs: Vec<u32>,
+    /// Every leg was lost: the log is never replayed.
+    cache_lost: Option<LostReport>,
+    /// The host's copy, if there is one.
+    fault_file: Option<String>,
+    /// Where the newest record was read: "legs", "fault file" or "none".
+    source: &'static str,
+}
+
+#[derive(Serialize)]
+struct LostReport {
+    backing_holds_id: u64,
+    lost_from_id: u64,
+    lost_through_id: u64,
+}
+
+/// The newest fault record of the cache set: its legs' checkpoint and the host's file.
+fn fault_report(report: &wb_target::ScanReport, uuid: &[u8; 16]) -> Result<FaultReport> {
+    let file = wb_target::faults::FaultFile::new(&wb_target::faults::fault_dir_from_env(), uuid);
+    let on_legs = report.checkpoint.map(|c| c.faults).unwrap_or_default();
+    let in_file = file.load()?;
+    let newest = wb_target::faults::newest(on_legs, in_file);
+    let source = match (newest.sequence, in_file) {
+        (0, _) => "none",
+        (_, Some(f)) if f.sequence == newest.sequence && on_legs.sequence < f.sequence => {
+            "fault file"
+        }
+        _ => "legs",
+    };
+    Ok(FaultReport {
+        sequence: newest.sequence,
+        failed_legs: (0..2).filter(|&i| newest.leg_failed(i as usize)).collect(),
+        cache_lost: newest.cache_lost.map(|l| LostReport {
+            backing_holds_id: l.backing_holds_id,
+            lost_from_id: l.backing_holds_id + 1,
+            lost_through_id: l.log_through_id,
+        }),
+        fault_file: in_file.map(|_| file.path().display().to_string()),
+        source,
+    })
+}
+
+fn print_faults(f: &FaultReport) {
+    if f.sequence == 0 {
+        println!("  faults    none recorded");
+        return;
+    }
+    let file = f
+        .fault_file
+        .as_deref()
+        .map_or(String::new(), |p| format!(", host copy {p}"));
+    println!(
+        "  faults    record {} (newest on the {}{file})",
+        f.sequence, f.source
+    );
+    if !f.failed_legs.is_empty() {
+        println!(
+            "  FAILED    leg(s) {:?}: out of use until replaced (`wbctl replace`)",
+            f.failed_legs
+        );
+    }
+    if let Some(l) = &f.cache_lost {
+        println!(
+            "  LOST      every leg failed: segments {}..={} are gone and never replayed; the \
+             backing device holds the state through segment {}",
+            l.lost_from_id, l.lost_through_id, l.backing_holds_id
+        );
+    }
 }
 
 #[derive(Serialize)]
@@ -894,6 +983,7 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         );
     }
     let report = wb_target::scan(&CacheLegs::new(devices.clone()), &sb);
+    let faults = fault_report(&report, &sb.uuid)?;
     let block = logfmt::BLOCK_SIZE_BYTES as u64;
     let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block;
     let leg_size: u64 = legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
@@ -923,6 +1013,8 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         segments_data_verified: report.data_verified,
         stale_segments_past_head: report.stale_tail.clone(),
         bytes_read: report.bytes_read,
+        checkpoint_error: report.checkpoint_error.clone(),
+        faults,
         legs,
     };
     if json {
@@ -957,10 +1049,12 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
             "  checkpoint sequence {}: written back through segment {} (epoch {})",
             c.sequence, c.last_written_back_id, c.last_written_back_epoch
         ),
-        None => {
-            println!("  checkpoint none valid (nothing written back yet, or the ring is damaged)")
-        }
+        None => println!(
+            "  checkpoint UNUSABLE: {} (a start refuses this cache)",
+            r.checkpoint_error.as_deref().unwrap_or("none valid")
+        ),
     }
+    print_faults(&r.faults);
     if r.live_segments == 0 {
         println!("  live log  empty");
     } else {
@@ -988,7 +1082,13 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
     );
     println!(
         "  state     {}",
-        if r.clean {
+        if let Some(l) = &r.faults.cache_lost {
+            format!(
+                "LOST: the backing device holds the state through segment {}; a start comes up \
+                 in passthrough",
+                l.backing_holds_id
+            )
+        } else if r.clean {
             "clean: the backing device holds everything".to_string()
         } else {
             format!(

@@ -1,0 +1,256 @@
+//! The fault record (logfmt/FORMAT.md §4.1; docs/CONTRACT.md "Failures"): which legs are out of
+//! use, and whether the whole cache was lost — and keeping it where a later start reads it.
+//!
+//! Copies: the checkpoint on every leg that takes it, and a file on the host
+//! (`<fault dir>/<uuid>.faults`, by default `/var/lib/writeboost`), because when every leg has
+//! failed there may be no leg left to write to, yet the next start (after a reboot, the legs
+//! readable again) must not replay the lost log over what passthrough wrote since. Of the copies
+//! the one with the highest fault sequence wins.
+//!
+//! Rules enforced with it (see `Shared::record_faults` and its callers):
+//! - no FLUSH completes on the strength of the legs that are left while a leg's failure is not
+//!   yet recorded (the log's durable id waits for it, `recompute_log_progress`);
+//! - no passthrough write reaches the backing device after a cache loss before the loss is
+//!   recorded (`Shared::passthrough_*`): otherwise a start could replay the lost log over it.
+
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use logfmt::{checkpoint_offset, CacheLost, Checkpoint, Faults, CHECKPOINT_SLOT_SIZE_BYTES};
+use serde::{Deserialize, Serialize};
+
+use crate::device::AlignedBuf;
+use crate::engine::{Shared, State};
+use crate::legs::CacheLegs;
+
+/// Where fault files live unless `WRITEBOOST_FAULT_DIR` says otherwise: persistent storage
+/// (unlike the run folder on tmpfs), because a loss must be remembered across a reboot.
+pub const DEFAULT_FAULT_DIR: &str = "/var/lib/writeboost";
+/// Environment variable that moves the fault folder (tests).
+pub const FAULT_DIR_ENV: &str = "WRITEBOOST_FAULT_DIR";
+
+/// `$WRITEBOOST_FAULT_DIR`, else `/var/lib/writeboost`.
+pub fn fault_dir_from_env() -> PathBuf {
+    std::env::var_os(FAULT_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_FAULT_DIR), PathBuf::from)
+}
+
+/// The host's copy of one cache set's fault record.
+#[derive(Debug, Clone)]
+pub struct FaultFile {
+    path: PathBuf,
+    uuid: [u8; 16],
+}
+
+/// The file's content (JSON, so an administrator can read it).
+#[derive(Debug, Serialize, Deserialize)]
+struct FaultFileJson {
+    uuid: String,
+    sequence: u64,
+    failed_legs: u32,
+    cache_lost: Option<CacheLostJson>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheLostJson {
+    backing_holds_id: u64,
+    log_through_id: u64,
+}
+
+impl FaultFile {
+    pub fn new(dir: &Path, uuid: &[u8; 16]) -> FaultFile {
+        FaultFile {
+            path: dir.join(format!("{}.faults", crate::recovery::hex(uuid))),
+            uuid: *uuid,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The recorded faults, `None` if there is no file. A file that does not parse or names
+    /// another cache set is an error: guessing "no fault" could replay a lost log.
+    pub fn load(&self) -> io::Result<Option<Faults>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            result => result?,
+        };
+        let bad = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a valid fault record: {why}", self.path.display()),
+            )
+        };
+        let json: FaultFileJson = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if json.uuid != crate::recovery::hex(&self.uuid) {
+            return Err(bad(format!("it names cache set {}", json.uuid)));
+        }
+        Ok(Some(Faults {
+            sequence: json.sequence,
+            failed_legs: json.failed_legs,
+            cache_lost: json.cache_lost.map(|l| CacheLost {
+                backing_holds_id: l.backing_holds_id,
+                log_through_id: l.log_through_id,
+            }),
+        }))
+    }
+
+    /// Replaces the file atomically and durably (temp file, fsync, rename, fsync of the folder).
+    pub fn store(&self, faults: &Faults) -> io::Result<()> {
+        let dir = self.path.parent().expect("a fault file has a folder");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let json = FaultFileJson {
+            uuid: crate::recovery::hex(&self.uuid),
+            sequence: faults.sequence,
+            failed_legs: faults.failed_legs,
+            cache_lost: faults.cache_lost.map(|l| CacheLostJson {
+                backing_holds_id: l.backing_holds_id,
+                log_through_id: l.log_through_id,
+            }),
+        };
+        let mut text = serde_json::to_string_pretty(&json).map_err(io::Error::other)?;
+        text.push('\n');
+        let tmp = self.path.with_extension("faults.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// The newer of two copies of the record (the higher sequence; `None` counts as sequence 0).
+pub fn newest(a: Faults, b: Option<Faults>) -> Faults {
+    match b {
+        Some(b) if b.sequence > a.sequence => b,
+        _ => a,
+    }
+}
+
+/// Writes `checkpoint` (carrying a new fault record) to the fault file and, durably, to the
+/// healthy legs — to every leg when none is healthy (a lost cache: any leg that still takes a
+/// write keeps the record too; its errors change nothing). Returns where the record is now
+/// durable; an error if nowhere.
+pub(crate) fn persist(
+    legs: &CacheLegs,
+    file: Option<&FaultFile>,
+    checkpoint: &Checkpoint,
+) -> io::Result<Vec<String>> {
+    let mut places = Vec::new();
+    let mut errors = Vec::new();
+    match file.map(|f| (f, f.store(&checkpoint.faults))) {
+        Some((f, Ok(()))) => places.push(f.path().display().to_string()),
+        Some((f, Err(e))) => errors.push(format!("{}: {e}", f.path().display())),
+        None => {}
+    }
+    let mut buf = AlignedBuf::new(CHECKPOINT_SLOT_SIZE_BYTES);
+    buf.copy_from_slice(&checkpoint.encode());
+    let offset = checkpoint_offset(checkpoint.ring_index());
+    if legs.healthy_count() > 0 {
+        match legs.write_durably_all(&buf, offset) {
+            Ok(()) => places.extend(
+                legs.all()
+                    .iter()
+                    .filter(|l| l.is_healthy())
+                    .map(|l| l.device().name().to_string()),
+            ),
+            Err(e) => errors.push(format!("cache legs: {e}")),
+        }
+    } else {
+        for leg in legs.all() {
+            let device = leg.device();
+            match device.write_at(&buf, offset).and_then(|()| device.flush()) {
+                Ok(()) => places.push(device.name().to_string()),
+                Err(e) => errors.push(format!("{}: {e}", device.name())),
+            }
+        }
+    }
+    if places.is_empty() {
+        return Err(io::Error::other(format!(
+            "the fault record could not be written anywhere: {}",
+            errors.join("; ")
+        )));
+    }
+    Ok(places)
+}
+
+impl Shared {
+    /// The fault record as the engine stands now (sequence not set).
+    pub(crate) fn current_faults(&self, state: &State) -> Faults {
+        Faults {
+            sequence: 0,
+            failed_legs: self.legs.failed_mask(),
+            cache_lost: state.cache_lost,
+        }
+    }
+
+    /// Makes the fault record durable if it changed since it was last recorded; then lets the
+    /// FLUSHes that waited for it complete. Ok once the record is durable somewhere.
+    pub(crate) fn record_faults(&self) -> io::Result<()> {
+        let _recorder = self.fault_recorder.lock();
+        self.record_faults_locked()
+    }
+
+    /// `record_faults` for a caller that holds `fault_recorder` (replacing a leg).
+    pub(crate) fn record_faults_locked(&self) -> io::Result<()> {
+        // A leg may fail while its record is written (the write itself fails it): record again,
+        // at most once per leg.
+        for _ in 0..=self.legs.all().len() {
+            // Held from reading the sequence and the written-back id until the state has the new
+            // sequence: a commit in between would reuse the sequence with a newer written-back id,
+            // and this checkpoint, landing after it, would move the checkpoint back.
+            let _checkpoints = self.checkpoint_lock.lock();
+            let checkpoint = {
+                let state = self.state.lock();
+                let now = self.current_faults(&state);
+                let recorded = state.faults_recorded;
+                if now.failed_legs == recorded.failed_legs && now.cache_lost == recorded.cache_lost
+                {
+                    return Ok(());
+                }
+                Checkpoint {
+                    uuid: self.geometry.uuid,
+                    sequence: state.checkpoint_sequence + 1,
+                    last_written_back_id: state.written_back_id,
+                    last_written_back_epoch: state.written_back_epoch,
+                    faults: Faults {
+                        sequence: recorded.sequence + 1,
+                        ..now
+                    },
+                }
+            };
+            let places = persist(&self.legs, self.fault_file.as_ref(), &checkpoint)
+                .inspect_err(|e| log::error!("CRITICAL: {e}"))?;
+            log::warn!(
+                "fault record {} (failed legs {:#b}{}) written to {}",
+                checkpoint.faults.sequence,
+                checkpoint.faults.failed_legs,
+                if checkpoint.faults.cache_lost.is_some() {
+                    ", cache lost"
+                } else {
+                    ""
+                },
+                places.join(", ")
+            );
+            let mut state = self.state.lock();
+            state.faults_recorded = checkpoint.faults;
+            state.checkpoint_sequence = state.checkpoint_sequence.max(checkpoint.sequence);
+            self.recompute_log_progress(&mut state);
+        }
+        Ok(())
+    }
+}
