@@ -720,8 +720,16 @@ pub fn call(
 ) -> io::Result<Reply> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(timeout)?;
-    send_line(&mut stream, request)?;
+    // A daemon that refuses the connection (a peer that is not root) answers at once and
+    // closes: its answer says more than the broken pipe the request then meets.
+    let sent = send_line(&mut stream, request);
     let mut reader = BufReader::new(stream);
+    if let Err(e) = sent {
+        return match read_line::<Reply>(&mut reader) {
+            Ok(Some(reply @ Reply::Error { .. })) => Ok(reply),
+            _ => Err(e),
+        };
+    }
     loop {
         match read_line::<Reply>(&mut reader)? {
             None => {
@@ -807,6 +815,76 @@ mod tests {
     }
 
     #[test]
+    fn a_request_line_is_bounded() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+        let request = read_request(&mut server, REQUEST_DEADLINE).unwrap();
+        assert_eq!(request, Some(Request::Status));
+        let (mut server, client) = UnixStream::pair().unwrap();
+        drop(client);
+        assert_eq!(read_request(&mut server, REQUEST_DEADLINE).unwrap(), None);
+        // A line without end: refused once it passes the bound, not read to the end.
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = [b'x'; 4096];
+            while client.write_all(&chunk).is_ok() {}
+        });
+        let e = read_request(&mut server, REQUEST_DEADLINE).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("longer than 65536 bytes"), "{e}");
+        drop(server);
+        writer.join().unwrap();
+    }
+
+    /// A client that trickles a byte at a time never trips a per-read timeout; the deadline is
+    /// for the whole line. (The trickle takes seconds longer than the deadline to send its
+    /// newline, so the outcome does not depend on timing.)
+    #[test]
+    fn a_request_line_must_arrive_within_the_deadline() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..400 {
+                if client.write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = client.write_all(b"{\"cmd\":\"status\"}\n");
+        });
+        let e = read_request(&mut server, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("no complete request line"), "{e}");
+        drop(server);
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn private_files_are_created_exclusively_and_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = open_private(&path, Access::ReadWrite, true).unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o7777, PRIVATE_FILE_MODE);
+        drop(f);
+        // Found in place and ours: opened again.
+        open_private(&path, Access::Read, false).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        for create in [false, true] {
+            let e = open_private(&link, Access::ReadWrite, create).unwrap_err();
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = open_private(&path, Access::ReadWrite, true).unwrap_err();
+        assert!(e.to_string().contains("has mode 640, not 600"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_private(&fifo, Access::Read, false).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
     fn state_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::new(dir.path());
@@ -825,6 +903,21 @@ mod tests {
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);
+        assert_eq!(run.load_state("d0").unwrap(), state);
         assert_eq!(run.names().unwrap(), vec!["d0".to_string()]);
+        // A state file is believed only about its own name and a consistent device.
+        std::fs::copy(run.state("d0"), run.state("d1")).unwrap();
+        let e = run.load_state("d1").unwrap_err();
+        assert!(
+            e.to_string().contains("describes device 'd0', not 'd1'"),
+            "{e}"
+        );
+        let forged = DeviceState {
+            dev_id: 4,
+            ..state.clone()
+        };
+        forged.store(&run.state("d0")).unwrap();
+        let e = run.load_state("d0").unwrap_err();
+        assert!(e.to_string().contains("/dev/ublkb3 does not match"), "{e}");
     }
 }
