@@ -5,12 +5,23 @@
 //! Protocol: the client connects, writes one `Request` as a JSON line, and reads `Reply` lines
 //! until a final one (`Status`, `Done` or `Error`); a drain sends `Progress` lines before its
 //! final reply. One request per connection, so a slow drain never blocks a status query.
+//!
+//! Trust: the run folder holds live user data (the RAM buffer) and what a successor believes
+//! (the state file), so only root may reach it. It is created 0700 and refused when it is not
+//! root's or others may write to it; its files are opened without following symbolic links,
+//! created exclusively with mode 0600, and refused when they are not root's own 0600 files; the
+//! control socket is 0600 and its peers must be uid 0 (SO_PEERCRED).
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +34,18 @@ pub const RUN_DIR_ENV: &str = "WRITEBOOST_RUN_DIR";
 pub const MAX_NAME_BYTES: usize = 64;
 /// How long a client waits for a daemon that accepted the connection but does not answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Mode of the run folder: root alone may list, enter or change it.
+pub const RUN_DIR_MODE: u32 = 0o700;
+/// Mode of every file in the run folder, the control socket included.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Longest request line a daemon reads (the largest real one, a `set` of every knob, is well
+/// under 1 KiB); a longer one is refused, so a client cannot make the daemon buffer without end.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// A connection's whole request line must arrive within this (not per read: a client that
+/// trickles a byte at a time is cut off too).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest state file read (a real one is about 1 KiB).
+const MAX_STATE_FILE_BYTES: u64 = 1 << 20;
 
 /// The per-device files in the run folder.
 #[derive(Debug, Clone)]
@@ -57,6 +80,129 @@ impl RunDir {
     /// Where a detached daemon's log goes.
     pub fn log(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.log"))
+    }
+    /// Locked (an OFD write lock) by the daemon of `name` for its whole life: the proof that it
+    /// runs, which only root can give (the file is root's, 0600, in a root-only folder).
+    pub fn lock(&self, name: &str) -> PathBuf {
+        self.path.join(format!("{name}.lock"))
+    }
+
+    /// Creates the folder (mode 0700, with any missing parent) unless it exists, then checks it.
+    pub fn prepare(&self) -> io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(RUN_DIR_MODE)
+            .create(&self.path)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("{}: creating: {e}", self.path.display()))
+            })?;
+        self.check()
+    }
+
+    /// Refuses a run folder whose files others could have planted or replaced: it must be a
+    /// directory (not a symbolic link), owned by root, and writable by root alone.
+    pub fn check(&self) -> io::Result<()> {
+        let meta = std::fs::symlink_metadata(&self.path).map_err(|e| {
+            io::Error::new(e.kind(), format!("run folder {}: {e}", self.path.display()))
+        })?;
+        let problem = if meta.file_type().is_symlink() {
+            Some("is a symbolic link".to_string())
+        } else if !meta.is_dir() {
+            Some("is not a directory".to_string())
+        } else if meta.uid() != 0 {
+            Some(format!("is owned by uid {}, not by root", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!(
+                "is writable by group or others (mode {:o})",
+                meta.mode() & 0o7777
+            ))
+        } else {
+            None
+        };
+        match problem {
+            None => Ok(()),
+            Some(p) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "run folder {} {p}; refusing to trust the files in it (it must be a \
+                     directory owned by root that only root may write: chown root, chmod 700)",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
+    /// `check`, when the folder exists (a missing one holds nothing to trust).
+    pub fn check_if_present(&self) -> io::Result<()> {
+        match self.check() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The state file of `name`, checked to describe `name` and a ublk device.
+    pub fn load_state(&self, name: &str) -> io::Result<DeviceState> {
+        let path = self.state(name);
+        let state = DeviceState::load(&path)?;
+        let bad = |reason: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {reason}; refusing to use it", path.display()),
+            )
+        };
+        if state.name != name {
+            return Err(bad(format!(
+                "describes device '{}', not '{name}'",
+                state.name
+            )));
+        }
+        if state.device != format!("/dev/ublkb{}", state.dev_id) || state.dev_id > i32::MAX as u32 {
+            return Err(bad(format!(
+                "device {} does not match ublk device id {}",
+                state.device, state.dev_id
+            )));
+        }
+        let paths = || std::iter::once(&state.backing).chain(&state.caches);
+        if !(1..=2).contains(&state.caches.len()) || paths().any(|p| !p.is_absolute()) {
+            return Err(bad(
+                "device paths are not one backing and one or two cache devices \
+                 given by absolute paths"
+                    .into(),
+            ));
+        }
+        Ok(state)
+    }
+
+    /// The log of a detached daemon, for appending (created 0600 when missing).
+    pub fn open_log(&self, name: &str) -> io::Result<File> {
+        let path = self.log(name);
+        open_private(&path, Access::Append, true)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// Takes the lock that says the daemon of `name` runs; held until the returned file is
+    /// closed (the process exits). Fails with `AddrInUse` when another daemon holds it.
+    pub fn lock_name(&self, name: &str) -> io::Result<File> {
+        let path = self.lock(name);
+        let shown = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = open_private(&path, Access::ReadWrite, true).map_err(shown)?;
+        if ofd_lock(&file, libc::F_OFD_SETLK).map_err(shown)? {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "name in use: another daemon of {name} holds {}",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Whether a daemon of `name` holds its lock (see `lock_name`); does not take it.
+    pub fn name_locked(&self, name: &str) -> bool {
+        open_private(&self.lock(name), Access::Read, false)
+            .and_then(|f| ofd_lock(&f, libc::F_OFD_GETLK))
+            .unwrap_or(false)
     }
 
     /// Names with a state file, sorted.
@@ -124,8 +270,15 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
+    /// Reads a state file (a private file of the run folder: see `open_private`). Callers that
+    /// act on it use `RunDir::load_state`, which also checks what it says.
     pub fn load(path: &Path) -> io::Result<DeviceState> {
-        let text = std::fs::read_to_string(path)?;
+        let shown = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = open_private(path, Access::Read, false).map_err(shown)?;
+        let mut text = String::new();
+        file.take(MAX_STATE_FILE_BYTES)
+            .read_to_string(&mut text)
+            .map_err(shown)?;
         serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -134,18 +287,129 @@ impl DeviceState {
         })
     }
 
-    /// Writes the file atomically (a reader never sees half of it).
+    /// Writes the file atomically (a reader never sees half of it): a fresh 0600 temporary file
+    /// (never one found in place, which may be a link), renamed over the old one.
     pub fn store(&self, path: &Path) -> io::Result<()> {
+        // Two threads of one daemon (`set` and `replace`) must not share the temporary file.
+        static STORING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = STORING.lock().unwrap_or_else(|p| p.into_inner());
         let tmp = path.with_extension("json.tmp");
         let mut text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
         text.push('\n');
+        // A leftover of a crash (unlink removes a link itself, never its target).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = open_private(&tmp, Access::Write, true)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", tmp.display())))?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, path)
     }
+}
+
+/// How `open_private` opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    /// Write only (a temporary file).
+    Write,
+    ReadWrite,
+    Append,
+}
+
+/// Opens a file of the run folder: never through a symbolic link (O_NOFOLLOW), never blocking
+/// on a planted FIFO. With `create`, a missing file is created exclusively (O_EXCL) with mode
+/// 0600. A file found in place must be a regular file with one link, owned by this process's
+/// user (root, for the daemon) and mode 0600; anything else is refused and left as it is. The
+/// errors say why, without the path (callers add it).
+pub fn open_private(path: &Path, access: Access, create: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    match access {
+        Access::Read => options.read(true),
+        Access::Write => options.write(true),
+        Access::ReadWrite => options.read(true).write(true),
+        Access::Append => options.append(true),
+    };
+    options
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    if create {
+        match options.clone().create_new(true).open(path) {
+            Ok(file) => return Ok(file),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(explain_open_error(e)),
+        }
+    }
+    let file = options.open(path).map_err(explain_open_error)?;
+    check_private(&file)?;
+    Ok(file)
+}
+
+fn explain_open_error(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "is a symbolic link; refusing to follow it (files of the run folder are never links)",
+        ),
+        _ => e,
+    }
+}
+
+/// The checks of `open_private` on a file found in place.
+pub fn check_private(file: &File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let problem = if !meta.is_file() {
+        Some("is not a regular file".to_string())
+    } else if meta.uid() != euid {
+        Some(format!(
+            "is owned by uid {}; it must belong to uid {euid} (root)",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
+        Some(format!(
+            "has mode {:o}, not {PRIVATE_FILE_MODE:o}",
+            meta.mode() & 0o7777
+        ))
+    } else if meta.nlink() != 1 {
+        Some(format!("has {} hard links, not one", meta.nlink()))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{p}; refusing to use it (nothing was changed). If you trust it: chown root, \
+                 chmod 600; else remove it"
+            ),
+        )),
+    }
+}
+
+/// An OFD write lock on all of `file`: `F_OFD_SETLK` takes it, `F_OFD_GETLK` only looks.
+/// Returns whether another open file holds it.
+fn ofd_lock(file: &File, command: libc::c_int) -> io::Result<bool> {
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the fd is open for the call; fcntl reads and (GETLK) writes the live `lock`.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), command, &mut lock as *mut libc::flock) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) if command == libc::F_OFD_SETLK => Ok(true),
+            _ => Err(e),
+        };
+    }
+    Ok(command == libc::F_OFD_GETLK && lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,6 +574,162 @@ pub fn read_line<T: for<'de> Deserialize<'de>>(reader: &mut impl BufRead) -> io:
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
 }
 
+/// Reads the one request of a connection: a line of at most `MAX_REQUEST_BYTES`, all of it
+/// within `deadline`. `Ok(None)`: the client closed the connection without sending anything.
+pub fn read_request(stream: &mut UnixStream, deadline: Duration) -> io::Result<Option<Request>> {
+    let until = Instant::now() + deadline;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_slow(deadline));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(too_slow(deadline))
+            }
+            Err(e) => return Err(e),
+        };
+        let end = chunk[..n].iter().position(|&b| b == b'\n');
+        line.extend_from_slice(&chunk[..end.unwrap_or(n)]);
+        if line.len() > MAX_REQUEST_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            ));
+        }
+        if n == 0 && line.is_empty() {
+            return Ok(None);
+        }
+        if n == 0 || end.is_some() {
+            break;
+        }
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+}
+
+fn too_slow(deadline: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "no complete request line within {} s",
+            deadline.as_secs_f64()
+        ),
+    )
+}
+
+/// Binds a control socket at `path` (which must not exist) and makes it 0600. The run folder
+/// being root's alone, nobody else can reach it before the mode is set.
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(listener)
+}
+
+/// The uid of the process at the other end of a control connection (SO_PEERCRED: what the
+/// kernel recorded at connect, not anything the client says).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    // SAFETY: an all-zero ucred is a valid value of this plain C struct.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket; getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Only root may control a device (delete it, replace a leg by any disk, read its status):
+/// the refusal to send to anyone else, or `None` for root.
+pub fn refuse_peer(stream: &UnixStream) -> Option<String> {
+    match peer_uid(stream) {
+        Ok(0) => None,
+        Ok(uid) => Some(format!(
+            "permission denied: only root may control writeboost devices (this connection is \
+             from uid {uid})"
+        )),
+        Err(e) => Some(format!(
+            "permission denied: cannot tell who is connecting ({e})"
+        )),
+    }
+}
+
+/// Serves a daemon's control socket until it fails: turns away every peer but root (with an
+/// error reply saying so), answers "busy" beyond `max_connections` at once, reads each request
+/// (`read_request`: bounded, with a deadline) on a thread of its own and hands it to `serve`
+/// with the connection, for the replies.
+pub fn serve_socket<F>(listener: UnixListener, max_connections: usize, serve: F)
+where
+    F: Fn(Request, UnixStream) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    let open = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control socket: accept: {e}");
+                continue;
+            }
+        };
+        // A client that does not read its replies must not hold a daemon thread for ever.
+        let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
+        if let Some(refusal) = refuse_peer(&stream) {
+            log::warn!("control socket: {refusal}");
+            let _ = send_line(&mut stream, &Reply::Error { error: refusal });
+            continue;
+        }
+        if open.fetch_add(1, Ordering::SeqCst) >= max_connections {
+            open.fetch_sub(1, Ordering::SeqCst);
+            let error = "busy: too many control connections".to_string();
+            let _ = send_line(&mut stream, &Reply::Error { error });
+            continue;
+        }
+        let (serve, done) = (serve.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wb-ctl-conn".into())
+            .spawn(move || {
+                serve_connection(stream, serve.as_ref());
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            log::error!("control socket: cannot spawn a connection thread: {e}");
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn serve_connection(mut stream: UnixStream, serve: &impl Fn(Request, UnixStream)) {
+    match read_request(&mut stream, REQUEST_DEADLINE) {
+        Ok(Some(request)) => serve(request, stream),
+        Ok(None) => {}
+        Err(e) => {
+            let error = format!("bad request: {e}");
+            let _ = send_line(&mut stream, &Reply::Error { error });
+        }
+    }
+}
+
 /// Sends `request` to the daemon behind `socket`, hands every `Progress` to `on_progress`, and
 /// returns the final reply. `timeout` bounds the wait between two replies (`None`: forever,
 /// for drains of a slow backing device that report progress anyway).
@@ -321,8 +741,16 @@ pub fn call(
 ) -> io::Result<Reply> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(timeout)?;
-    send_line(&mut stream, request)?;
+    // A daemon that refuses the connection (a peer that is not root) answers at once and
+    // closes: its answer says more than the broken pipe the request then meets.
+    let sent = send_line(&mut stream, request);
     let mut reader = BufReader::new(stream);
+    if let Err(e) = sent {
+        return match read_line::<Reply>(&mut reader) {
+            Ok(Some(reply @ Reply::Error { .. })) => Ok(reply),
+            _ => Err(e),
+        };
+    }
     loop {
         match read_line::<Reply>(&mut reader)? {
             None => {
@@ -408,6 +836,76 @@ mod tests {
     }
 
     #[test]
+    fn a_request_line_is_bounded() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+        let request = read_request(&mut server, REQUEST_DEADLINE).unwrap();
+        assert_eq!(request, Some(Request::Status));
+        let (mut server, client) = UnixStream::pair().unwrap();
+        drop(client);
+        assert_eq!(read_request(&mut server, REQUEST_DEADLINE).unwrap(), None);
+        // A line without end: refused once it passes the bound, not read to the end.
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = [b'x'; 4096];
+            while client.write_all(&chunk).is_ok() {}
+        });
+        let e = read_request(&mut server, REQUEST_DEADLINE).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("longer than 65536 bytes"), "{e}");
+        drop(server);
+        writer.join().unwrap();
+    }
+
+    /// A client that trickles a byte at a time never trips a per-read timeout; the deadline is
+    /// for the whole line. (The trickle takes seconds longer than the deadline to send its
+    /// newline, so the outcome does not depend on timing.)
+    #[test]
+    fn a_request_line_must_arrive_within_the_deadline() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..400 {
+                if client.write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = client.write_all(b"{\"cmd\":\"status\"}\n");
+        });
+        let e = read_request(&mut server, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("no complete request line"), "{e}");
+        drop(server);
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn private_files_are_created_exclusively_and_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = open_private(&path, Access::ReadWrite, true).unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o7777, PRIVATE_FILE_MODE);
+        drop(f);
+        // Found in place and ours: opened again.
+        open_private(&path, Access::Read, false).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        for create in [false, true] {
+            let e = open_private(&link, Access::ReadWrite, create).unwrap_err();
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = open_private(&path, Access::ReadWrite, true).unwrap_err();
+        assert!(e.to_string().contains("has mode 640, not 600"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_private(&fifo, Access::Read, false).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
     fn state_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::new(dir.path());
@@ -426,6 +924,21 @@ mod tests {
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);
+        assert_eq!(run.load_state("d0").unwrap(), state);
         assert_eq!(run.names().unwrap(), vec!["d0".to_string()]);
+        // A state file is believed only about its own name and a consistent device.
+        std::fs::copy(run.state("d0"), run.state("d1")).unwrap();
+        let e = run.load_state("d1").unwrap_err();
+        assert!(
+            e.to_string().contains("describes device 'd0', not 'd1'"),
+            "{e}"
+        );
+        let forged = DeviceState {
+            dev_id: 4,
+            ..state.clone()
+        };
+        forged.store(&run.state("d0")).unwrap();
+        let e = run.load_state("d0").unwrap_err();
+        assert!(e.to_string().contains("/dev/ublkb3 does not match"), "{e}");
     }
 }

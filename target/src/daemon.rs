@@ -16,11 +16,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,10 +31,10 @@ use thiserror::Error;
 use writeback::Policy;
 
 use crate::control::{
-    self, process_alive, validate_name, DeviceState, DeviceStatus, LegReport, Progress, ReadReport,
-    Reply, Request, RunDir, SegmentReport,
+    self, validate_name, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply,
+    Request, RunDir, SegmentReport,
 };
-use crate::device::{AlignedBuf, Device, FileDevice};
+use crate::device::{self, AlignedBuf, Device, DeviceNode, FileDevice};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::recovery::backing_fingerprint;
@@ -66,6 +65,9 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// The run folder or one of its files cannot be trusted (the message names it and says why).
+    #[error("{0}")]
+    Untrusted(io::Error),
 }
 
 fn refused(thing: impl Into<String>, reason: impl Into<String>) -> DaemonError {
@@ -112,6 +114,9 @@ pub struct DaemonSpec {
     pub depth: u16,
     pub io_buf_bytes: u32,
     pub run_dir: RunDir,
+    /// The devices the checks looked at, backing first, then the caches in leg order: the
+    /// daemon starts on these and nothing else (a path that now leads elsewhere is refused).
+    pub nodes: Vec<DeviceNode>,
 }
 
 /// How the daemon gets its cache and device.
@@ -153,95 +158,62 @@ fn read_leg(device: &FileDevice) -> Result<LegContent> {
     })
 }
 
-/// Opens `path` read-only for inspection, with an error that names it and says why.
+/// Opens `path` read-only for inspection (its one lookup: see `device::open_node`), with an
+/// error that names it and says why.
 fn inspect(path: &Path, role: &str) -> Result<FileDevice> {
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        refused(
-            &shown,
-            match e.kind() {
-                io::ErrorKind::NotFound => format!("{role}: no such device or file"),
-                io::ErrorKind::PermissionDenied => {
-                    format!("{role}: permission denied (wbctl must run as root)")
-                }
-                _ => format!("{role}: {e}"),
-            },
-        )
-    })?;
-    if !(meta.file_type().is_block_device() || meta.is_file()) {
-        return Err(refused(
-            &shown,
-            format!("{role}: not a block device (or a regular file)"),
-        ));
-    }
-    FileDevice::open_read_only(path).map_err(|e| {
-        refused(
-            &shown,
-            match e.kind() {
-                io::ErrorKind::PermissionDenied => {
-                    format!("{role}: permission denied (wbctl must run as root)")
-                }
-                _ => format!("{role}: cannot open: {e}"),
-            },
-        )
-    })
+    let (file, _) = device::open_node(path, false).map_err(open_refused(path, role))?;
+    FileDevice::reopen(&file, path, false).map_err(open_refused(path, role))
 }
 
+/// Why `path` (a `role` device) could not be opened, in words.
+fn open_refused(path: &Path, role: &str) -> impl FnOnce(io::Error) -> DaemonError {
+    let (shown, role) = (path.display().to_string(), role.to_string());
+    move |e| {
+        let reason = match e.kind() {
+            _ if e.raw_os_error() == Some(libc::EBUSY) => IN_USE.to_string(),
+            io::ErrorKind::NotFound => "no such device or file".into(),
+            io::ErrorKind::PermissionDenied => "permission denied (wbctl must run as root)".into(),
+            io::ErrorKind::InvalidInput => "not a block device (or a regular file)".into(),
+            _ => format!("cannot open: {e}"),
+        };
+        refused(shown, format!("{role}: {reason}"))
+    }
+}
+
+/// The node of an inspected device (its descriptor cannot fail fstat short of a kernel bug).
+fn node_of(device: &FileDevice) -> Result<DeviceNode> {
+    device
+        .node()
+        .map_err(io_error(format!("{}: fstat", device.name())))
+}
+
+const IN_USE: &str = "in use (mounted, part of a device-mapper or RAID device, or held by \
+                      another writeboost device)";
+
 /// Fails if a block device is mounted or claimed by someone else (a filesystem, device mapper,
-/// another writeboost daemon): an exclusive open would fail with EBUSY.
-fn check_not_in_use(path: &Path, role: &str) -> Result<()> {
-    if exclusive_hold(path).is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY)) {
-        return Err(refused(
-            path.display().to_string(),
-            format!(
-                "{role}: in use (mounted, part of a device-mapper or RAID device, or held by \
-                 another writeboost device)"
-            ),
-        ));
+/// another writeboost daemon): an exclusive open of it fails with EBUSY.
+fn check_not_in_use(device: &FileDevice, role: &str) -> Result<()> {
+    if device
+        .claim_exclusive()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+    {
+        return Err(refused(device.name(), format!("{role}: {IN_USE}")));
     }
     Ok(())
 }
 
-/// An exclusive read-only open of a block device: while held, nobody can mount it or claim it.
-/// Regular files are opened without exclusivity (there is none for them).
-fn exclusive_hold(path: &Path) -> io::Result<File> {
-    let is_block = std::fs::metadata(path)?.file_type().is_block_device();
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    if is_block {
-        options.custom_flags(libc::O_EXCL);
+/// Opens `path` once, claiming it exclusively (see `device::open_node`), and checks it is the
+/// device the checks saw: while held, nobody can mount it or claim it.
+fn hold_checked(path: &Path, role: &str, expected: Option<DeviceNode>) -> Result<File> {
+    let (hold, node) = device::open_node(path, true).map_err(open_refused(path, role))?;
+    if expected.is_some_and(|n| n != node) {
+        return Err(refused(
+            path.display().to_string(),
+            "is no longer the device the checks looked at (the path changed since); nothing \
+             was written, check the path and try again",
+        ));
     }
-    options.open(path)
-}
-
-/// The logical block size of a block device (512 for files).
-fn logical_block_size_of(path: &Path) -> u32 {
-    use std::os::fd::AsRawFd;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return 512;
-    };
-    if !meta.file_type().is_block_device() {
-        return 512;
-    }
-    let Ok(file) = File::open(path) else {
-        return 512;
-    };
-    let mut size: libc::c_int = 0;
-    // BLKSSZGET = _IO(0x12, 104)
-    const BLKSSZGET: libc::c_ulong = 0x1268;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live c_int.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            BLKSSZGET as _,
-            &mut size as *mut libc::c_int,
-        )
-    };
-    if rc == 0 && (size == 512 || size == 4096) {
-        size as u32
-    } else {
-        512
-    }
+    Ok(hold)
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -262,13 +234,19 @@ struct BufferFileInfo {
     owned: Vec<u64>,
 }
 
+/// Reads the header of the RAM buffer file at `path` (a private file of the run folder: see
+/// `control::open_private`; a link or someone else's file is refused).
 fn inspect_buffer_file(path: &Path) -> io::Result<Option<BufferFileInfo>> {
     use logfmt::buffer_file as bf;
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    use std::io::Read;
+    let file = match control::open_private(path, control::Access::Read, false) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let mut bytes = Vec::with_capacity(bf::BUFFER_FILE_HEADER_BYTES);
+    file.take(bf::BUFFER_FILE_HEADER_BYTES as u64)
+        .read_to_end(&mut bytes)?;
     if bytes.len() < bf::BUFFER_FILE_HEADER_BYTES || &bytes[0..8] != bf::BUFFER_FILE_MAGIC {
         return Ok(None);
     }
@@ -300,14 +278,68 @@ fn check_root(command: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether the daemon recorded in `state` is still running.
+/// Whether the daemon of the device `state` describes is still running: it answers on its
+/// socket, or holds its name lock (`RunDir::lock_name`; only root can hold that file). A pid or
+/// a process name proves nothing: any user can run a process called `wbctl`.
 pub fn daemon_running(state: &DeviceState, run_dir: &RunDir) -> bool {
-    if control::daemon_answers(&run_dir.socket(&state.name)) {
-        return true;
+    control::daemon_answers(&run_dir.socket(&state.name)) || run_dir.name_locked(&state.name)
+}
+
+/// The run folder, checked before anything in it is believed (see `RunDir::check`).
+fn check_run_dir(run_dir: &RunDir) -> Result<()> {
+    run_dir.check_if_present().map_err(DaemonError::Untrusted)
+}
+
+/// Whether `req.name` is free (`None`), or left by a dead daemon of these very devices (its
+/// state: `wbctl create` then recovers it). Believes the run folder only once it is checked.
+fn check_name(req: &CreateRequest) -> Result<Option<DeviceState>> {
+    let run_dir = &req.run_dir;
+    check_run_dir(run_dir)?;
+    let state_path = run_dir.state(&req.name);
+    if std::fs::symlink_metadata(&state_path).is_ok() {
+        let state = run_dir
+            .load_state(&req.name)
+            .map_err(|e| refused(&req.name, e.to_string()))?;
+        if daemon_running(&state, run_dir) {
+            return Err(refused(
+                &req.name,
+                format!(
+                    "name in use: it is running as {} (pid {}); pick another name, or `wbctl \
+                     delete {}` first",
+                    state.device, state.pid, req.name
+                ),
+            ));
+        }
+        let same_devices = same_file(&state.backing, &req.backing)
+            && state.caches.len() == req.caches.len()
+            && req
+                .caches
+                .iter()
+                .all(|c| state.caches.iter().any(|s| same_file(s, c)));
+        if !same_devices {
+            return Err(refused(
+                &req.name,
+                format!(
+                    "name in use: its daemon died and left {} (backing {}, cache {}); run `wbctl \
+                     recover {}` to bring it back, or `wbctl delete {} --force` to remove it",
+                    state.device,
+                    state.backing.display(),
+                    display_paths(&state.caches),
+                    req.name,
+                    req.name
+                ),
+            ));
+        }
+        return Ok(Some(state));
     }
-    process_alive(state.pid)
-        && std::fs::read_to_string(format!("/proc/{}/comm", state.pid))
-            .is_ok_and(|comm| comm.trim() == "wbctl")
+    if control::daemon_answers(&run_dir.socket(&req.name)) || run_dir.name_locked(&req.name) {
+        return Err(refused(
+            &req.name,
+            "name in use: a daemon of this name is running (it answers on its control socket \
+             or holds its lock)",
+        ));
+    }
+    Ok(None)
 }
 
 /// Every check of `wbctl create`, read-only. Returns the spec to run and how to start.
@@ -372,65 +404,27 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
 
     // The name: free, or left by a daemon of this very device that died (then: recover).
     let run_dir = &req.run_dir;
-    let mut recover_from: Option<DeviceState> = None;
-    let state_path = run_dir.state(&req.name);
-    if state_path.exists() {
-        let state =
-            DeviceState::load(&state_path).map_err(|e| refused(&req.name, e.to_string()))?;
-        if daemon_running(&state, run_dir) {
-            return Err(refused(
-                &req.name,
-                format!(
-                    "name in use: it is running as {} (pid {}); pick another name, or `wbctl \
-                     delete {}` first",
-                    state.device, state.pid, req.name
-                ),
-            ));
-        }
-        let same_devices = same_file(&state.backing, &req.backing)
-            && state.caches.len() == req.caches.len()
-            && req
-                .caches
-                .iter()
-                .all(|c| state.caches.iter().any(|s| same_file(s, c)));
-        if !same_devices {
-            return Err(refused(
-                &req.name,
-                format!(
-                    "name in use: its daemon died and left {} (backing {}, cache {}); run `wbctl \
-                     recover {}` to bring it back, or `wbctl delete {} --force` to remove it",
-                    state.device,
-                    state.backing.display(),
-                    display_paths(&state.caches),
-                    req.name,
-                    req.name
-                ),
-            ));
-        }
-        recover_from = Some(state);
-    } else if control::daemon_answers(&run_dir.socket(&req.name)) {
-        return Err(refused(
-            &req.name,
-            "name in use: a daemon answers on its control socket",
-        ));
-    }
+    let recover_from = check_name(req)?;
 
-    // The devices: there, distinct, big enough, not in use.
+    // The devices: there, distinct, big enough, not in use. Each path is looked up once;
+    // every check below reads through that descriptor (see `device::open_node`).
     let backing = inspect(&req.backing, "backing device")?;
     let mut caches = Vec::new();
     for path in &req.caches {
         caches.push(inspect(path, "cache device")?);
     }
-    for (i, c) in req.caches.iter().enumerate() {
-        if same_file(c, &req.backing) {
+    let backing_node = node_of(&backing)?;
+    let cache_nodes: Vec<DeviceNode> = caches.iter().map(node_of).collect::<Result<_>>()?;
+    for (i, c) in cache_nodes.iter().enumerate() {
+        if *c == backing_node {
             return Err(refused(
-                c.display().to_string(),
+                caches[i].name(),
                 "given as both the backing device and a cache device",
             ));
         }
-        if req.caches[..i].iter().any(|o| same_file(o, c)) {
+        if cache_nodes[..i].contains(c) {
             return Err(refused(
-                c.display().to_string(),
+                caches[i].name(),
                 "given twice as a cache device; a mirror needs two different devices",
             ));
         }
@@ -443,9 +437,9 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
         ));
     }
     if recover_from.is_none() {
-        check_not_in_use(&req.backing, "backing device")?;
-        for path in &req.caches {
-            check_not_in_use(path, "cache device")?;
+        check_not_in_use(&backing, "backing device")?;
+        for cache in &caches {
+            check_not_in_use(cache, "cache device")?;
         }
     }
 
@@ -460,7 +454,7 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
         start = Start::Format {
             logical_block_size: req
                 .logical_block_size
-                .unwrap_or_else(|| logical_block_size_of(&req.backing)),
+                .unwrap_or_else(|| backing.logical_block_size()),
             force: req.force,
         };
     } else {
@@ -580,7 +574,7 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
                 start = Start::Format {
                     logical_block_size: req
                         .logical_block_size
-                        .unwrap_or_else(|| logical_block_size_of(&req.backing)),
+                        .unwrap_or_else(|| backing.logical_block_size()),
                     force: true,
                 };
             }
@@ -640,6 +634,16 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
     check_root("wbctl create")?;
     ublk::check_control_device()?;
 
+    let nodes = std::iter::once(backing_node)
+        .chain(ordered.iter().map(|o| {
+            let i = req
+                .caches
+                .iter()
+                .position(|c| c == o)
+                .expect("a given cache");
+            cache_nodes[i]
+        }))
+        .collect();
     let spec = DaemonSpec {
         name: req.name.clone(),
         // Absolute (symlinks kept: /dev/disk/by-id/... stays readable in status), because the
@@ -651,6 +655,7 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
         depth: req.depth,
         io_buf_bytes: ublk::DEFAULT_IO_BUF_BYTES,
         run_dir: run_dir.clone(),
+        nodes,
     };
     Ok((spec, start))
 }
@@ -658,8 +663,9 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
 /// Every check of `wbctl recover`, read-only.
 pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)> {
     validate_name(name).map_err(|r| refused("name", r))?;
+    check_run_dir(run_dir)?;
     let state_path = run_dir.state(name);
-    if !state_path.exists() {
+    if std::fs::symlink_metadata(&state_path).is_err() {
         return Err(refused(
             name,
             format!(
@@ -668,7 +674,9 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
             ),
         ));
     }
-    let state = DeviceState::load(&state_path).map_err(|e| refused(name, e.to_string()))?;
+    let state = run_dir
+        .load_state(name)
+        .map_err(|e| refused(name, e.to_string()))?;
     if daemon_running(&state, run_dir) {
         return Err(refused(
             name,
@@ -678,9 +686,10 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
             ),
         ));
     }
-    inspect(&state.backing, "backing device")?;
+    check_queue_shape(&state, &state_path)?;
+    let mut nodes = vec![node_of(&inspect(&state.backing, "backing device")?)?];
     for c in &state.caches {
-        inspect(c, "cache device")?;
+        nodes.push(node_of(&inspect(c, "cache device")?)?);
     }
     let knobs: Vec<(String, String)> = state.policy.clone().into_iter().collect();
     let policy = apply_knobs(&Policy::default(), &knobs)
@@ -697,11 +706,32 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
             depth: state.depth,
             io_buf_bytes: state.io_buf_bytes,
             run_dir: run_dir.clone(),
+            nodes,
         },
         Start::Recover {
             dev_id: state.dev_id,
         },
     ))
+}
+
+/// The queue figures of a state file, within what the daemon itself would ever record.
+fn check_queue_shape(state: &DeviceState, path: &Path) -> Result<()> {
+    let io_buf = state.io_buf_bytes;
+    if !(1..=ublk::MAX_QUEUES).contains(&state.queues)
+        || !(1..=ublk::MAX_QUEUE_DEPTH).contains(&state.depth)
+        || !(BLOCK_SIZE_BYTES as u32..=ublk::DEFAULT_IO_BUF_BYTES).contains(&io_buf)
+        || !io_buf.is_multiple_of(BLOCK_SIZE_BYTES as u32)
+    {
+        return Err(refused(
+            path.display().to_string(),
+            format!(
+                "queues {}, depth {}, I/O buffer {io_buf} bytes: not what a daemon records; \
+                 refusing to use it",
+                state.queues, state.depth
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Why the main loop ended.
@@ -727,7 +757,6 @@ struct Daemon {
     replaced_holds: Mutex<Vec<File>>,
     rates: Mutex<(u64, u64)>,
     stopping: AtomicBool,
-    connections: AtomicUsize,
     events: Sender<Stop>,
 }
 
@@ -932,26 +961,33 @@ fn spawn_signal_thread(set: libc::sigset_t, events: Sender<Stop>) {
         .expect("spawn wb-signal");
 }
 
-/// Binds the control socket, replacing a stale one (no daemon behind it).
-fn bind_socket(path: &Path) -> Result<UnixListener> {
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if control::daemon_answers(path) {
-                return Err(refused(
-                    path.display().to_string(),
-                    "name in use: another daemon answers on this control socket",
-                ));
-            }
-            std::fs::remove_file(path)
-                .map_err(io_error(format!("{}: removing", path.display())))?;
-            UnixListener::bind(path).map_err(io_error(format!("{}: binding", path.display())))
+/// Claims `name` in the run folder (created 0700 and checked first): takes its lock, which
+/// only one daemon can hold, and only then binds its control socket (0600), replacing a stale
+/// one. Holding the lock, the socket found in place cannot be a live rival's: two daemons
+/// started at once for one name never unlink each other's socket. Both live until the daemon
+/// exits.
+fn claim_name(run_dir: &RunDir, name: &str) -> Result<(File, UnixListener)> {
+    run_dir.prepare().map_err(DaemonError::Untrusted)?;
+    let lock = run_dir.lock_name(name).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => refused(name, e.to_string()),
+        _ => DaemonError::Untrusted(e),
+    })?;
+    let path = run_dir.socket(name);
+    if std::fs::symlink_metadata(&path).is_ok() {
+        // A daemon of an older version holds no lock, but answers.
+        if control::daemon_answers(&path) {
+            return Err(refused(
+                path.display().to_string(),
+                "name in use: another daemon answers on this control socket",
+            ));
         }
-        Err(e) => Err(DaemonError::Io {
-            what: format!("{}: binding the control socket", path.display()),
-            source: e,
-        }),
+        std::fs::remove_file(&path).map_err(io_error(format!("{}: removing", path.display())))?;
     }
+    let listener = control::bind_socket(&path).map_err(io_error(format!(
+        "{}: binding the control socket",
+        path.display()
+    )))?;
+    Ok((lock, listener))
 }
 
 /// Runs the daemon until it is stopped. `ready` is called with `/dev/ublkbN` once the device is
@@ -973,10 +1009,9 @@ pub fn run(
     }
     let run_dir = spec.run_dir.clone();
     let name = spec.name.clone();
-    std::fs::create_dir_all(&run_dir.path)
-        .map_err(io_error(format!("{}: creating", run_dir.path.display())))?;
+    // Held to the end: the socket and state file are removed while it is.
+    let (_name_lock, listener) = claim_name(&run_dir, &name)?;
     let socket_path = run_dir.socket(&name);
-    let listener = bind_socket(&socket_path)?;
     let cleanup_socket = || {
         let _ = std::fs::remove_file(&socket_path);
     };
@@ -1045,7 +1080,6 @@ pub fn run(
         started_unix_secs: unix_now(),
         rates: Mutex::new((0, 0)),
         stopping: AtomicBool::new(false),
-        connections: AtomicUsize::new(0),
         events: events_tx,
     });
 
@@ -1137,30 +1171,35 @@ pub fn run(
 /// Opens (after formatting, for a new cache) the engine; returns it with the exclusive holds
 /// on the block devices, which must live as long as it.
 fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> {
-    let mut holds = Vec::new();
-    for path in std::iter::once(&spec.backing).chain(&spec.caches) {
-        match exclusive_hold(path) {
-            Ok(f) => holds.push(f),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(refused(
-                    path.display().to_string(),
-                    "in use (mounted, part of a device-mapper or RAID device, or held by another \
-                     writeboost device)",
-                ))
-            }
-            Err(e) => return Err(io_error(format!("{}: opening", path.display()))(e)),
-        }
+    let paths: Vec<&PathBuf> = std::iter::once(&spec.backing).chain(&spec.caches).collect();
+    if spec.nodes.len() != paths.len() {
+        return Err(refused(
+            &spec.name,
+            "the devices to start on were never checked (internal error); nothing was written",
+        ));
     }
-    let open = |p: &PathBuf| -> Result<Arc<dyn Device>> {
-        Ok(Arc::new(
-            FileDevice::open(p).map_err(io_error(format!("{}: opening", p.display())))?,
-        ))
-    };
-    let backing_file = FileDevice::open(&spec.backing)
-        .map_err(io_error(format!("{}: opening", spec.backing.display())))?;
+    // One lookup per path: the hold, checked against what the checks saw, and the engine's own
+    // descriptor opened through it.
+    let mut holds = Vec::new();
+    let mut devices = Vec::new();
+    for (i, (path, node)) in paths.iter().zip(&spec.nodes).enumerate() {
+        let role = if i == 0 {
+            "backing device"
+        } else {
+            "cache device"
+        };
+        let hold = hold_checked(path, role, Some(*node))?;
+        devices.push(
+            FileDevice::reopen(&hold, path, true)
+                .map_err(io_error(format!("{}: opening", path.display())))?,
+        );
+        holds.push(hold);
+    }
+    let mut devices = devices.into_iter();
+    let backing_file = devices.next().expect("the backing device");
     let identity = backing_file.identity();
     let backing: Arc<dyn Device> = Arc::new(backing_file);
-    let legs: Vec<Arc<dyn Device>> = spec.caches.iter().map(open).collect::<Result<_>>()?;
+    let legs: Vec<Arc<dyn Device>> = devices.map(|d| Arc::new(d) as Arc<dyn Device>).collect();
     let buffer_path = spec.run_dir.buffer(&spec.name);
     if let Start::Format {
         logical_block_size,
@@ -1169,7 +1208,7 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
     {
         // A buffer file of an earlier cache under this name: checked to hold nothing (or
         // --force given); the new cache set starts without it.
-        if buffer_path.exists() {
+        if std::fs::symlink_metadata(&buffer_path).is_ok() {
             std::fs::remove_file(&buffer_path)
                 .map_err(io_error(format!("{}: removing", buffer_path.display())))?;
         }
@@ -1286,62 +1325,15 @@ fn spawn_control_thread(daemon: Arc<Daemon>, listener: UnixListener) {
     std::thread::Builder::new()
         .name("wb-ctl".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let mut stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::warn!("control socket: accept: {e}");
-                        continue;
-                    }
-                };
-                if daemon.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONTROL_CONNECTIONS {
-                    daemon.connections.fetch_sub(1, Ordering::SeqCst);
-                    let _ = control::send_line(
-                        &mut stream,
-                        &Reply::Error {
-                            error: "busy: too many control connections".into(),
-                        },
-                    );
-                    continue;
-                }
-                let d = daemon.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("wb-ctl-conn".into())
-                    .spawn(move || {
-                        serve_connection(&d, stream);
-                        d.connections.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if let Err(e) = spawned {
-                    log::error!("control socket: cannot spawn a connection thread: {e}");
-                    daemon.connections.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
+            control::serve_socket(listener, MAX_CONTROL_CONNECTIONS, move |request, stream| {
+                serve_request(&daemon, request, stream)
+            })
         })
         .expect("spawn wb-ctl");
 }
 
-fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(control::REPLY_TIMEOUT));
-    let request = {
-        let Ok(read_half) = stream.try_clone() else {
-            return;
-        };
-        let mut reader = BufReader::new(read_half);
-        control::read_line::<Request>(&mut reader)
-    };
-    let request = match request {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            let _ = control::send_line(
-                &mut stream,
-                &Reply::Error {
-                    error: format!("bad request: {e}"),
-                },
-            );
-            return;
-        }
-    };
+/// Answers one request (from root: `control::serve_socket` turned everyone else away).
+fn serve_request(daemon: &Daemon, request: Request, mut stream: UnixStream) {
     if daemon.stopping.load(Ordering::SeqCst) && !matches!(request, Request::Status) {
         let _ = control::send_line(
             &mut stream,
@@ -1367,7 +1359,7 @@ fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
         },
         Request::Delete { drain, force } => {
             if !force {
-                if let Err(e) = exclusive_hold(Path::new(&daemon.device)) {
+                if let Err(e) = device::open_node(Path::new(&daemon.device), true) {
                     if e.raw_os_error() == Some(libc::EBUSY) {
                         let _ = control::send_line(
                             &mut stream,
@@ -1420,14 +1412,23 @@ fn replace_leg(daemon: &Daemon, old: &Path, new: &Path) -> Reply {
             new.display()
         ));
     }
-    let checked = inspect(new, "new cache device")
-        .and_then(|_| check_not_in_use(new, "new cache device"))
-        .and_then(|()| exclusive_hold(new).map_err(io_error(format!("{}", new.display()))));
-    let hold = match checked {
+    // One lookup of `new`: the hold (which also proves it unused), then the leg through it.
+    let hold = match hold_checked(new, "new cache device", None) {
         Ok(hold) => hold,
         Err(e) => return error(e.to_string()),
     };
-    let device = match FileDevice::open(new) {
+    let ours = std::iter::once(&daemon.spec.backing).chain(&caches);
+    let new_node = DeviceNode::of_file(&hold).ok();
+    if ours
+        .filter_map(|p| std::fs::metadata(p).ok().as_ref().and_then(DeviceNode::of))
+        .any(|n| Some(n) == new_node)
+    {
+        return error(format!(
+            "{}: already part of this device (its backing device or a cache leg)",
+            new.display()
+        ));
+    }
+    let device = match FileDevice::reopen(&hold, new, true) {
         Ok(d) => d,
         Err(e) => return error(format!("{}: opening: {e}", new.display())),
     };

@@ -2,13 +2,19 @@
 //! the backing device) zeroing a range. Real devices are files or block devices opened with
 //! O_DIRECT; tests substitute simulated devices that tear and drop writes.
 //!
+//! A path is looked up once (`open_node`): the checks, the exclusive hold and the engine's own
+//! descriptor all refer to the inode that lookup found (`FileDevice::reopen` goes through
+//! `/proc/self/fd`, not the path), so a path swapped between a check and the start cannot make
+//! the daemon format or write a device it never checked.
+//!
 //! Plain positional I/O (pread/pwrite) was chosen over io_uring by measurement: the log writer
 //! issues one 512 KiB write per leg at a time from a thread of its own, which already reaches
 //! the device's sequential limit (see `wbbench engine`), and the simulated devices of the crash
 //! tests need the same synchronous interface.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +57,76 @@ fn write_zeroes<D: Device + ?Sized>(device: &D, offset: u64, len: u64) -> io::Re
     Ok(())
 }
 
+/// Which device a descriptor refers to: a block device by its device number, a file by its
+/// filesystem and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceNode {
+    Block { rdev: u64 },
+    File { dev: u64, ino: u64 },
+}
+
+impl DeviceNode {
+    /// `None` for anything but a block device or a regular file.
+    pub fn of(meta: &Metadata) -> Option<DeviceNode> {
+        if meta.file_type().is_block_device() {
+            Some(DeviceNode::Block { rdev: meta.rdev() })
+        } else if meta.is_file() {
+            Some(DeviceNode::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            })
+        } else {
+            None
+        }
+    }
+
+    pub fn of_file(file: &File) -> io::Result<DeviceNode> {
+        DeviceNode::of(&file.metadata()?).ok_or_else(not_a_device)
+    }
+}
+
+fn not_a_device() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file or block device",
+    )
+}
+
+/// Looks `path` up once and opens it read-only: the descriptor every later check and open goes
+/// through. `exclusive` claims a block device (O_EXCL: fails with EBUSY while it is mounted or
+/// held by anyone else) for as long as the file stays open. Never blocks on a FIFO.
+pub fn open_node(path: &Path, exclusive: bool) -> io::Result<(File, DeviceNode)> {
+    let mut flags = libc::O_NONBLOCK;
+    if exclusive {
+        // Without O_CREAT, Linux gives O_EXCL a meaning for block devices only.
+        flags |= libc::O_EXCL;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)?;
+    let node = DeviceNode::of_file(&file)?;
+    Ok((file, node))
+}
+
+/// The same inode as `file`, opened anew with `flags` (through `/proc/self/fd`; where /proc is
+/// missing, through `path`, checked to still be the same device).
+fn reopen_same(file: &File, path: &Path, options: &OpenOptions) -> io::Result<File> {
+    let expected = DeviceNode::of_file(file)?;
+    let via_proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let reopened = match options.open(&via_proc) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => options.open(path)?,
+        other => other?,
+    };
+    if DeviceNode::of_file(&reopened)? != expected {
+        return Err(io::Error::other(format!(
+            "{} changed while it was being opened (it is now another device)",
+            path.display()
+        )));
+    }
+    Ok(reopened)
+}
+
 /// A file or block device opened for direct I/O.
 pub struct FileDevice {
     file: File,
@@ -73,11 +149,18 @@ impl FileDevice {
     }
 
     fn open_with(path: &Path, writable: bool) -> io::Result<FileDevice> {
+        let (file, _) = open_node(path, false)?;
+        Self::reopen(&file, path, writable)
+    }
+
+    /// Opens the device behind `file` (from `open_node`) for I/O, named `path`: the very inode
+    /// `file` refers to, whatever `path` points to now.
+    pub fn reopen(file: &File, path: &Path, writable: bool) -> io::Result<FileDevice> {
         let mut options = OpenOptions::new();
         options.read(true).write(writable);
-        let file = match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        let file = match reopen_same(file, path, options.clone().custom_flags(libc::O_DIRECT)) {
             Ok(file) => file,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path)?,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => reopen_same(file, path, &options)?,
             Err(e) => return Err(e),
         };
         let meta = file.metadata()?;
@@ -87,10 +170,7 @@ impl FileDevice {
         } else if meta.is_file() {
             meta.len()
         } else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file or block device",
-            ));
+            return Err(not_a_device());
         };
         Ok(FileDevice {
             file,
@@ -103,6 +183,43 @@ impl FileDevice {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn node(&self) -> io::Result<DeviceNode> {
+        DeviceNode::of_file(&self.file)
+    }
+
+    /// An exclusive read-only claim of this very device (see `open_node`): `EBUSY` while it is
+    /// mounted or held by someone else. Regular files have no such claim; they always succeed.
+    pub fn claim_exclusive(&self) -> io::Result<File> {
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_NONBLOCK);
+        reopen_same(&self.file, &self.path, &options)
+    }
+
+    /// The logical block size of a block device (512 for files, or where it cannot be read).
+    pub fn logical_block_size(&self) -> u32 {
+        if !self.is_block_device {
+            return 512;
+        }
+        let mut size: libc::c_int = 0;
+        // BLKSSZGET = _IO(0x12, 104)
+        const BLKSSZGET: libc::c_ulong = 0x1268;
+        // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live c_int.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                BLKSSZGET as _,
+                &mut size as *mut libc::c_int,
+            )
+        };
+        if rc == 0 && (size == 512 || size == 4096) {
+            size as u32
+        } else {
+            512
+        }
     }
 
     /// A stable identity for this device, recorded in the superblock at create so that a cache
@@ -132,7 +249,6 @@ impl FileDevice {
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
     let mut size: u64 = 0;
     // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -161,7 +277,6 @@ impl Device for FileDevice {
         self.file.sync_data()
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
         let iov: Vec<libc::iovec> = bufs
             .iter()
             .map(|b| libc::iovec {
@@ -200,7 +315,6 @@ impl Device for FileDevice {
         Ok(())
     }
     fn zero_range(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
         // Punching a hole (discard) or zeroing a range both guarantee zeroes on read, on files
         // and, since Linux 4.9, on block devices; where unsupported, write the zeroes.
         let mode = if discard {

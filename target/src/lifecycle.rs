@@ -30,6 +30,24 @@ const WRITEBACK_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// on a backing device that is gone. Writeback itself keeps retrying.
 const DRAIN_GIVES_UP_AFTER_ERRORS: u64 = 5;
 
+/// One run of the writeback loop. A panic in it (a bug) becomes an error like any other: the
+/// thread logs it, counts it (status, a drain that gives up) and starts again from the
+/// checkpoint, instead of dying unnoticed while the cache fills and writers stall.
+fn run_writeback(s: &Arc<Shared>) -> std::result::Result<(), String> {
+    let log: Arc<dyn CacheLog> = s.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Writeback::new(log).run())) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|m| m.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            Err(format!("the writeback thread panicked: {what}"))
+        }
+    }
+}
+
 impl Engine {
     pub(crate) fn start(
         shared: Arc<Shared>,
@@ -65,8 +83,7 @@ impl Engine {
                         // leg took, the cache lost mid-batch) is retried from the checkpoint:
                         // writing a segment back twice is harmless.
                         while !s.stopping.load(Ordering::Acquire) {
-                            let log: Arc<dyn CacheLog> = s.clone();
-                            match Writeback::new(log).run() {
+                            match run_writeback(&s) {
                                 Ok(()) => break,
                                 Err(e) => {
                                     log::error!("writeback: {e}; retrying from the checkpoint");

@@ -9,9 +9,14 @@
 //!   the leg writers; from then on the image is only read;
 //! - readers copy data blocks of any held buffer under the engine lock (the log writer never
 //!   touches data blocks, so its header writes never overlap them).
+//!
+//! The file holds acknowledged user data and what a successor writes to the log: it is created
+//! 0600 and exclusively, and a file found in place is adopted only if it is a regular file of
+//! root's with mode 0600 (`control::open_private`): never a link, never anyone else's.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -43,14 +48,13 @@ impl RamBuffers {
     pub fn open(path: &Path, count: usize, uuid: &[u8; 16]) -> io::Result<(Self, Vec<Adopted>)> {
         assert!((2..=bf::MAX_BUFFERS).contains(&count));
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(crate::control::RUN_DIR_MODE)
+                .create(dir)?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = crate::control::open_private(path, crate::control::Access::ReadWrite, true)
+            .map_err(|e| io::Error::new(e.kind(), format!("RAM buffer file {}", e)))?;
         lock_exclusive(&file, path)?;
         let existing_len = file.metadata()?.len() as usize;
         let mut adopted = Vec::new();

@@ -379,6 +379,79 @@ fn check_backing(sb: &Superblock, backing: &dyn Device, identity: &str) -> Resul
     Ok(())
 }
 
+/// Refuses adopted buffers that cannot be what a crashed predecessor left. Its buffers hold a
+/// run of ids without a gap (released strictly in id order, begun one after the other): above
+/// the checkpoint, starting at most one past the log head (no hole) and reaching at least the
+/// head (every segment on the legs past the oldest buffer still had its buffer), within one lap
+/// of the ring; and every entry addresses the device. Anything else is a damaged or planted
+/// file, and adopting it would write its blocks into live log slots.
+fn check_adopted(
+    adopted: &[Adopted],
+    report: &ScanReport,
+    sb: &Superblock,
+    path: &Path,
+) -> Result<()> {
+    let (Some(oldest), Some(newest)) = (adopted.first(), adopted.last()) else {
+        return Ok(());
+    };
+    let (first, last) = (oldest.header.segment_id, newest.header.segment_id);
+    let (written_back, head) = (report.written_back_id(), report.head_id());
+    if first > head + 1 {
+        return Err(EngineError::CacheFailed(format!(
+            "RAM buffer file {} starts at segment {first} but the log ends at {head} ({}); \
+             refusing to continue with a hole in the log",
+            path.display(),
+            report.stop_reason
+        )));
+    }
+    let refuse = |reason: String| {
+        EngineError::refused(
+            format!("RAM buffer file {}", path.display()),
+            format!(
+                "{reason}; refusing to adopt it (nothing of it was written). Move it away to \
+                 start without it: whatever it held is then lost"
+            ),
+        )
+    };
+    if let Some(w) = adopted
+        .windows(2)
+        .find(|w| w[1].header.segment_id != w[0].header.segment_id + 1)
+    {
+        return Err(refuse(format!(
+            "holds segments {} and {} with nothing between them (a predecessor's buffers hold \
+             consecutive ids)",
+            w[0].header.segment_id, w[1].header.segment_id
+        )));
+    }
+    if first <= written_back || last < head || last - written_back > sb.segment_count {
+        return Err(refuse(format!(
+            "holds segments {first}..={last}, outside what the log allows (written back through \
+             {written_back}, head {head}, {} segments in the ring)",
+            sb.segment_count
+        )));
+    }
+    for a in adopted {
+        check_adopted_addresses(a, sb.backing_size_bytes).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+/// Every entry of an adopted segment lies inside the device (`size_bytes`).
+fn check_adopted_addresses(a: &Adopted, size_bytes: u64) -> std::result::Result<(), String> {
+    let sectors = size_bytes / logfmt::SECTOR_SIZE_BYTES as u64;
+    for (i, e) in a.header.entries.iter().enumerate() {
+        let end = e.start_sector.checked_add(e.length_sectors as u64);
+        if end.is_none_or(|end| end > sectors) {
+            return Err(format!(
+                "segment {} entry {i} addresses sectors {}+{}, beyond the device's {sectors} \
+                 sectors",
+                a.header.segment_id, e.start_sector, e.length_sectors
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens a formatted cache: validates it against the backing device, applies the fault record
 /// (failed legs stay out of use; a lost cache comes up in passthrough without its log), replays
 /// the log, adopts a crashed predecessor's RAM buffer, and starts the engine's threads.
@@ -418,9 +491,11 @@ pub fn open(
     let n = sb.segment_count;
     let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
+    // Before anything is written to the legs: a refused buffer file changes nothing.
+    check_adopted(&adopted, &report, &sb, &options.buffer_path)?;
     invalidate_stale_tail(&legs, &report, &adopted, n)?;
     repair_torn_copies(&legs, &report, n);
-    let headers = adopt_buffers(&legs, &ram, &adopted, &report, &options, n)?;
+    let headers = adopt_buffers(&legs, &ram, &adopted, &report, n)?;
     let mut recovered = Recovered::replay(&sb, &headers, &report);
     recovered.faults_recorded = faults;
     // A flush error owed by an earlier loss belongs to that loss; this cache set is not lost.
@@ -661,29 +736,17 @@ fn repair_torn_copies(legs: &CacheLegs, report: &ScanReport, n: u64) {
 }
 
 /// Logs the predecessor's buffers (segments the log may not have yet) and returns the live
-/// headers, the adopted ones included. They must continue the log without a gap: every id below
-/// the oldest buffer was on the legs when it was written.
+/// headers, the adopted ones included.
 fn adopt_buffers(
     legs: &CacheLegs,
     ram: &RamBuffers,
     adopted: &[Adopted],
     report: &ScanReport,
-    options: &OpenOptions,
     n: u64,
 ) -> Result<Vec<SegmentHeader>> {
     let head = report.head_id();
     let mut headers = report.headers.clone();
-    if let Some(oldest) = adopted.first() {
-        let oldest_id = oldest.header.segment_id;
-        if oldest_id > head + 1 {
-            return Err(EngineError::CacheFailed(format!(
-                "RAM buffer file {} starts at segment {oldest_id} but the log ends at {head} ({}); \
-                 refusing to continue with a hole in the log",
-                options.buffer_path.display(),
-                report.stop_reason
-            )));
-        }
-    }
+    // `check_adopted` made sure they continue the log without a gap.
     for a in adopted {
         let id = a.header.segment_id;
         let mut header = a.header.clone();

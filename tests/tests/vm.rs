@@ -141,3 +141,26 @@ fn vm_ublk_bench_iops_and_burst() {
         println!("{test}: {}", &f[at..]);
     }
 }
+
+/// Who may use a device's files (issue 16), under the most careless umask: the run folder is
+/// root's 0700, the RAM buffer, state, lock and log files and the control socket 0600;
+/// `runuser -u nobody` can neither read the buffer file (which holds the written block) nor
+/// talk to the daemon, and where a chmod lets it reach the socket the daemon refuses the
+/// connection (SO_PEERCRED); root still can.
+#[test]
+fn vm_ublk_security_nobody_is_locked_out() {
+    VmTest {
+        test: "vm_ublk_security_nobody_is_locked_out",
+        bins: &["wbctl"],
+        disks: &[
+            disk("backing", "256M", false),
+            disk("cache0", "64M", false),
+            disk("cache1", "64M", false),
+        ],
+        script: "tests/vm/scripts/ublk-security.sh",
+        args: &[],
+        timeout_secs: 600,
+        pass_line: "ublk-security: PASS",
+    }
+    .run();
+}

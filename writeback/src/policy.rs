@@ -90,6 +90,10 @@ impl Default for Policy {
     }
 }
 
+/// Largest `max_bandwidth_mib`: 1 TiB/s, beyond any backing device. A larger value is a typo,
+/// and in bytes per second it would no longer fit in 64 bits.
+pub const MAX_BANDWIDTH_MIB: u64 = 1 << 20;
+
 /// The knob names `wbctl set` and the config file accept.
 pub const KNOBS: &[&str] = &[
     "low_watermark",
@@ -167,7 +171,13 @@ impl Policy {
             "age_threshold_secs" => next.age_threshold = Duration::from_secs(number(value)?),
             "max_bandwidth_mib" => {
                 let mib = number(value)?;
-                next.max_bandwidth_bytes_per_sec = (mib > 0).then_some(mib << 20);
+                if mib > MAX_BANDWIDTH_MIB {
+                    return Err(PolicyError(format!(
+                        "max_bandwidth_mib: {mib} is above {MAX_BANDWIDTH_MIB} (1 TiB/s); 0 means \
+                         unlimited"
+                    )));
+                }
+                next.max_bandwidth_bytes_per_sec = mib.checked_mul(1 << 20).filter(|&b| b > 0);
             }
             "idle_aware" => {
                 next.idle_aware = match value {
@@ -243,14 +253,16 @@ impl Throttle {
     }
 
     /// After writing `bytes` at `now`: how long to wait so that the average since the first
-    /// write stays under `cap` bytes per second.
+    /// write stays under `cap` bytes per second. A cap of 0 (which `Policy::set` never makes)
+    /// counts as none: this runs on the writeback thread and must not panic.
     pub fn after_write(&mut self, bytes: u64, now: Instant, cap: Option<u64>) -> Duration {
         let started = *self.started.get_or_insert(now);
-        self.bytes += bytes;
-        let Some(cap) = cap else {
+        self.bytes = self.bytes.saturating_add(bytes);
+        let Some(cap) = cap.filter(|&c| c > 0) else {
             return Duration::ZERO;
         };
-        let due = Duration::from_secs_f64(self.bytes as f64 / cap as f64);
+        let due =
+            Duration::try_from_secs_f64(self.bytes as f64 / cap as f64).unwrap_or(Duration::MAX);
         let elapsed = now.saturating_duration_since(started);
         due.saturating_sub(elapsed)
     }
@@ -389,6 +401,39 @@ mod tests {
     fn uncapped_throttle_never_waits() {
         let mut t = Throttle::new();
         assert_eq!(t.after_write(1 << 30, Instant::now(), None), Duration::ZERO);
+    }
+
+    #[test]
+    fn bandwidth_knob_is_bounded_and_never_wraps_to_zero() {
+        let mut p = Policy::default();
+        // 2^44 MiB shifted by 20 used to wrap to a cap of 0 bytes/s: a division by zero and a
+        // panic that killed the writeback thread.
+        for bad in [1u64 << 44, u64::MAX, MAX_BANDWIDTH_MIB + 1] {
+            let e = p.set("max_bandwidth_mib", &bad.to_string()).unwrap_err();
+            assert!(
+                e.0.contains("max_bandwidth_mib") && e.0.contains("above"),
+                "{e}"
+            );
+            assert_eq!(p, Policy::default(), "a refused value changes nothing");
+        }
+        assert!(p.set("max_bandwidth_mib", "-1").is_err());
+        p.set("max_bandwidth_mib", &MAX_BANDWIDTH_MIB.to_string())
+            .unwrap();
+        assert_eq!(p.max_bandwidth_bytes_per_sec, Some(1 << 40));
+        p.set("max_bandwidth_mib", "1").unwrap();
+        assert_eq!(p.max_bandwidth_bytes_per_sec, Some(1 << 20));
+        p.set("max_bandwidth_mib", "0").unwrap();
+        assert_eq!(p.max_bandwidth_bytes_per_sec, None, "0: unlimited");
+    }
+
+    #[test]
+    fn a_zero_or_tiny_cap_does_not_panic_the_throttle() {
+        let mut t = Throttle::new();
+        let now = Instant::now();
+        assert_eq!(t.after_write(1 << 20, now, Some(0)), Duration::ZERO);
+        assert_eq!(t.after_write(u64::MAX, now, Some(0)), Duration::ZERO);
+        // A cap of one byte per second after 2^64 bytes: a wait beyond any Duration.
+        assert_eq!(t.after_write(1, now, Some(1)), Duration::MAX);
     }
 
     #[test]

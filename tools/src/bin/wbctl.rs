@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use wb_target::control::{self, DeviceState, DeviceStatus, Progress, Reply, Request, RunDir};
+use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
 use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
 use wb_target::device::{Device, FileDevice};
 use wb_target::legs::CacheLegs;
@@ -262,7 +262,13 @@ fn main() {
         .run_dir
         .clone()
         .map_or_else(RunDir::from_env, RunDir::new);
-    let result = match cli.command {
+    // Nothing in a run folder others can write is believed (state files name the devices that
+    // `delete --force` removes and `recover` writes to).
+    let trusted = match cli.command {
+        Cmd::Check { .. } => Ok(()),
+        _ => run_dir.check_if_present().map_err(anyhow::Error::from),
+    };
+    let result = trusted.and_then(|()| match cli.command {
         Cmd::Create(args) => create(&run_dir, *args),
         Cmd::Status { name, json } => status(&run_dir, name.as_deref(), json),
         Cmd::List { json } => list(&run_dir, json),
@@ -272,7 +278,7 @@ fn main() {
         Cmd::Replace { name, old, new } => replace(&run_dir, &name, old, new),
         Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
         Cmd::Check { caches, json } => check(&caches, json),
-    };
+    });
     if let Err(e) = result {
         eprintln!("wbctl: error: {e:#}");
         std::process::exit(1);
@@ -371,14 +377,11 @@ fn redirect_stdout_to_null() {
 /// Re-runs this very command with `--foreground` as a detached daemon (own session, stdin
 /// closed, log in the run folder) and waits until it reports its device or fails.
 fn spawn_detached(run_dir: &RunDir, name: &str) -> Result<()> {
-    std::fs::create_dir_all(&run_dir.path)
-        .with_context(|| format!("{}: cannot create", run_dir.path.display()))?;
+    run_dir.prepare()?;
     let log_path = run_dir.log(name);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("{}: cannot open the daemon log", log_path.display()))?;
+    let mut log = run_dir
+        .open_log(name)
+        .context("cannot open the daemon log")?;
     let log_start = log.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
     let exe = std::env::current_exe().context("cannot find the wbctl executable")?;
     let mut command = Command::new(exe);
@@ -408,7 +411,7 @@ fn spawn_detached(run_dir: &RunDir, name: &str) -> Result<()> {
     }
     let status = child.wait()?;
     let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(&log_path) {
+    if let Ok(mut f) = control::open_private(&log_path, control::Access::Read, false) {
         let _ = f.seek(std::io::SeekFrom::Start(log_start));
         let _ = f.read_to_string(&mut text);
     }
@@ -442,11 +445,15 @@ fn recover(run_dir: &RunDir, name: &str, foreground: bool) -> Result<()> {
 fn daemon_socket(run_dir: &RunDir, name: &str) -> Result<PathBuf> {
     control::validate_name(name).map_err(|e| anyhow!(e))?;
     let socket = run_dir.socket(name);
-    let state_path = run_dir.state(name);
-    if control::daemon_answers(&socket) {
-        return Ok(socket);
+    match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(_) => return Ok(socket),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "{name}: {}: permission denied (only root may control writeboost devices)",
+            socket.display()
+        ),
+        Err(_) => {}
     }
-    match DeviceState::load(&state_path) {
+    match run_dir.load_state(name) {
         Ok(state) => bail!(
             "{name}: its daemon (pid {}) is not running; {} waits for it: `wbctl recover {name}`",
             state.pid,
@@ -649,7 +656,7 @@ struct ListEntry {
 fn list(run_dir: &RunDir, json: bool) -> Result<()> {
     let mut entries = Vec::new();
     for name in run_dir.names()? {
-        let state = match DeviceState::load(&run_dir.state(&name)) {
+        let state = match run_dir.load_state(&name) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("wbctl: warning: {e}");
@@ -750,8 +757,13 @@ fn delete(run_dir: &RunDir, name: &str, drain: bool, force: bool) -> Result<()> 
     control::validate_name(name).map_err(|e| anyhow!(e))?;
     let socket = run_dir.socket(name);
     if !control::daemon_answers(&socket) {
-        let state = DeviceState::load(&run_dir.state(name))
-            .map_err(|_| anyhow!("{name}: no such device (`wbctl list` shows the devices)"))?;
+        let state = match run_dir.load_state(name) {
+            Ok(state) => state,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{name}: no such device (`wbctl list` shows the devices)")
+            }
+            Err(e) => bail!("{name}: {e}"),
+        };
         if daemon::daemon_running(&state, run_dir) {
             bail!(
                 "{name}: its daemon (pid {}) runs but does not answer on {}; try again",
