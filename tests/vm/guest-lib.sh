@@ -31,6 +31,11 @@
 
 WB_LIB_T0=$EPOCHREALTIME
 
+# The fault record's host copy (default /var/lib/writeboost) must be writable, and the host
+# root is read-only in the guest: keep it on the guest's tmpfs (it outlives daemon restarts,
+# which is what the VM tests cross with faults; a test of reboots would move it to a disk).
+export WRITEBOOST_FAULT_DIR="${WRITEBOOST_FAULT_DIR:-/var/tmp/writeboost-faults}"
+
 log() {
     printf '[%7.1fs] %s\n' "$(awk -v a="$WB_LIB_T0" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')" "$*"
 }
