@@ -1,5 +1,5 @@
 //! The RAM buffer file: segments not yet durable on the cache legs, in a memory-mapped file on
-//! tmpfs that outlives the daemon (SPEC §2: a daemon crash loses nothing acknowledged).
+//! tmpfs that outlives the daemon (CONTRACT §2: a daemon crash loses nothing acknowledged).
 //!
 //! Layout: a 4 KiB file header, then `buffer_count` segment images of `SEGMENT_SIZE_BYTES`,
 //! each laid out exactly as it will be written to a leg (header block, then data blocks).

@@ -1,6 +1,6 @@
 //! The block map: backing block number → location of its newest copy in the cache.
 //!
-//! Memory budget (SPEC §8): at most 16 bytes per cached 4 KiB block. The table is sized once, at
+//! Memory budget (CONTRACT §8): at most 16 bytes per cached 4 KiB block. The table is sized once, at
 //! start-up, for every data block the cache can hold (a block has at most one live newest copy,
 //! so it can never hold more keys than that): 12 bytes per bucket (8-byte key, 4-byte location)
 //! at a load factor of at most 4/5 is 15 bytes per cached block, leaving room under the budget

@@ -1,7 +1,7 @@
 //! Reading one cached data block from the legs, verified against its entry's CRC32C.
 //!
 //! The CRCs live in the segment headers on the legs; keeping them in memory for every cached
-//! block would cost 4 bytes per block, a quarter of the metadata budget (SPEC §8). Instead a
+//! block would cost 4 bytes per block, a quarter of the metadata budget (CONTRACT §8). Instead a
 //! small direct-mapped cache holds the CRC tables of recently read segments, and a miss reads the
 //! segment's 4 KiB header. A block whose copy fails its CRC (or cannot be read) on one leg is
 //! served from the other leg and rewritten on the bad one (`CacheLegs::read`).

@@ -73,7 +73,7 @@ impl RunDir {
     pub fn socket(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.sock"))
     }
-    /// The RAM buffer file the engine maps (SPEC §2: outlives a killed daemon).
+    /// The RAM buffer file the engine maps (CONTRACT §2: outlives a killed daemon).
     pub fn buffer(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.buf"))
     }
@@ -429,7 +429,7 @@ pub enum Request {
         force: bool,
     },
     /// Replaces cache leg `old` (a path as given at create) by the device `new`, online: the
-    /// cache is written back and runs in passthrough meanwhile (SPEC §5).
+    /// cache is written back and runs in passthrough meanwhile (CONTRACT §5).
     Replace {
         old: PathBuf,
         new: PathBuf,

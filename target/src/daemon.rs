@@ -2,7 +2,7 @@
 //! socket. `wbctl create` and `wbctl recover` run it (detached, or in the foreground for systemd).
 //!
 //! Two phases, in this order:
-//! 1. `check_create` / `check_recover` — every check of SPEC §7, read-only, cheapest first: the
+//! 1. `check_create` / `check_recover` — every check of CONTRACT §7, read-only, cheapest first: the
 //!    name, the device count, the paths, their sizes, their superblocks, the RAM buffer file, and
 //!    only then root and `/dev/ublk-control`. Nothing is written before all of them pass.
 //! 2. `run` — claims the name (the control socket), formats or opens the cache (adopting a

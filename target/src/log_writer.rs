@@ -20,7 +20,7 @@ use crate::engine::Shared;
 use crate::legs::Leg;
 
 /// Leg flushes happen at least this often even without FLUSH requests, so that recovery after a
-/// power cut has to verify the data of only the few newest segments (SPEC §3, §8: start-up reads
+/// power cut has to verify the data of only the few newest segments (CONTRACT §3, §8: start-up reads
 /// at most 1 % of the cache).
 pub const SEGMENTS_BETWEEN_LEG_FLUSHES: u64 = 8;
 

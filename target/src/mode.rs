@@ -1,4 +1,4 @@
-//! Cache modes and leg failures (SPEC §5): mirrored → degraded → passthrough, cache loss, and
+//! Cache modes and leg failures (CONTRACT §5): mirrored → degraded → passthrough, cache loss, and
 //! attaching a replacement leg.
 //!
 //! - *mirrored* (or *single* for a one-leg set): every segment goes to every leg.

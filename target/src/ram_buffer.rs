@@ -1,6 +1,6 @@
 //! The RAM buffer: the open segment and every sealed segment not yet written to all cache legs,
 //! kept in a memory-mapped file on tmpfs (under `/run`) that outlives the daemon, so that a
-//! successor adopts it after a crash and nothing acknowledged is lost (SPEC §2).
+//! successor adopts it after a crash and nothing acknowledged is lost (CONTRACT §2).
 //!
 //! Layout and publication protocol: `logfmt::buffer_file`. Access rules, which make the raw
 //! pointer accesses below sound:

@@ -5,7 +5,7 @@
 //! first header that does not validate or does not carry the expected id (a torn write, a stale
 //! slot from an earlier lap, a gap). Headers are read for every live segment; data blocks only
 //! for segments above the newest `durable_id` a valid header vouches for — the few that may have
-//! been in flight (SPEC §3). Per slot, the first leg whose copy validates wins (mirror).
+//! been in flight (CONTRACT §3). Per slot, the first leg whose copy validates wins (mirror).
 //!
 //! Invariant established here: after recovery no slot holds a valid header with an id beyond the
 //! replayed head (such a segment was written out of order before the crash and never became

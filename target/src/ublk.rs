@@ -8,7 +8,7 @@
 //!   (one copy into the RAM buffer under the engine lock), so there is nothing to overlap; a READ
 //!   miss or a FLUSH blocks only its own queue, and the other queues keep going.
 //! - The device advertises a volatile write cache with FUA (`UBLK_ATTR_VOLATILE_CACHE |
-//!   UBLK_ATTR_FUA`), so the kernel sends FLUSH and FUA through (SPEC §2).
+//!   UBLK_ATTR_FUA`), so the kernel sends FLUSH and FUA through (CONTRACT §2).
 //! - `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`: a killed daemon leaves the device
 //!   QUIESCED, a successor re-attaches, and the kernel re-issues what was in flight. The kernel
 //!   silently drops flags it does not know, so the granted flags are checked after ADD_DEV.
@@ -41,7 +41,7 @@ pub const DEFAULT_QUEUE_DEPTH: u16 = 128;
 pub const MAX_QUEUES: u16 = 64;
 /// Upper bound on depth (the kernel's own limit, UBLK_MAX_QUEUE_DEPTH).
 pub const MAX_QUEUE_DEPTH: u16 = 4096;
-/// The flags without which the crash-recovery contract of SPEC §2 cannot hold.
+/// The flags without which the crash-recovery contract of CONTRACT §2 cannot hold.
 pub const REQUIRED_CTRL_FLAGS: u64 =
     (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 /// Name shown by `ublk list` and in libublk's JSON.

@@ -100,7 +100,9 @@ impl Rig {
             leg.power_cut(rng);
         }
         self.backing.power_cut(rng);
+        // tmpfs: the buffer file and what lives beside it (a FLUSH error owed to the client).
         let _ = std::fs::remove_file(self.buffer_path());
+        let _ = std::fs::remove_file(self.buffer_path().with_extension("flush-error"));
     }
 
     /// Brings the devices back on after `power_cut`.

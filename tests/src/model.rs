@@ -1,4 +1,4 @@
-//! The reference model of the exported device and the oracles of SPEC §2.
+//! The reference model of the exported device and the oracles of CONTRACT §2.
 //!
 //! The model is a plain byte array updated by every acknowledged write, discard and zeroing,
 //! plus, per flush epoch, what each 512-byte sector could legally hold after a crash:

@@ -1,4 +1,4 @@
-//! Bad input at the engine layer (SPEC §7): each is refused with an error that names the device
+//! Bad input at the engine layer (CONTRACT §7): each is refused with an error that names the device
 //! and the reason, and changes nothing on any device.
 
 use std::sync::Arc;

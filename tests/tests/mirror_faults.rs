@@ -1,4 +1,4 @@
-//! Mirrored cache under injected faults (SPEC §5), in process: I/O errors and silent corruption
+//! Mirrored cache under injected faults (CONTRACT §5), in process: I/O errors and silent corruption
 //! on one leg, a leg dying mid-workload, both legs dying. Reads must always match the model, no
 //! acknowledged-and-flushed write may be lost, repairs must happen and be counted, and the modes
 //! must go degraded → passthrough → (replace) → mirrored.

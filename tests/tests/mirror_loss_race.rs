@@ -1,4 +1,4 @@
-//! Every cache leg lost while writeback is in the middle of a batch (SPEC §2, §5), in process and
+//! Every cache leg lost while writeback is in the middle of a batch (CONTRACT §2, §5), in process and
 //! deterministic: the devices are wrapped (`Hooked`) so that writeback stops at an exact point
 //! (a backing write, the FLUSH of a commit) until the test has killed both legs and seen
 //! passthrough.

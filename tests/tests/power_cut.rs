@@ -1,4 +1,4 @@
-//! Power-cut property test (SPEC §2): random workloads with flushes, FUA and discards while
+//! Power-cut property test (CONTRACT §2): random workloads with flushes, FUA and discards while
 //! writeback runs; at a random instant every device loses what it did not flush (one in-flight
 //! write torn at a random byte) and the tmpfs buffer file is gone. After re-open, every write
 //! acknowledged before a completed FLUSH reads back exactly, and every sector holds either its

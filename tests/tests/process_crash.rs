@@ -1,4 +1,4 @@
-//! Process-crash test (SPEC §2, "daemon crash or kill -9"): a child process runs the engine over
+//! Process-crash test (CONTRACT §2, "daemon crash or kill -9"): a child process runs the engine over
 //! real files under a random workload and is killed with SIGKILL at random instants (mid-copy
 //! included); a new engine adopts its RAM buffer file and the cache. Every acknowledged write —
 //! flushed or not — must read back exactly; the one write in flight at the kill may be there or

@@ -107,7 +107,7 @@ fn vm_ublk_kill_and_recover_during_fio() {
     .run();
 }
 
-/// SPEC §8 through ublk, from one boot: 4 KiB random-write IOPS against the null ublk target
+/// CONTRACT §8 through ublk, from one boot: 4 KiB random-write IOPS against the null ublk target
 /// (goal ≥ 0.8) and a burst that fits in the cache against the throttled backing device alone
 /// (goal ≥ 3×). Prints the figures; asserts only that they were measured (benchmarks never
 /// assert timings).

@@ -1,4 +1,4 @@
-//! The cache-loss oracle (SPEC §2, "cache lost entirely") as a property test.
+//! The cache-loss oracle (CONTRACT §2, "cache lost entirely") as a property test.
 //!
 //! Thousands of random workloads (writes, FUA writes, FLUSHes, discards, write-zeroes, reads)
 //! run while writeback works as hard as it can (`idle_after = 0`: full speed all the time). At a

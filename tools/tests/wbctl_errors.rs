@@ -1,4 +1,4 @@
-//! Every bad input of SPEC §7 gets a clear error from `wbctl` and changes nothing on disk. These
+//! Every bad input of CONTRACT §7 gets a clear error from `wbctl` and changes nothing on disk. These
 //! run the real binary without a ublk-capable kernel: the checks of `wbctl create` are ordered so
 //! that the device checks come before root and `/dev/ublk-control`, and nothing is written
 //! before all of them pass. Each test asserts the message names the thing and the reason, and

@@ -1,5 +1,5 @@
 //! Writeback: replays sealed log segments onto the backing device strictly in segment-id order,
-//! so that losing the whole cache leaves the backing device in a consistent older state (SPEC §2).
+//! so that losing the whole cache leaves the backing device in a consistent older state (CONTRACT §2).
 //!
 //! The crate knows nothing of the engine's internals: it sees the cache through `CacheLog`, and
 //! the engine (crate `wb-target`) implements that trait and runs `Writeback` on a thread named

@@ -1,5 +1,5 @@
 //! Migration policy: how hard writeback works, from the cache's fullness, the age of its oldest
-//! dirty segment, whether users are idle, and the bandwidth cap (SPEC §4). Pure functions of an
+//! dirty segment, whether users are idle, and the bandwidth cap (CONTRACT §4). Pure functions of an
 //! `Activity` snapshot and an explicit clock, so that tests need no sleeps.
 
 use std::fmt;

@@ -1,6 +1,6 @@
 //! Ordered replay: the `wb-writeback` loop and the batch planner.
 //!
-//! Invariants enforced here (SPEC §2, "cache lost entirely"):
+//! Invariants enforced here (CONTRACT §2, "cache lost entirely"):
 //! - Segments are written back in id order, in batches of consecutive segments of ONE epoch.
 //! - Inside a batch, and only there, blocks are sorted, merged and superseded versions dropped,
 //!   and whole-block writes are issued several at a time (they may complete in any order).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, both cache legs fail (SPEC §2 "cache lost entirely", §5): both legs of a mirrored
+# Issue 6, both cache legs fail (CONTRACT §2 "cache lost entirely", §5): both legs of a mirrored
 # cache are dm linear targets; mirror-journal.py writes distinct tagged 4 KiB blocks through the
 # device (O_DIRECT, an fsync = FLUSH every 1..48 writes) and journals every write and fsync;
 # mid-workload it switches BOTH legs to the dm `error` target at once, keeps writing until

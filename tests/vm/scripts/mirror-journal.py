@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """tests/vm/scripts/mirror-journal.py — a journaling block workload and the cache-loss oracle.
 
-SPEC §2, "cache lost entirely (all legs)": the backing device must equal the device's state at
+CONTRACT §2, "cache lost entirely (all legs)": the backing device must equal the device's state at
 some flush boundary B, plus possibly a subset of the writes of the one epoch after B, and no
 write of any later epoch (epoch = the writes between two FLUSHes).
 

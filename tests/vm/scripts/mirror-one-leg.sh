@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, one cache leg fails (SPEC §5): leg A of a mirrored cache is a dm linear target over a
+# Issue 6, one cache leg fails (CONTRACT §5): leg A of a mirrored cache is a dm linear target over a
 # disk; while a fio verify job writes through the device, leg A's table is switched to the dm
 # `error` target (every I/O to it fails with EIO from then on). The job must pass (no I/O error,
 # verify ok); `wbctl status --json` must show leg A failed with errors and the mode go

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ublk performance budgets of SPEC §8, from one boot:
+# The ublk performance budgets of CONTRACT §8, from one boot:
 #   1. 4 KiB random-write IOPS (libaio, QD32) through writeboost against the null ublk target
 #      (wb-null, the transport ceiling) with the same queues and depth -> ratio (goal >= 0.8);
 #   2. the time for a 4 KiB random-write burst that fits in the cache (QD32, then one fsync,

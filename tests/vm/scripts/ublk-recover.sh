@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Daemon crash recovery through the real ublk driver (SPEC §2): kill -9 the daemon while fio
+# Daemon crash recovery through the real ublk driver (CONTRACT §2): kill -9 the daemon while fio
 # writes (and later while it verifies), `wbctl recover NAME` takes the device over (ublk user
 # recovery, in-flight I/O re-issued), and fio carries on without an I/O error; its verify pass
 # then proves that no acknowledged write was lost, flushed or not.

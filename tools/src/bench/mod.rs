@@ -1,4 +1,4 @@
-//! `wbbench` subcommands: each measures a budget of SPEC §8 as a ratio against a limit measured
+//! `wbbench` subcommands: each measures a budget of CONTRACT §8 as a ratio against a limit measured
 //! in the same run, and prints its figures (JSON with `--json`).
 
 pub mod engine;

@@ -4,7 +4,7 @@
 //! with its full byte count; nothing is stored. Reads return whatever the
 //! per-tag buffer holds (or zeroes with `--zero-reads`). The project's
 //! benchmarks compare a writeboost device against this target measured in
-//! the same kernel and the same run (SPEC §8: ≥ 80 % of its IOPS).
+//! the same kernel and the same run (CONTRACT §8: ≥ 80 % of its IOPS).
 //!
 //! It runs in the foreground, prints the block device it made (`/dev/ublkbN`)
 //! on stdout as soon as the device is live, and deletes the device on

@@ -1,5 +1,5 @@
 //! `wbbench`: writeboost's benchmark driver. Every subcommand measures its figure against a limit
-//! measured in the same run and prints both (SPEC §8: performance claims are ratios).
+//! measured in the same run and prints both (CONTRACT §8: performance claims are ratios).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

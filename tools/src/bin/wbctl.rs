@@ -148,7 +148,7 @@ struct CreateArgs {
     policy: PolicyArgs,
 }
 
-/// Writeback knobs (SPEC §4); `wbctl set` changes them at run time.
+/// Writeback knobs (CONTRACT §4); `wbctl set` changes them at run time.
 #[derive(Args, Debug, Clone, Default)]
 struct PolicyArgs {
     /// Start background writeback when more than this is dirty (0.1 or 10%).
