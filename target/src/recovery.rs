@@ -470,12 +470,18 @@ pub fn open(
         .map(|dir| FaultFile::new(dir, &sb.uuid));
     let (checkpoint, _) = read_checkpoint(&legs, &sb.uuid);
     let faults = apply_fault_record(&legs, &sb.uuid, fault_file.as_ref(), &checkpoint)?;
+    // Past every checkpoint on any leg, the one `apply_fault_record` may have written included:
+    // a later checkpoint with a lower sequence would lose to an older one at the next start.
+    let checkpoint_sequence = checkpoint.as_ref().map_or(0, |c| c.sequence) + 1;
     if let Some(lost) = faults.cache_lost {
         let through = checkpoint
             .as_ref()
             .map_or(0, |c| c.last_written_back_id)
             .max(lost.log_through_id);
-        return open_lost(legs, sb, backing, options, fault_file, faults, through);
+        let mut recovered = Recovered::empty(&sb, through);
+        recovered.checkpoint_sequence = checkpoint_sequence;
+        recovered.faults_recorded = faults;
+        return open_lost(legs, sb, backing, options, fault_file, recovered);
     }
     let report = scan(&legs, &sb);
     if let Some(why) = &report.checkpoint_error {
@@ -498,6 +504,7 @@ pub fn open(
     let headers = adopt_buffers(&legs, &ram, &adopted, &report, n)?;
     let mut recovered = Recovered::replay(&sb, &headers, &report);
     recovered.faults_recorded = faults;
+    recovered.checkpoint_sequence = recovered.checkpoint_sequence.max(checkpoint_sequence);
     // A flush error owed by an earlier loss belongs to that loss; this cache set is not lost.
     let _ = std::fs::remove_file(flush_error_marker(&options));
     log::info!(
@@ -652,9 +659,9 @@ fn open_lost(
     backing: Arc<dyn Device>,
     options: OpenOptions,
     fault_file: Option<FaultFile>,
-    faults: Faults,
-    through: u64,
+    mut recovered: Recovered,
 ) -> Result<Engine> {
+    let faults = recovered.faults_recorded;
     let lost = faults.cache_lost.expect("a lost cache");
     let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
@@ -680,8 +687,6 @@ fn open_lost(
             )
         }
     );
-    let mut recovered = Recovered::empty(&sb, through);
-    recovered.faults_recorded = faults;
     recovered.cache_lost = Some(lost);
     recovered.flush_error_owed = flush_error_marker(&options).exists();
     let report = ScanReport {
@@ -961,7 +966,9 @@ fn start(
         fault_file,
         fault_recorder: Mutex::new(()),
         checkpoint_lock: Mutex::new(()),
-        backing_unflushed: AtomicBool::new(false),
+        // A predecessor (killed) may have acknowledged passthrough writes it never flushed:
+        // the first FLUSH of this engine flushes the backing device too.
+        backing_unflushed: AtomicBool::new(true),
         flush_error_marker,
     });
     Engine::start(shared, log_rx, options.writeback)

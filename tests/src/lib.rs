@@ -99,7 +99,10 @@ impl Rig {
         for leg in &self.legs {
             leg.power_cut(rng);
         }
-        self.backing.power_cut(rng);
+        // A disk writes a sector atomically: a torn passthrough write keeps whole sectors (the
+        // legs may tear anywhere; their CRCs find it).
+        self.backing
+            .power_cut_atomic(rng, logfmt::SECTOR_SIZE_BYTES);
         // tmpfs: the buffer file and what lives beside it (a FLUSH error owed to the client).
         let _ = std::fs::remove_file(self.buffer_path());
         let _ = std::fs::remove_file(self.buffer_path().with_extension("flush-error"));

@@ -70,6 +70,42 @@ impl Model {
         self.epochs.push(HashMap::new());
     }
 
+    /// After a power cut that passed `check_after_power_cut`: `image` is the device now, and it
+    /// is durable — a new flush boundary. The history stays: a later cache loss may still leave
+    /// the backing device at an older boundary.
+    pub fn power_cut_to(&mut self, image: &[u8]) {
+        assert_eq!(image.len(), self.data.len());
+        for (s, (now, was)) in image
+            .chunks(SECTOR)
+            .zip(self.data.chunks(SECTOR))
+            .enumerate()
+        {
+            if now != was {
+                self.epochs
+                    .last_mut()
+                    .expect("an open epoch")
+                    .entry(s)
+                    .or_default()
+                    .insert(digest(now));
+            }
+        }
+        self.data.copy_from_slice(image);
+        // Every sector the epoch touched takes its value in the image.
+        let touched: Vec<usize> = self
+            .epochs
+            .last()
+            .expect("an open epoch")
+            .keys()
+            .copied()
+            .collect();
+        let mut sectors = self.boundaries.last().expect("boundary 0").clone();
+        for s in touched {
+            sectors[s] = digest(&self.data[s * SECTOR..(s + 1) * SECTOR]);
+        }
+        self.boundaries.push(sectors);
+        self.epochs.push(HashMap::new());
+    }
+
     /// Power-cut oracle: every sector holds its value at the last completed FLUSH or one value
     /// written since. Returns the first violating sector.
     pub fn check_after_power_cut(&self, image: &[u8]) -> Result<(), String> {
