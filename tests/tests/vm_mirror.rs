@@ -185,3 +185,83 @@ fn mirror_oracle_self_test() {
         );
     }
 }
+
+/// Transient loss of the whole cache (the issue where flushed data was lost): writeback held
+/// back, 1 MiB of pattern A is written and fsynced (it lives only in the cache); both legs go to
+/// dm `error`; a small write's fsync fails with EIO and the device is in passthrough with
+/// `cache_lost` and a fault record; 1 MiB of pattern B over A is written and its fsync succeeds;
+/// the daemon is killed with SIGKILL and both legs come back readable (holding A's log); `wbctl
+/// recover` comes up in passthrough with the loss on record and the device reads B, not A (the
+/// lost log is never replayed); `wbctl delete --drain` leaves B on the backing device; `wbctl
+/// check` of the legs shows the loss, from the legs alone too.
+#[test]
+fn vm_mirror_transient_loss_is_never_replayed() {
+    let test = "vm_mirror_transient_loss_is_never_replayed";
+    let Some(run) = VmTest {
+        test,
+        bins: &["wbctl"],
+        disks: &[
+            disk("backing", "256M", true),
+            disk("cache0", "256M", false),
+            disk("cache1", "256M", false),
+        ],
+        script: "tests/vm/scripts/mirror-transient-loss.sh",
+        args: &[],
+        timeout_secs: 600,
+        pass_line: "mirror-transient-loss: PASS",
+    }
+    .run() else {
+        return;
+    };
+    let out = &run.output;
+    let failed = lines_with(test, out, "small write + fsync after the loss: ");
+    assert!(
+        failed[0].contains("fsync: FAILED EIO"),
+        "{test}: the fsync after the loss did not fail with EIO: {}",
+        failed[0]
+    );
+    lines_with(test, out, "CRITICAL: every cache leg has failed");
+    let at_loss = lines_with(test, out, "status at the loss: ");
+    assert!(
+        at_loss[0].contains(r#""mode": "passthrough""#)
+            && at_loss[0].contains(r#""lost_dirty_bytes""#)
+            && !at_loss[0].contains(r#""cache_lost": null"#),
+        "{test}: status at the loss: {}",
+        at_loss[0]
+    );
+    let b = lines_with(test, out, "pattern B: ");
+    assert!(
+        b[0].contains("fsync: ok"),
+        "{test}: the passthrough write's fsync did not succeed: {}",
+        b[0]
+    );
+    let recovered = lines_with(test, out, "status after recover: ");
+    assert!(
+        recovered[0].contains(r#""mode": "passthrough""#)
+            && !recovered[0].contains(r#""cache_lost": null"#),
+        "{test}: status after recover: {}",
+        recovered[0]
+    );
+    lines_with(test, out, "the lost log was not replayed");
+    lines_with(test, out, "backing device after delete --drain: B at 0");
+    lines_with(test, out, "check:   LOST");
+    echo_lines_with(
+        test,
+        out,
+        &[
+            "before the loss",
+            "INJECTED",
+            "small write + fsync",
+            "passthrough seen",
+            "status at the loss",
+            "pattern B",
+            "recovered in",
+            "status after recover",
+            "not replayed",
+            "after delete --drain",
+            "check faults",
+            "LOST",
+        ],
+    );
+    println!("{test}: VM wall time {:.1}s", run.wall.as_secs_f64());
+}
