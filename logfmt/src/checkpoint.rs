@@ -33,6 +33,9 @@ pub struct Faults {
     pub failed_legs: u32,
     /// Every leg was lost.
     pub cache_lost: Option<CacheLost>,
+    /// The current device of each leg (the superblock's `leg_incarnation`); a leg whose
+    /// superblock names another is an old device, replaced since, and treated as failed.
+    pub leg_incarnations: [u32; 2],
 }
 
 /// The record of a lost cache: what the backing device holds, and the log that is gone.
@@ -77,6 +80,8 @@ impl Checkpoint {
             put_u64(&mut out, 72, lost.backing_holds_id);
             put_u64(&mut out, 80, lost.log_through_id);
         }
+        put_u32(&mut out, 88, self.faults.leg_incarnations[0]);
+        put_u32(&mut out, 92, self.faults.leg_incarnations[1]);
         seal_record(&mut out, CHECKPOINT_MAGIC);
         out
     }
@@ -105,6 +110,7 @@ impl Checkpoint {
                     backing_holds_id: get_u64(bytes, 72),
                     log_through_id: get_u64(bytes, 80),
                 }),
+                leg_incarnations: [get_u32(bytes, 88), get_u32(bytes, 92)],
             },
         })
     }

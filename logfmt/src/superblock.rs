@@ -17,6 +17,10 @@ pub struct Superblock {
     pub leg_count: u32,
     pub leg_index: u32,
     pub created_unix_secs: u64,
+    /// Which device of leg `leg_index` this is: 0 at create, one more at every replacement
+    /// (FORMAT.md §3). The fault record names the current one, so an older device of the leg —
+    /// one that was replaced, and may miss segments — is never taken for it.
+    pub leg_incarnation: u32,
 }
 
 impl Superblock {
@@ -31,6 +35,7 @@ impl Superblock {
         put_u32(&mut out, 72, self.leg_count);
         put_u32(&mut out, 76, self.leg_index);
         put_u64(&mut out, 80, self.created_unix_secs);
+        put_u32(&mut out, 88, self.leg_incarnation);
         seal_record(&mut out, SUPERBLOCK_MAGIC);
         out
     }
@@ -50,6 +55,7 @@ impl Superblock {
             leg_count: get_u32(bytes, 72),
             leg_index: get_u32(bytes, 76),
             created_unix_secs: get_u64(bytes, 80),
+            leg_incarnation: get_u32(bytes, 88),
         };
         if sb.logical_block_size != 512 && sb.logical_block_size != 4096 {
             return Err(bad("logical block size is neither 512 nor 4096"));

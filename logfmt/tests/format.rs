@@ -38,6 +38,7 @@ fn sample_superblock() -> Superblock {
         leg_count: 2,
         leg_index: 1,
         created_unix_secs: 1_700_000_000,
+        leg_incarnation: 0,
     }
 }
 
@@ -230,6 +231,7 @@ fn arb_superblock() -> impl Strategy<Value = Superblock> {
                     leg_count,
                     leg_index,
                     created_unix_secs: created,
+                    leg_incarnation: 0,
                 }
             },
         )
@@ -240,14 +242,16 @@ fn arb_faults() -> impl Strategy<Value = Faults> {
         any::<u64>(),
         0u32..4,
         proptest::option::of((any::<u64>(), any::<u64>())),
+        any::<[u32; 2]>(),
     )
-        .prop_map(|(sequence, failed_legs, lost)| Faults {
+        .prop_map(|(sequence, failed_legs, lost, leg_incarnations)| Faults {
             sequence,
             failed_legs,
             cache_lost: lost.map(|(backing_holds_id, log_through_id)| CacheLost {
                 backing_holds_id,
                 log_through_id,
             }),
+            leg_incarnations,
         })
 }
 

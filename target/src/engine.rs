@@ -203,6 +203,11 @@ pub(crate) struct State {
     pub lost_writes_mark: u64,
     /// The fault record as it is durably recorded (`faults`).
     pub faults_recorded: logfmt::Faults,
+    /// Each leg's current device (`Superblock::leg_incarnation`); `replace_leg` advances it.
+    pub leg_incarnations: [u32; 2],
+    /// Why the last attempt to record a change of the fault record failed: FLUSHes that wait
+    /// for it fail with this instead of waiting (cleared when a record succeeds).
+    pub fault_record_error: Option<String>,
 }
 
 impl State {
@@ -431,7 +436,6 @@ impl Shared {
     fn log_write(&self, offset: u64, data: &[u8]) -> Result<u64> {
         let mut state = self.lock_live()?;
         let generation = state.lost_generation;
-        state.logged_writes += 1;
         let mut scratch = [0u8; BLOCK_SIZE_BYTES];
         let mut pos = 0usize;
         while pos < data.len() {
@@ -448,6 +452,9 @@ impl Shared {
             self.put_block(&mut state, block, sector_mask(in_block, n), piece)?;
             pos += n;
         }
+        // Counted once logged, under the lock it was logged with (waiting for space releases it
+        // on the way): a FLUSH issued before this point does not cover the write.
+        state.logged_writes += 1;
         Ok(generation)
     }
 
@@ -714,6 +721,13 @@ impl Shared {
         }
     }
 
+    /// A FLUSH of the engine's own (a drain, a shutdown): like a FUA write's, it neither reports
+    /// nor clears a FLUSH error owed to the client after a cache loss.
+    pub(crate) fn flush_internal(&self) -> Result<()> {
+        let generation = self.state.lock().lost_generation;
+        self.flush_inner(generation, None)
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.note_request();
         let (generation, covers) = {
@@ -751,7 +765,7 @@ impl Shared {
             return Err(lost_since(&mut state));
         }
         if state.passthrough {
-            return self.flush_in_passthrough(state);
+            return self.flush_in_passthrough(state, covers.is_some());
         }
         self.seal(&mut state, SealReason::Flush);
         let target = state.sealed_id;
@@ -771,11 +785,18 @@ impl Shared {
             if state.durable_id >= target {
                 break;
             }
+            if let Some(why) = &state.fault_record_error {
+                // Held back for a leg failure that cannot be recorded: fail, not hang.
+                return Err(EngineError::CacheFailed(format!(
+                    "a cache leg failed and its failure cannot be recorded: {why}"
+                )));
+            }
             self.progress.wait(&mut state);
         }
         state.flushed_id = state.flushed_id.max(target);
-        // New legs were attached after a loss that no FLUSH has reported yet: this one does.
-        let owed = std::mem::take(&mut state.flush_error_owed);
+        // New legs were attached after a loss that no FLUSH has reported yet: this one does (a
+        // FUA write vouches for itself only, and its data is durable).
+        let owed = covers.is_some() && std::mem::take(&mut state.flush_error_owed);
         drop(state);
         self.flush_backing_if_written()?;
         if owed {
@@ -810,10 +831,11 @@ impl Shared {
         let end_full = end / block_bytes;
         let zeroes = [0u8; BLOCK_SIZE_BYTES];
         let mut state = self.lock_live()?;
-        state.logged_writes += 1;
         if first_full >= end_full {
             // Inside one block, or straddling two without a whole one.
-            return self.zero_edges(&mut state, offset, end, &zeroes);
+            self.zero_edges(&mut state, offset, end, &zeroes)?;
+            state.logged_writes += 1;
+            return Ok(());
         }
         self.zero_edges(&mut state, offset, first_full * block_bytes, &zeroes)?;
         let mut block = first_full;
@@ -823,7 +845,9 @@ impl Shared {
             self.put_range(&mut state, kind, block, block + n)?;
             block += n;
         }
-        self.zero_edges(&mut state, end_full * block_bytes, end, &zeroes)
+        self.zero_edges(&mut state, end_full * block_bytes, end, &zeroes)?;
+        state.logged_writes += 1;
+        Ok(())
     }
 
     fn zero_edges(

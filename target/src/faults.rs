@@ -51,6 +51,9 @@ struct FaultFileJson {
     sequence: u64,
     failed_legs: u32,
     cache_lost: Option<CacheLostJson>,
+    /// The current device of each leg (absent in files written before it existed: zeros).
+    #[serde(default)]
+    leg_incarnations: [u32; 2],
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,6 +98,7 @@ impl FaultFile {
                 backing_holds_id: l.backing_holds_id,
                 log_through_id: l.log_through_id,
             }),
+            leg_incarnations: json.leg_incarnations,
         }))
     }
 
@@ -113,6 +117,7 @@ impl FaultFile {
                 backing_holds_id: l.backing_holds_id,
                 log_through_id: l.log_through_id,
             }),
+            leg_incarnations: faults.leg_incarnations,
         };
         let mut text = serde_json::to_string_pretty(&json).map_err(io::Error::other)?;
         text.push('\n');
@@ -141,19 +146,33 @@ pub fn newest(a: Faults, b: Option<Faults>) -> Faults {
     }
 }
 
-/// Writes `checkpoint` (carrying a new fault record) to the fault file and, durably, to the
-/// healthy legs — to every leg when none is healthy (a lost cache: any leg that still takes a
-/// write keeps the record too; its errors change nothing). Returns where the record is now
-/// durable; an error if nowhere.
+/// Where `persist` made a record durable.
+pub(crate) struct Persisted {
+    pub places: Vec<String>,
+    /// Somewhere other than the legs still in use: the host's file or a failed leg itself. A
+    /// record of a leg failure held only by the survivors is lost with them, and the failed
+    /// leg, coming back alone, would pass for a good one.
+    pub beyond_survivors: bool,
+}
+
+/// Writes `checkpoint` (carrying a new fault record) to the fault file, durably to the healthy
+/// legs, and, best effort, to the failed legs (a failed leg that keeps the record names itself
+/// failed; its errors change nothing). An error if the record is durable nowhere.
 pub(crate) fn persist(
     legs: &CacheLegs,
     file: Option<&FaultFile>,
     checkpoint: &Checkpoint,
-) -> io::Result<Vec<String>> {
-    let mut places = Vec::new();
+) -> io::Result<Persisted> {
+    let mut done = Persisted {
+        places: Vec::new(),
+        beyond_survivors: false,
+    };
     let mut errors = Vec::new();
     match file.map(|f| (f, f.store(&checkpoint.faults))) {
-        Some((f, Ok(()))) => places.push(f.path().display().to_string()),
+        Some((f, Ok(()))) => {
+            done.places.push(f.path().display().to_string());
+            done.beyond_survivors = true;
+        }
         Some((f, Err(e))) => errors.push(format!("{}: {e}", f.path().display())),
         None => {}
     }
@@ -162,7 +181,7 @@ pub(crate) fn persist(
     let offset = checkpoint_offset(checkpoint.ring_index());
     if legs.healthy_count() > 0 {
         match legs.write_durably_all(&buf, offset) {
-            Ok(()) => places.extend(
+            Ok(()) => done.places.extend(
                 legs.all()
                     .iter()
                     .filter(|l| l.is_healthy())
@@ -170,22 +189,24 @@ pub(crate) fn persist(
             ),
             Err(e) => errors.push(format!("cache legs: {e}")),
         }
-    } else {
-        for leg in legs.all() {
-            let device = leg.device();
-            match device.write_at(&buf, offset).and_then(|()| device.flush()) {
-                Ok(()) => places.push(device.name().to_string()),
-                Err(e) => errors.push(format!("{}: {e}", device.name())),
+    }
+    for leg in legs.all().iter().filter(|l| !l.is_healthy()) {
+        let device = leg.device();
+        match device.write_at(&buf, offset).and_then(|()| device.flush()) {
+            Ok(()) => {
+                done.places.push(device.name().to_string());
+                done.beyond_survivors = true;
             }
+            Err(e) => errors.push(format!("{}: {e}", device.name())),
         }
     }
-    if places.is_empty() {
+    if done.places.is_empty() {
         return Err(io::Error::other(format!(
             "the fault record could not be written anywhere: {}",
             errors.join("; ")
         )));
     }
-    Ok(places)
+    Ok(done)
 }
 
 impl Shared {
@@ -195,6 +216,7 @@ impl Shared {
             sequence: 0,
             failed_legs: self.legs.failed_mask(),
             cache_lost: state.cache_lost,
+            leg_incarnations: state.leg_incarnations,
         }
     }
 
@@ -214,27 +236,51 @@ impl Shared {
             // sequence: a commit in between would reuse the sequence with a newer written-back id,
             // and this checkpoint, landing after it, would move the checkpoint back.
             let _checkpoints = self.checkpoint_lock.lock();
-            let checkpoint = {
+            let (recorded, checkpoint) = {
                 let state = self.state.lock();
                 let now = self.current_faults(&state);
                 let recorded = state.faults_recorded;
-                if now.failed_legs == recorded.failed_legs && now.cache_lost == recorded.cache_lost
+                if now
+                    == (Faults {
+                        sequence: 0,
+                        ..recorded
+                    })
                 {
                     return Ok(());
                 }
-                Checkpoint {
-                    uuid: self.geometry.uuid,
-                    sequence: state.checkpoint_sequence + 1,
-                    last_written_back_id: state.written_back_id,
-                    last_written_back_epoch: state.written_back_epoch,
-                    faults: Faults {
-                        sequence: recorded.sequence + 1,
-                        ..now
+                (
+                    recorded,
+                    Checkpoint {
+                        uuid: self.geometry.uuid,
+                        sequence: state.checkpoint_sequence + 1,
+                        last_written_back_id: state.written_back_id,
+                        last_written_back_epoch: state.written_back_epoch,
+                        faults: Faults {
+                            sequence: recorded.sequence + 1,
+                            ..now
+                        },
                     },
+                )
+            };
+            let persisted = persist(&self.legs, self.fault_file.as_ref(), &checkpoint);
+            let newly_failed = checkpoint.faults.failed_legs & !recorded.failed_legs;
+            let persisted = persisted.and_then(|p| {
+                if newly_failed != 0 && self.fault_file.is_some() && !p.beyond_survivors {
+                    return Err(io::Error::other(format!(
+                        "the failure of leg(s) {newly_failed:#b} could be recorded on the \
+                         surviving leg only (the fault file and the failed leg took no write)"
+                    )));
+                }
+                Ok(p)
+            });
+            let places = match persisted {
+                Ok(p) => p.places,
+                Err(e) => {
+                    log::error!("CRITICAL: {e}");
+                    self.state.lock().fault_record_error = Some(e.to_string());
+                    return Err(e);
                 }
             };
-            let places = persist(&self.legs, self.fault_file.as_ref(), &checkpoint)
-                .inspect_err(|e| log::error!("CRITICAL: {e}"))?;
             log::warn!(
                 "fault record {} (failed legs {:#b}{}) written to {}",
                 checkpoint.faults.sequence,
@@ -248,7 +294,14 @@ impl Shared {
             );
             let mut state = self.state.lock();
             state.faults_recorded = checkpoint.faults;
+            state.fault_record_error = None;
             state.checkpoint_sequence = state.checkpoint_sequence.max(checkpoint.sequence);
+            if checkpoint.faults.cache_lost.is_some() {
+                // The lost log's segments may leave the buffer file now: no start replays them.
+                for &buffer in &state.free_buffers {
+                    self.ram.release(buffer);
+                }
+            }
             self.recompute_log_progress(&mut state);
         }
         Ok(())

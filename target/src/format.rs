@@ -107,6 +107,7 @@ pub fn format(
         created_unix_secs: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        leg_incarnation: 0,
     };
     // Superblocks last: until they are written, the legs are not a cache set of the new UUID.
     for (i, leg) in legs.iter().enumerate() {

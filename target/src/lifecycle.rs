@@ -114,7 +114,7 @@ impl Engine {
             if failed || self.shared.stopping.load(Ordering::Acquire) {
                 Ok(())
             } else {
-                self.shared.flush()
+                self.shared.flush_internal()
             }
         };
         self.stop_threads();
@@ -160,7 +160,7 @@ impl Engine {
         interval: Duration,
         mut progress: impl FnMut(&DrainProgress),
     ) -> Result<()> {
-        self.shared.flush()?;
+        self.shared.flush_internal()?;
         let started = Instant::now();
         let first = self.status();
         let writeback_errors = || self.shared.stats.writeback_errors.load(Ordering::Relaxed);

@@ -109,9 +109,11 @@ impl Shared {
         state.durable_id = state.sealed_id;
         state.written_back_id = state.sealed_id;
         state.flushed_id = state.sealed_id;
+        // The buffers go back to the free list but keep their segments in the buffer file until
+        // the loss is on record (`record_faults` releases them): a daemon killed before that
+        // leaves them to its successor, which adopts them if the legs come back.
         for slot in state.slots.iter_mut() {
             if let Some(buffer) = slot.buffer.take() {
-                self.ram.release(buffer);
                 state.free_buffers.push(buffer);
             }
             *slot = Slot {
@@ -170,6 +172,14 @@ impl Shared {
     /// the record cannot be written anywhere, the write is refused (an I/O error now is better
     /// than a silent overwrite later).
     fn faults_on_record(&self) -> Result<()> {
+        {
+            // Only a loss matters here (a leg failure or its end does not make a passthrough
+            // write unsafe), and once it is on record, nothing more is to wait for.
+            let state = self.state.lock();
+            if state.cache_lost.is_none() || state.faults_recorded.cache_lost.is_some() {
+                return Ok(());
+            }
+        }
         self.record_faults().map_err(|e| {
             EngineError::CacheFailed(format!(
                 "refusing a passthrough write: the cache's failure could not be recorded ({e})"
@@ -226,8 +236,13 @@ impl Shared {
 
     /// A FLUSH in passthrough. After a cache loss that took acknowledged writes no FLUSH had
     /// covered, the first one fails (after flushing what it can): they are gone.
-    pub(crate) fn flush_in_passthrough(&self, mut state: MutexGuard<'_, State>) -> Result<()> {
-        let owed = std::mem::take(&mut state.flush_error_owed);
+    pub(crate) fn flush_in_passthrough(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        client_flush: bool,
+    ) -> Result<()> {
+        // Only a client's FLUSH reports the owed error (not a FUA write, not a drain).
+        let owed = client_flush && std::mem::take(&mut state.flush_error_owed);
         drop(state);
         let flushed = self.passthrough_flush();
         if owed {
@@ -306,33 +321,39 @@ impl Engine {
                 break (recorder, state);
             }
         };
-        // Clean and in passthrough: nothing is in flight to any leg. Give the new device the
-        // set's superblock (as leg `index`) and the current checkpoint.
-        let mut superblock = s.superblock.clone();
-        superblock.leg_index = index as u32;
-        let checkpoint = Checkpoint {
-            uuid: s.geometry.uuid,
-            sequence: state.checkpoint_sequence,
-            last_written_back_id: state.written_back_id,
-            last_written_back_epoch: state.written_back_epoch,
-            faults: state.faults_recorded,
-        };
-        let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
-        let at = checkpoint.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
-        ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&checkpoint.encode());
-        let mut sb = AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
-        sb.copy_from_slice(&superblock.encode());
-        device
-            .write_at(&ring, checkpoint_offset(0))
-            .and_then(|()| device.write_at(&sb, 0))
-            .and_then(|()| device.flush())
-            .map_err(|e| EngineError::io(device.name(), e))?;
+        if leg.is_healthy() {
+            // Another `replace` of this leg got here first.
+            return Err(EngineError::refused(
+                device.name(),
+                format!("leg {index} was replaced meanwhile"),
+            ));
+        }
+        let incarnation = state.leg_incarnations[index] + 1;
+        format_as_leg(s, &state, index, incarnation, device.as_ref())?;
         leg.replace(device.clone());
+        state.leg_incarnations[index] = incarnation;
         state.leg_written[index] = state.written_id;
         state.leg_durable[index] = state.durable_id;
-        if s.legs.healthy_count() == legs.len() {
-            state.passthrough = false;
+        let all_back = s.legs.healthy_count() == legs.len();
+        let lost = state.cache_lost;
+        if all_back {
             state.cache_lost = None;
+        }
+        drop(state);
+        // Until this is on record the old record stands: the new leg counts as failed at a
+        // restart (safe: degraded, then replace again), and the cache as lost. Leaving
+        // passthrough before it is recorded would let FLUSHed writes go to a log that a
+        // restart would not replay.
+        if let Err(e) = s.record_faults_locked() {
+            s.state.lock().cache_lost = lost;
+            return Err(EngineError::CacheFailed(format!(
+                "leg {index} was attached, but the fault record could not be updated ({e}); \
+                 staying in passthrough"
+            )));
+        }
+        let mut state = s.state.lock();
+        if all_back {
+            state.passthrough = false;
             state.lost_dirty_blocks = None;
             log::warn!("leg {index} replaced by {}: mirrored again", device.name());
         } else {
@@ -343,11 +364,6 @@ impl Engine {
         }
         drop(state);
         s.space_freed.notify_all();
-        // Until this is on record the old record stands: the new leg counts as failed at a
-        // restart (safe: degraded, then replace again).
-        if let Err(e) = s.record_faults_locked() {
-            log::error!("leg {index} replaced, but the fault record was not updated: {e}");
-        }
         Ok(())
     }
 
@@ -392,4 +408,37 @@ impl Shared {
             && !self.writeback_fenced.load(Ordering::Acquire)
             && leg.handled_id.load(Ordering::Acquire) >= state.sealed_id
     }
+}
+
+/// Formats `device` as leg `index` of the set, its device number `incarnation`: the set's
+/// superblock (as that leg) and the current checkpoint, durably. Nothing is in flight to the
+/// leg (the cache is clean). Until the fault record names the new incarnation, a start takes
+/// the new device for a stale one (safe: degraded, replace again).
+fn format_as_leg(
+    s: &Shared,
+    state: &State,
+    index: usize,
+    incarnation: u32,
+    device: &dyn Device,
+) -> Result<()> {
+    let mut superblock = s.superblock.clone();
+    superblock.leg_index = index as u32;
+    superblock.leg_incarnation = incarnation;
+    let checkpoint = Checkpoint {
+        uuid: s.geometry.uuid,
+        sequence: state.checkpoint_sequence,
+        last_written_back_id: state.written_back_id,
+        last_written_back_epoch: state.written_back_epoch,
+        faults: state.faults_recorded,
+    };
+    let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
+    let at = checkpoint.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
+    ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&checkpoint.encode());
+    let mut sb = AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
+    sb.copy_from_slice(&superblock.encode());
+    device
+        .write_at(&ring, checkpoint_offset(0))
+        .and_then(|()| device.write_at(&sb, 0))
+        .and_then(|()| device.flush())
+        .map_err(|e| EngineError::io(device.name(), e))
 }

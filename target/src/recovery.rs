@@ -462,18 +462,25 @@ pub fn open(
     options: OpenOptions,
 ) -> Result<Engine> {
     assert!((2..=MAX_RAM_BUFFERS).contains(&options.ram_buffers));
-    let (legs, sb) = open_legs(leg_devices)?;
+    let (legs, sb, incarnations) = open_legs(leg_devices)?;
     check_backing(&sb, backing.as_ref(), backing_identity)?;
     let fault_file = options
         .fault_dir
         .as_deref()
         .map(|dir| FaultFile::new(dir, &sb.uuid));
     let (checkpoint, _) = read_checkpoint(&legs, &sb.uuid);
-    let faults = apply_fault_record(&legs, &sb.uuid, fault_file.as_ref(), &checkpoint)?;
-    // Past every checkpoint on any leg, the one `apply_fault_record` may have written included:
-    // a later checkpoint with a lower sequence would lose to an older one at the next start.
-    let checkpoint_sequence = checkpoint.as_ref().map_or(0, |c| c.sequence) + 1;
+    let faults = apply_fault_record(
+        &legs,
+        &sb.uuid,
+        &incarnations,
+        fault_file.as_ref(),
+        &checkpoint,
+    )?;
     if let Some(lost) = faults.cache_lost {
+        // Past every checkpoint on any leg, the one `apply_fault_record` may have written
+        // included: a later checkpoint with a lower sequence would lose to an older one at the
+        // next start. (Without a loss, `scan` reads the newest back.)
+        let checkpoint_sequence = checkpoint.as_ref().map_or(0, |c| c.sequence) + 1;
         let through = checkpoint
             .as_ref()
             .map_or(0, |c| c.last_written_back_id)
@@ -504,9 +511,8 @@ pub fn open(
     let headers = adopt_buffers(&legs, &ram, &adopted, &report, n)?;
     let mut recovered = Recovered::replay(&sb, &headers, &report);
     recovered.faults_recorded = faults;
-    recovered.checkpoint_sequence = recovered.checkpoint_sequence.max(checkpoint_sequence);
-    // A flush error owed by an earlier loss belongs to that loss; this cache set is not lost.
-    let _ = std::fs::remove_file(flush_error_marker(&options));
+    // Legs attached after a loss that no FLUSH reported yet: the error is still owed.
+    recovered.flush_error_owed = flush_error_marker(&options).exists();
     log::info!(
         "recovered cache {}: checkpoint {}, log head {}, {} live segments, {} verified, read {} \
          bytes ({})",
@@ -525,7 +531,10 @@ pub fn open(
 
 /// Reads and checks the superblocks; a leg that cannot be read at all (a dead SSD) leaves a
 /// mirrored set degraded, not unopenable; a leg that reads but does not validate is bad input.
-fn open_legs(leg_devices: Vec<Arc<dyn Device>>) -> Result<(CacheLegs, Superblock)> {
+/// Returns the legs, the set's superblock, and each leg's incarnation (`None`: unreadable).
+fn open_legs(
+    leg_devices: Vec<Arc<dyn Device>>,
+) -> Result<(CacheLegs, Superblock, Vec<Option<u32>>)> {
     let unreadable = unreadable_legs(&leg_devices);
     if unreadable.len() == leg_devices.len() {
         let (i, e) = &unreadable[0];
@@ -559,12 +568,16 @@ fn open_legs(leg_devices: Vec<Arc<dyn Device>>) -> Result<(CacheLegs, Superblock
             ));
         }
     }
+    let mut incarnations = vec![None; leg_devices.len()];
+    for (s, &i) in superblocks.iter().zip(&readable) {
+        incarnations[i] = Some(s.leg_incarnation);
+    }
     let legs = CacheLegs::new(leg_devices);
     for (i, e) in &unreadable {
         log::error!("opening degraded: cache leg {i} cannot be read");
         legs.all()[*i].mark_failed(e);
     }
-    Ok((legs, sb))
+    Ok((legs, sb, incarnations))
 }
 
 /// Takes the newest fault record (the legs' checkpoints, the host's file) and applies it: a leg
@@ -574,6 +587,7 @@ fn open_legs(leg_devices: Vec<Arc<dyn Device>>) -> Result<(CacheLegs, Superblock
 fn apply_fault_record(
     legs: &CacheLegs,
     uuid: &[u8; 16],
+    incarnations: &[Option<u32>],
     file: Option<&FaultFile>,
     checkpoint: &CheckpointRead,
 ) -> Result<Faults> {
@@ -586,6 +600,14 @@ fn apply_fault_record(
     let on_legs = checkpoint.as_ref().map_or(Faults::default(), |c| c.faults);
     let recorded = faults::newest(on_legs, from_file);
     for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        let current = recorded.leg_incarnations[leg.index];
+        if let Some(found) = incarnations[leg.index].filter(|&i| i != current) {
+            leg.mark_failed(&io::Error::other(format!(
+                "device {found} of this leg, the set's is {current}: it was replaced and may \
+                 miss what was written since (is the configuration or state file stale?)"
+            )));
+            continue;
+        }
         if recorded.cache_lost.is_some() || recorded.leg_failed(leg.index) {
             leg.mark_failed(&io::Error::other(format!(
                 "recorded as failed (fault record {}{})",
@@ -607,9 +629,8 @@ fn apply_fault_record(
         ));
     }
     let now = Faults {
-        sequence: recorded.sequence,
         failed_legs: legs.failed_mask(),
-        cache_lost: recorded.cache_lost,
+        ..recorded
     };
     let changed = now != recorded;
     let any_fault = now.failed_legs != 0 || now.cache_lost.is_some();
@@ -622,23 +643,51 @@ fn apply_fault_record(
         sequence: recorded.sequence + 1,
         ..now
     };
-    let base = checkpoint.as_ref().ok();
-    let written_back_id = base.map_or(0, |c| c.last_written_back_id);
+    // The checkpoint the record is written with comes from the legs still trusted: a failed
+    // leg's (stale) one must not be copied onto the others. None trusted: refused below (scan),
+    // unless the cache is lost (its log is never replayed; any sequence will do).
+    let trusted = read_checkpoint(legs, uuid).0;
+    let base = match (&trusted, now.cache_lost) {
+        (Ok(c), _) => *c,
+        (Err(why), None) => {
+            return Err(EngineError::refused(
+                legs.all()[0].device().name(),
+                format!("{why}; refusing to start: what was written back is unknown"),
+            ))
+        }
+        (Err(_), Some(_)) => checkpoint.clone().unwrap_or(Checkpoint {
+            uuid: *uuid,
+            sequence: 0,
+            last_written_back_id: 0,
+            last_written_back_epoch: 0,
+            faults: Faults::default(),
+        }),
+    };
     let record = Checkpoint {
         uuid: *uuid,
-        sequence: base.map_or(1, |c| c.sequence + 1),
-        last_written_back_id: now
-            .cache_lost
-            .map_or(written_back_id, |l| l.log_through_id.max(written_back_id)),
-        last_written_back_epoch: base.map_or(0, |c| c.last_written_back_epoch),
+        sequence: base.sequence + 1,
+        last_written_back_id: now.cache_lost.map_or(base.last_written_back_id, |l| {
+            l.log_through_id.max(base.last_written_back_id)
+        }),
+        last_written_back_epoch: base.last_written_back_epoch,
         faults: next,
     };
-    match faults::persist(legs, file, &record) {
-        Ok(places) => {
+    let newly_failed = next.failed_legs & !recorded.failed_legs;
+    let persisted = faults::persist(legs, file, &record).and_then(|p| {
+        if newly_failed != 0 && file.is_some() && !p.beyond_survivors {
+            return Err(io::Error::other(
+                "a leg that cannot be read could be recorded as failed on the other leg only (the \
+                 fault file took no write)",
+            ));
+        }
+        Ok(p)
+    });
+    match persisted {
+        Ok(p) => {
             log::warn!(
                 "fault record {} written to {}",
                 next.sequence,
-                places.join(", ")
+                p.places.join(", ")
             );
             Ok(next)
         }
@@ -650,6 +699,7 @@ fn apply_fault_record(
         }
     }
 }
+
 /// A start after a recorded cache loss: the log is not replayed (the backing device was written
 /// directly since), the RAM buffer's segments (part of that log) are dropped, every leg stays
 /// out of use, and requests go straight to the backing device until new legs are attached.
@@ -935,10 +985,14 @@ fn start(
         logged_writes: 0,
         lost_writes_mark: 0,
         faults_recorded: r.faults_recorded,
+        leg_incarnations: r.faults_recorded.leg_incarnations,
+        fault_record_error: None,
     };
     state.check_invariants();
     let (log_tx, log_rx) = crossbeam_channel::unbounded();
     let flush_error_marker = flush_error_marker(&options);
+    let passed_through =
+        r.faults_recorded.failed_legs != 0 || r.faults_recorded.cache_lost.is_some();
     let shared = Arc::new(Shared {
         geometry,
         legs,
@@ -966,9 +1020,9 @@ fn start(
         fault_file,
         fault_recorder: Mutex::new(()),
         checkpoint_lock: Mutex::new(()),
-        // A predecessor (killed) may have acknowledged passthrough writes it never flushed:
-        // the first FLUSH of this engine flushes the backing device too.
-        backing_unflushed: AtomicBool::new(true),
+        // A predecessor (killed) in passthrough — which needs a fault on record — may have
+        // acknowledged writes it never flushed: this engine's first FLUSH flushes them too.
+        backing_unflushed: AtomicBool::new(passed_through),
         flush_error_marker,
     });
     Engine::start(shared, log_rx, options.writeback)

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use logfmt::*;
 
 /// Bytes of the superblock that carry fields; the rest is zero padding.
-const DEFINED: usize = 88;
+const DEFINED: usize = 92;
 
 /// The valid record `FROM_TEMPLATE` inputs edit.
 fn template() -> Vec<u8> {
@@ -20,6 +20,7 @@ fn template() -> Vec<u8> {
         leg_count: 2,
         leg_index: 1,
         created_unix_secs: 1_700_000_000,
+        leg_incarnation: 0,
     }
     .encode()
 }
