@@ -61,7 +61,9 @@ impl Engine {
                 .name("wb-sync".into())
                 .spawn(move || {
                     while !s.stopping.load(Ordering::Acquire) {
-                        std::thread::sleep(SYNC_TICK);
+                        // Parked, not asleep: `stop_threads` unparks it, so a stop does not
+                        // wait for the tick.
+                        std::thread::park_timeout(SYNC_TICK);
                         s.seal_if_stale();
                         // Failures noticed by reads or checkpoint writes (the log writer records
                         // its own at once); a FLUSH waits for them to be on record.
@@ -144,6 +146,9 @@ impl Engine {
                 t.thread().name().is_some_and(|n| n.starts_with("wb-log"))
             })
             .collect();
+        for t in &threads {
+            t.thread().unpark();
+        }
         for t in threads {
             let _ = t.join();
         }

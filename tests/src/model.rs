@@ -137,11 +137,22 @@ impl Model {
     /// `check_cache_loss`, also saying how many sectors hold a value of the epoch after the
     /// boundary rather than their value at it (0: the image is exactly that boundary's state).
     pub fn explain_cache_loss(&self, image: &[u8]) -> Result<(usize, usize), String> {
+        self.explain_cache_loss_except(image, 0..0)
+    }
+
+    /// `explain_cache_loss`, taking any content of the bytes `except` as explained: a write
+    /// racing the loss may have been logged (and lost) or gone straight to the backing device.
+    pub fn explain_cache_loss_except(
+        &self,
+        image: &[u8],
+        except: std::ops::Range<usize>,
+    ) -> Result<(usize, usize), String> {
+        let skip = except.start / SECTOR..except.end.div_ceil(SECTOR);
         let digests: Vec<u64> = image.chunks(SECTOR).map(digest).collect();
         'boundary: for b in (0..self.boundaries.len()).rev() {
             let mut from_next_epoch = 0;
             for (s, d) in digests.iter().enumerate() {
-                if *d == self.boundaries[b][s] {
+                if *d == self.boundaries[b][s] || skip.contains(&s) {
                     continue;
                 }
                 if self.epochs[b].get(&s).is_some_and(|set| set.contains(d)) {
@@ -152,7 +163,29 @@ impl Model {
             }
             return Ok((b, from_next_epoch));
         }
-        Err("the backing device is not any flush boundary plus a subset of the next epoch".into())
+        // Name the sector that the closest boundary cannot explain (for the failure report).
+        let (best, sector) = (0..self.boundaries.len())
+            .map(|b| {
+                let bad: Vec<usize> = digests
+                    .iter()
+                    .enumerate()
+                    .filter(|(s, d)| {
+                        !skip.contains(s)
+                            && **d != self.boundaries[b][*s]
+                            && !self.epochs[b].get(s).is_some_and(|set| set.contains(d))
+                    })
+                    .map(|(s, _)| s)
+                    .collect();
+                (bad.len(), b, bad.first().copied().unwrap_or(0))
+            })
+            .min()
+            .map(|(_, b, s)| (b, s))
+            .expect("boundary 0");
+        Err(format!(
+            "sector {sector}: the backing device is not any flush boundary plus a subset of the \
+             next epoch (closest: boundary {best} of {})",
+            self.boundaries.len() - 1
+        ))
     }
 
     /// Completed FLUSHes recorded so far (boundary 0 is the initial state).

@@ -125,7 +125,7 @@ impl SimDisk {
         self.freeze();
         let mut inner = self.inner.lock();
         let pending = std::mem::take(&mut inner.pending);
-        let mut image = inner.durable.clone();
+        let mut image = std::mem::take(&mut inner.durable);
         let torn = if pending.is_empty() {
             usize::MAX
         } else {
