@@ -376,6 +376,11 @@ pub fn handle_request(
         // into a negative result, which the kernel takes for an error.
         Ok(()) if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) => len as i32,
         Ok(()) => 0,
+        // A FLUSH carries no range (the kernel sends sector -1): name it as what it is.
+        Err(e) if op == sys::UBLK_IO_OP_FLUSH => {
+            log::error!("FLUSH failed: {e}");
+            -e.errno()
+        }
         Err(e) => {
             log::error!("request op {op} at byte {offset} length {len}: {e}");
             -e.errno()

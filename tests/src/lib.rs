@@ -108,6 +108,45 @@ impl Rig {
         let _ = std::fs::remove_file(self.buffer_path().with_extension("flush-error"));
     }
 
+    /// Options with writeback off: what is logged stays in the cache.
+    pub fn no_writeback(&self) -> OpenOptions {
+        let mut options = self.options();
+        options.writeback = None;
+        options
+    }
+
+    /// Options writing back all the time (no idle wait).
+    pub fn writing_back_always(&self) -> OpenOptions {
+        let mut options = self.options();
+        options.writeback = Some(writeback::Policy {
+            idle_after: Duration::ZERO,
+            ..Default::default()
+        });
+        options
+    }
+
+    /// Kills (or revives) every leg.
+    pub fn kill_legs(&self, dead: bool) {
+        for leg in &self.legs {
+            leg.faults
+                .dead
+                .store(dead, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Makes the engine's fault file unwritable (a folder where its temp file goes) until the
+    /// returned guard is dropped: a daemon killed before the file's fsync, or a full disk.
+    pub fn block_fault_file(&self, engine: &Engine) -> FaultFileBlocked {
+        let file = engine
+            .status()
+            .fault_file
+            .expect("the rig's engines keep a fault file");
+        let tmp = std::path::PathBuf::from(file).with_extension("faults.tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("x"), b"x").unwrap();
+        FaultFileBlocked { tmp }
+    }
+
     /// Brings the devices back on after `power_cut`.
     pub fn power_on(&self) {
         for leg in &self.legs {
@@ -115,6 +154,35 @@ impl Rig {
         }
         self.backing.power_on();
     }
+}
+
+/// See `Rig::block_fault_file`.
+pub struct FaultFileBlocked {
+    tmp: std::path::PathBuf,
+}
+
+impl FaultFileBlocked {
+    /// The fault file is writable again.
+    pub fn unblock(self) {}
+}
+
+impl Drop for FaultFileBlocked {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// A 4 KiB block of one byte.
+pub fn block_of(byte: u8) -> Vec<u8> {
+    vec![byte; logfmt::BLOCK_SIZE_BYTES]
+}
+
+/// One 4 KiB block read through the engine.
+pub fn read_block(engine: &Engine, block: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; logfmt::BLOCK_SIZE_BYTES];
+    let bytes = logfmt::BLOCK_SIZE_BYTES as u64;
+    engine.read(block * bytes, &mut buf).unwrap();
+    buf
 }
 
 /// Removes a file if present (tests reuse paths).

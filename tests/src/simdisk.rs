@@ -125,12 +125,14 @@ impl SimDisk {
         self.freeze();
         let mut inner = self.inner.lock();
         let pending = std::mem::take(&mut inner.pending);
-        let mut image = std::mem::take(&mut inner.durable);
         let torn = if pending.is_empty() {
             usize::MAX
         } else {
             rng.gen_range(0..pending.len())
         };
+        let Inner {
+            current, durable, ..
+        } = &mut *inner;
         for (i, (offset, data)) in pending.iter().enumerate() {
             let keep = if i == torn {
                 rng.gen_range(0..=data.len() / unit) * unit
@@ -140,10 +142,14 @@ impl SimDisk {
                 0
             };
             let o = *offset as usize;
-            image[o..o + keep].copy_from_slice(&data[..keep]);
+            durable[o..o + keep].copy_from_slice(&data[..keep]);
         }
-        inner.durable = image.clone();
-        inner.current = image;
+        // `current` differed from `durable` only where writes were pending: copy just those
+        // ranges back (the devices are megabytes; a campaign cuts the power thousands of times).
+        for (offset, data) in &pending {
+            let r = *offset as usize..*offset as usize + data.len();
+            current[r.clone()].copy_from_slice(&durable[r]);
+        }
     }
 
     /// The power goes and the device keeps none of its unflushed writes (the worst case of
@@ -151,8 +157,14 @@ impl SimDisk {
     pub fn lose_unflushed(&self) {
         self.freeze();
         let mut inner = self.inner.lock();
-        inner.pending.clear();
-        inner.current = inner.durable.clone();
+        let pending = std::mem::take(&mut inner.pending);
+        let Inner {
+            current, durable, ..
+        } = &mut *inner;
+        for (offset, data) in &pending {
+            let r = *offset as usize..*offset as usize + data.len();
+            current[r.clone()].copy_from_slice(&durable[r]);
+        }
     }
 
     /// What survives a power cut now (flushed writes only).

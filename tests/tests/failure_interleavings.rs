@@ -6,50 +6,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wb_target::{Device, Engine, OpenOptions};
+use wb_target::{Device, Engine};
 use wb_tests::{
-    finishes_within, wait_for_mode, Gate, Hooked, IoOp, Rig, SimDisk, BACKING_IDENTITY,
+    block_of, finishes_within, read_block, wait_for_mode, Gate, Hooked, IoOp, Rig, SimDisk,
+    BACKING_IDENTITY,
 };
 
 const BACKING_BYTES: u64 = 8 << 20;
 const BLOCK: usize = 4096;
 
-fn block_of(byte: u8) -> Vec<u8> {
-    vec![byte; BLOCK]
-}
-
-fn read_block(engine: &Engine, block: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    engine.read(block * BLOCK as u64, &mut buf).unwrap();
-    buf
-}
-
-fn no_writeback(rig: &Rig) -> OpenOptions {
-    let mut options = rig.options();
-    options.writeback = None;
-    options
-}
-
-fn writing_back_always(rig: &Rig) -> OpenOptions {
-    let mut options = rig.options();
-    options.writeback = Some(writeback::Policy {
-        idle_after: Duration::ZERO,
-        ..Default::default()
-    });
-    options
-}
-
-fn kill_legs(rig: &Rig, dead: bool) {
-    for leg in &rig.legs {
-        leg.faults.dead.store(dead, Ordering::Relaxed);
-    }
-}
-
 /// Acknowledged write, then every leg lost (noticed by the sync timer), no FLUSH yet.
 fn lose_cache_with_unflushed_write(rig: &Rig, engine: &Engine) {
     engine.write(0, &block_of(0x11), false).unwrap();
     engine.flush().unwrap();
-    kill_legs(rig, true);
+    rig.kill_legs(true);
     engine.write(BLOCK as u64, &block_of(0x22), false).unwrap();
     wait_for_mode(engine, "passthrough");
     assert!(engine.status().cache_lost.is_some());
@@ -63,7 +33,7 @@ fn fresh(rig: &Rig, name: &str) -> Arc<SimDisk> {
 #[test]
 fn r1_owed_flush_error_survives_replace_and_daemon_crash() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     lose_cache_with_unflushed_write(&rig, &engine);
     let new0 = fresh(&rig, "sim:new0");
     let new1 = fresh(&rig, "sim:new1");
@@ -85,7 +55,7 @@ fn r1_owed_flush_error_survives_replace_and_daemon_crash() {
         vec![new0 as Arc<dyn Device>, new1 as Arc<dyn Device>],
         rig.backing.clone(),
         BACKING_IDENTITY,
-        no_writeback(&rig),
+        rig.no_writeback(),
     )
     .unwrap();
     assert!(
@@ -98,7 +68,7 @@ fn r1_owed_flush_error_survives_replace_and_daemon_crash() {
 #[test]
 fn r2_drain_swallows_the_owed_flush_error() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     lose_cache_with_unflushed_write(&rig, &engine);
     let drained = engine.drain(Duration::from_millis(5), |_| {});
     eprintln!("drain returned {drained:?}");
@@ -112,7 +82,7 @@ fn r2_drain_swallows_the_owed_flush_error() {
 #[test]
 fn r3_fua_write_swallows_the_owed_flush_error() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     lose_cache_with_unflushed_write(&rig, &engine);
     for i in 0..2 {
         engine
@@ -136,24 +106,22 @@ fn r3_fua_write_swallows_the_owed_flush_error() {
 #[test]
 fn r4_unrecorded_loss_then_daemon_crash() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     let fault_file = std::path::PathBuf::from(engine.status().fault_file.unwrap());
     // Models the daemon being killed before the fault file's fsync completed.
-    let tmp = fault_file.with_extension("faults.tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("x"), b"x").unwrap();
+    let blocked = rig.block_fault_file(&engine);
     engine.write(0, &block_of(0x11), false).unwrap();
     engine.flush().unwrap();
-    kill_legs(&rig, true);
+    rig.kill_legs(true);
     // acknowledged, never flushed
     engine.write(BLOCK as u64, &block_of(0x22), false).unwrap();
     wait_for_mode(&engine, "passthrough");
     assert!(!fault_file.exists());
     engine.abandon();
     drop(engine);
-    kill_legs(&rig, false);
-    std::fs::remove_dir_all(&tmp).unwrap();
-    let engine = rig.open_with(no_writeback(&rig));
+    rig.kill_legs(false);
+    blocked.unblock();
+    let engine = rig.open_with(rig.no_writeback());
     let got = read_block(&engine, 1);
     let flush = engine.flush();
     eprintln!(
@@ -172,7 +140,7 @@ fn r4_unrecorded_loss_then_daemon_crash() {
 #[test]
 fn r5_invalid_ring_on_the_readable_leg_with_the_other_leg_dead() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(writing_back_always(&rig));
+    let engine = rig.open_with(rig.writing_back_always());
     engine.write(0, &block_of(0xaa), false).unwrap();
     engine.flush().unwrap();
     engine.drain(Duration::from_millis(5), |_| {}).unwrap();
@@ -204,7 +172,7 @@ fn r5_invalid_ring_on_the_readable_leg_with_the_other_leg_dead() {
         ],
         rig.backing.clone(),
         BACKING_IDENTITY,
-        no_writeback(&rig),
+        rig.no_writeback(),
     );
     match opened {
         Err(e) => eprintln!("refused: {e}"),
@@ -224,7 +192,7 @@ fn r5_invalid_ring_on_the_readable_leg_with_the_other_leg_dead() {
 #[test]
 fn r6_old_device_rejoins_after_replace() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(writing_back_always(&rig));
+    let engine = rig.open_with(rig.writing_back_always());
     engine.write(0, &block_of(0x01), false).unwrap();
     engine.flush().unwrap();
     rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
@@ -257,7 +225,7 @@ fn r6_old_device_rejoins_after_replace() {
     drop(engine);
     rig.legs[0].faults.dead.store(false, Ordering::Relaxed);
     // `wbctl recover` with the stale state file: the old leg 0 path.
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     let status = engine.status();
     eprintln!("mode {} legs {:?}", status.mode, status.legs);
     rig.legs[1].faults.dead.store(true, Ordering::Relaxed);
@@ -278,7 +246,7 @@ fn r6_old_device_rejoins_after_replace() {
 #[test]
 fn r7_concurrent_replace_of_one_leg_after_a_loss() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = Arc::new(rig.open_with(no_writeback(&rig)));
+    let engine = Arc::new(rig.open_with(rig.no_writeback()));
     lose_cache_with_unflushed_write(&rig, &engine);
     let gate = Arc::new(Gate::default());
     gate.armed.store(true, Ordering::Release);
@@ -317,7 +285,7 @@ fn r7_concurrent_replace_of_one_leg_after_a_loss() {
 #[test]
 fn r8_flushed_write_after_replace_lost_if_killed_before_record() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = Arc::new(rig.open_with(no_writeback(&rig)));
+    let engine = Arc::new(rig.open_with(rig.no_writeback()));
     let fault_file = std::path::PathBuf::from(engine.status().fault_file.unwrap());
     lose_cache_with_unflushed_write(&rig, &engine);
     let _ = engine.flush(); // the owed error
@@ -349,9 +317,7 @@ fn r8_flushed_write_after_replace_lost_if_killed_before_record() {
         .replace_leg(0, leg0 as Arc<dyn Device>, Duration::from_secs(20))
         .unwrap();
     // The file copy cannot be written from here on (models: killed during its fsync).
-    let tmp = fault_file.with_extension("faults.tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("x"), b"x").unwrap();
+    let blocked = rig.block_fault_file(&engine);
     gate.armed.store(true, Ordering::Release);
     let e = engine.clone();
     let replacer = std::thread::spawn(move || {
@@ -378,13 +344,13 @@ fn r8_flushed_write_after_replace_lost_if_killed_before_record() {
     let c0 = copy(&new0, "sim:c0");
     let c1 = copy(&new1, "sim:c1");
     let cb = copy(&rig.backing, "sim:backing");
-    std::fs::remove_dir_all(&tmp).unwrap();
+    blocked.unblock();
     let restarted = wb_target::open(
         vec![c0 as Arc<dyn Device>, c1 as Arc<dyn Device>],
         cb as Arc<dyn Device>,
         BACKING_IDENTITY,
         {
-            let mut o = no_writeback(&rig);
+            let mut o = rig.no_writeback();
             o.buffer_path = rig.buffer_dir.path().join("other.buf");
             o
         },
@@ -428,7 +394,7 @@ fn r9_flush_counting_a_write_in_flight_clears_the_owed_error() {
             }) as Arc<dyn Device>
         })
         .collect();
-    let mut options = no_writeback(&rig);
+    let mut options = rig.no_writeback();
     options.sync_interval = Duration::from_secs(3600);
     let engine =
         Arc::new(wb_target::open(legs, rig.backing.clone(), BACKING_IDENTITY, options).unwrap());
@@ -449,7 +415,7 @@ fn r9_flush_counting_a_write_in_flight_clears_the_owed_error() {
     w.join().unwrap().expect("W acknowledged");
     assert!(flushes.wait_held(Duration::from_secs(10)));
     // W is acknowledged. Now every leg dies, and the held flushes fail.
-    kill_legs(&rig, true);
+    rig.kill_legs(true);
     flushes.release();
     let r1 = f1.join().unwrap();
     wait_for_mode(&engine, "passthrough");
@@ -467,11 +433,8 @@ fn r9_flush_counting_a_write_in_flight_clears_the_owed_error() {
 #[test]
 fn r10_failed_leg_recorded_only_on_the_survivor() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
-    let fault_file = std::path::PathBuf::from(engine.status().fault_file.unwrap());
-    let tmp = fault_file.with_extension("faults.tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("x"), b"x").unwrap();
+    let engine = rig.open_with(rig.no_writeback());
+    let blocked = rig.block_fault_file(&engine);
     engine.write(0, &block_of(0xaa), false).unwrap();
     engine.flush().unwrap();
     rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
@@ -483,12 +446,12 @@ fn r10_failed_leg_recorded_only_on_the_survivor() {
     drop(engine);
     rig.legs[0].faults.dead.store(false, Ordering::Relaxed);
     rig.legs[1].faults.dead.store(true, Ordering::Relaxed);
-    std::fs::remove_dir_all(&tmp).unwrap();
+    blocked.unblock();
     match wb_target::open(
         rig.leg_devices(),
         rig.backing.clone(),
         BACKING_IDENTITY,
-        no_writeback(&rig),
+        rig.no_writeback(),
     ) {
         Err(e) => eprintln!("refused: {e}"),
         Ok(_) if flushed.is_err() => {}
@@ -510,7 +473,7 @@ fn r11_one_bad_block_escalates_to_a_cache_loss() {
     let rig = Rig::new(1, 16, BACKING_BYTES, BLOCK as u32);
     let seg = logfmt::SEGMENT_AREA_OFFSET;
     *rig.legs[0].faults.bad_read_range.lock() = Some((seg + 4096, seg + 8192));
-    let engine = rig.open_with(writing_back_always(&rig));
+    let engine = rig.open_with(rig.writing_back_always());
     for b in 0..(3 * 127) as u64 {
         engine
             .write(b * BLOCK as u64, &block_of(0x42), false)

@@ -15,43 +15,12 @@ use std::time::Duration;
 
 use wb_target::{Device, Engine, OpenOptions};
 use wb_tests::{
-    finishes_within, wait_for_mode, Gate, Hooked, IoOp, Model, Rig, SimDisk, BACKING_IDENTITY,
+    block_of, finishes_within, read_block, wait_for_mode, Gate, Hooked, IoOp, Model, Rig, SimDisk,
+    BACKING_IDENTITY,
 };
 
 const BACKING_BYTES: u64 = 8 << 20;
 const BLOCK: usize = 4096;
-
-fn block_of(byte: u8) -> Vec<u8> {
-    vec![byte; BLOCK]
-}
-
-fn read_block(engine: &Engine, block: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    engine.read(block * BLOCK as u64, &mut buf).unwrap();
-    buf
-}
-
-/// Options with no writeback: what is logged stays in the cache (the loss takes it all).
-fn no_writeback(rig: &Rig) -> OpenOptions {
-    let mut options = rig.options();
-    options.writeback = None;
-    options
-}
-
-fn writing_back_always(rig: &Rig) -> OpenOptions {
-    let mut options = rig.options();
-    options.writeback = Some(writeback::Policy {
-        idle_after: Duration::ZERO,
-        ..Default::default()
-    });
-    options
-}
-
-fn kill_legs(rig: &Rig, dead: bool) {
-    for leg in &rig.legs {
-        leg.faults.dead.store(dead, Ordering::Relaxed);
-    }
-}
 
 /// Both legs behind a gate that holds their writes while armed.
 fn engine_with_gated_legs(rig: &Rig, gate: &Arc<Gate>, options: OpenOptions) -> Arc<Engine> {
@@ -78,7 +47,7 @@ fn request_across_a_loss(
 ) -> (Rig, Arc<Engine>, wb_target::Result<()>) {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
     let gate = Arc::new(Gate::default());
-    let engine = engine_with_gated_legs(&rig, &gate, no_writeback(&rig));
+    let engine = engine_with_gated_legs(&rig, &gate, rig.no_writeback());
     engine.write(0, &block_of(0xaa), false).unwrap();
     gate.hold_all.store(true, Ordering::Release);
     gate.armed.store(true, Ordering::Release);
@@ -88,7 +57,7 @@ fn request_across_a_loss(
         gate.wait_held(Duration::from_secs(20)),
         "the request never wrote to a leg"
     );
-    kill_legs(&rig, true);
+    rig.kill_legs(true);
     gate.release();
     let result = finishes_within(30, "the request", move || pending.join().unwrap());
     wait_for_mode(&engine, "passthrough");
@@ -119,9 +88,9 @@ fn a_fua_write_logged_before_a_loss_fails() {
 #[test]
 fn the_first_flush_after_a_loss_fails_if_it_covers_lost_writes_and_later_ones_succeed() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     engine.write(0, &block_of(0x11), false).unwrap();
-    kill_legs(&rig, true);
+    rig.kill_legs(true);
     // No FLUSH in flight: the sync timer seals the segment and its write finds the legs dead.
     wait_for_mode(&engine, "passthrough");
     assert!(
@@ -146,7 +115,7 @@ fn the_first_flush_after_a_loss_fails_if_it_covers_lost_writes_and_later_ones_su
 #[test]
 fn leaving_passthrough_flushes_the_backing_device() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let engine = rig.open_with(writing_back_always(&rig));
+    let engine = rig.open_with(rig.writing_back_always());
     engine.write(0, &block_of(0x01), false).unwrap();
     engine.flush().unwrap();
     rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
@@ -183,7 +152,7 @@ enum Restart {
 fn a_transient_cache_loss_is_never_replayed() {
     for restart in [Restart::DaemonKilled, Restart::PowerCut] {
         let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-        let engine = rig.open_with(no_writeback(&rig));
+        let engine = rig.open_with(rig.no_writeback());
         // A written and flushed, in the cache only.
         for b in 0..4u64 {
             engine
@@ -191,7 +160,7 @@ fn a_transient_cache_loss_is_never_replayed() {
                 .unwrap();
         }
         engine.flush().unwrap();
-        kill_legs(&rig, true);
+        rig.kill_legs(true);
         engine
             .write(100 * BLOCK as u64, &block_of(0xf0), false)
             .unwrap();
@@ -211,8 +180,8 @@ fn a_transient_cache_loss_is_never_replayed() {
             rig.power_on();
         }
         // The legs read fine again (an HBA reset, a loose cable).
-        kill_legs(&rig, false);
-        let engine = rig.open_with(no_writeback(&rig));
+        rig.kill_legs(false);
+        let engine = rig.open_with(rig.no_writeback());
         for b in 0..4u64 {
             assert_eq!(
                 read_block(&engine, b),
@@ -233,7 +202,7 @@ fn a_transient_cache_loss_is_never_replayed() {
         // does not replay either.
         std::fs::remove_dir_all(rig.buffer_dir.path()).unwrap();
         std::fs::create_dir_all(rig.buffer_dir.path()).unwrap();
-        let engine = rig.open_with(no_writeback(&rig));
+        let engine = rig.open_with(rig.no_writeback());
         assert_eq!(read_block(&engine, 0), block_of(0xb0), "{restart:?}");
         assert_eq!(engine.status().mode, "passthrough");
     }
@@ -242,12 +211,12 @@ fn a_transient_cache_loss_is_never_replayed() {
 #[test]
 fn with_nowhere_to_record_a_loss_passthrough_writes_are_refused() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
-    let mut options = no_writeback(&rig);
+    let mut options = rig.no_writeback();
     options.fault_dir = None;
     let engine = rig.open_with(options);
     engine.write(0, &block_of(0xa0), false).unwrap();
     engine.flush().unwrap();
-    kill_legs(&rig, true);
+    rig.kill_legs(true);
     engine.write(BLOCK as u64, &block_of(0xa1), false).unwrap();
     let _ = engine.flush();
     wait_for_mode(&engine, "passthrough");
@@ -266,7 +235,7 @@ fn with_nowhere_to_record_a_loss_passthrough_writes_are_refused() {
 fn a_failed_leg_stays_out_of_use_after_a_restart() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
     let mut model = Model::from_image(rig.backing.snapshot());
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     let mut write = |engine: &Engine, block: u64, byte: u8| {
         engine
             .write(block * BLOCK as u64, &block_of(byte), false)
@@ -284,7 +253,7 @@ fn a_failed_leg_stays_out_of_use_after_a_restart() {
     drop(engine);
     // Leg 0 answers again, but it misses every segment written after it failed.
     rig.legs[0].faults.dead.store(false, Ordering::Relaxed);
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     let status = engine.status();
     assert!(
         !status.legs[0].healthy,
@@ -308,7 +277,7 @@ fn wrapped_single_leg_cache() -> (Rig, Model) {
     let rig = Rig::new(1, 16, BACKING_BYTES, BLOCK as u32);
     let mut model = Model::from_image(rig.backing.snapshot());
     {
-        let engine = rig.open_with(writing_back_always(&rig));
+        let engine = rig.open_with(rig.writing_back_always());
         for b in 0..(40 * 127) as u64 {
             let block = b % (BACKING_BYTES / BLOCK as u64);
             let data = block_of(b as u8 | 1);
@@ -318,7 +287,7 @@ fn wrapped_single_leg_cache() -> (Rig, Model) {
         engine.drain(Duration::from_millis(5), |_| {}).unwrap();
         assert!(engine.status().segments.last_written_back_id > 16);
     }
-    let engine = rig.open_with(no_writeback(&rig));
+    let engine = rig.open_with(rig.no_writeback());
     for b in 0..300u64 {
         engine
             .write(b * BLOCK as u64, &block_of(0xd1), false)
@@ -346,7 +315,7 @@ fn a_checkpoint_ring_unreadable_or_invalid_on_every_leg_is_refused() {
             rig.leg_devices(),
             rig.backing.clone(),
             BACKING_IDENTITY,
-            no_writeback(&rig),
+            rig.no_writeback(),
         );
         let Err(e) = opened else {
             panic!("{damage} checkpoint ring: the cache opened (and discarded its dirty data)");
@@ -359,7 +328,7 @@ fn a_checkpoint_ring_unreadable_or_invalid_on_every_leg_is_refused() {
         // Repaired, it opens with every dirty block.
         *leg.faults.bad_read_range.lock() = None;
         leg.poke(0, &before);
-        let engine = rig.open_with(no_writeback(&rig));
+        let engine = rig.open_with(rig.no_writeback());
         let mut image = vec![0u8; BACKING_BYTES as usize];
         engine.read(0, &mut image).unwrap();
         assert!(image == model.data, "{damage}: data after repair");
@@ -388,7 +357,7 @@ fn a_late_error_of_a_replaced_device_does_not_fail_the_new_one() {
             legs,
             rig.backing.clone(),
             BACKING_IDENTITY,
-            writing_back_always(&rig),
+            rig.writing_back_always(),
         )
         .unwrap(),
     );

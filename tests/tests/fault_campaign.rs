@@ -541,14 +541,26 @@ fn fault_campaign() {
     let losses: u64 = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let seeds = &seeds;
+                let (seeds, started) = (&seeds, &started);
                 scope.spawn(move || {
-                    seeds
+                    let mut lost = 0;
+                    for (i, &seed) in seeds
                         .iter()
                         .skip(w as usize)
                         .step_by(workers as usize)
-                        .map(|&seed| run_case(seed) as u64)
-                        .sum::<u64>()
+                        .enumerate()
+                    {
+                        lost += run_case(seed) as u64;
+                        // A long soak says how far it got (every 5000 cases, all threads).
+                        if w == 0 && (i + 1) % (5000 / workers as usize).max(1) == 0 {
+                            println!(
+                                "fault campaign: about {} cases passed, {:.0} s",
+                                (i + 1) * workers as usize,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                    lost
                 })
             })
             .collect();

@@ -585,3 +585,77 @@ fn check_on_something_else() {
     assert_refused(&out, &[p(&c2), "another cache set"]);
     assert_eq!(digest(&plain), before);
 }
+
+#[test]
+fn check_shows_failed_legs_and_a_recorded_loss() {
+    let rig = Rig::new();
+    let d = devices(&rig);
+    rig.format(&[&d.c0, &d.c1], &d.backing);
+    let c0 = FileDevice::open(&d.c0).unwrap();
+    let mut sb = wb_target::AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
+    c0.read_at(&mut sb, 0).unwrap();
+    let uuid = logfmt::Superblock::decode(&sb).unwrap().uuid;
+    // Leg 1 failed: the record in a newer checkpoint on leg 0.
+    let checkpoint = logfmt::Checkpoint {
+        uuid,
+        sequence: 1,
+        last_written_back_id: 0,
+        last_written_back_epoch: 0,
+        faults: logfmt::Faults {
+            sequence: 1,
+            failed_legs: 0b10,
+            ..Default::default()
+        },
+    };
+    let mut slot = wb_target::AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
+    slot.copy_from_slice(&checkpoint.encode());
+    c0.write_at(&slot, logfmt::checkpoint_offset(1)).unwrap();
+    c0.flush().unwrap();
+    let check = |fault_dir: &Path, json: bool| {
+        let mut args = vec!["check", "--cache", p(&d.c0), "--cache", p(&d.c1)];
+        if json {
+            args.push("--json");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_wbctl"))
+            .args(&args)
+            .env("WRITEBOOST_RUN_DIR", rig.run_dir())
+            .env("WRITEBOOST_FAULT_DIR", fault_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let faults = rig.path("faults");
+    let v: serde_json::Value = serde_json::from_str(&check(&faults, true)).unwrap();
+    assert_eq!(v["faults"]["failed_legs"], serde_json::json!([1]));
+    assert_eq!(v["faults"]["source"], "legs");
+    assert!(v["faults"]["cache_lost"].is_null());
+    let text = check(&faults, false);
+    assert!(text.contains("FAILED    leg(s) [1]"), "{text}");
+    // A loss recorded on the host only (no leg was writable then) is shown too.
+    let lost = logfmt::Faults {
+        sequence: 2,
+        failed_legs: 0b11,
+        cache_lost: Some(logfmt::CacheLost {
+            backing_holds_id: 7,
+            log_through_id: 9,
+        }),
+        leg_incarnations: [0, 0],
+    };
+    wb_target::faults::FaultFile::new(&faults, &uuid)
+        .store(&lost)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&check(&faults, true)).unwrap();
+    assert_eq!(v["faults"]["source"], "fault file");
+    assert_eq!(v["faults"]["cache_lost"]["backing_holds_id"], 7);
+    assert_eq!(v["faults"]["cache_lost"]["lost_through_id"], 9);
+    let text = check(&faults, false);
+    assert!(
+        text.contains("LOST") && text.contains("segments 8..=9"),
+        "{text}"
+    );
+}
