@@ -81,8 +81,10 @@ impl Shared {
             },
             lost.backing_holds_id
         );
-        // Acknowledged writes that no successful FLUSH covered are gone: the next FLUSH says so.
-        if open_entries || state.sealed_id > state.flushed_id {
+        // Acknowledged writes that no successful FLUSH covered, and that writeback had not put
+        // on the backing device either, are gone: the next FLUSH says so. (A clean cache —
+        // degraded and in passthrough — loses nothing.)
+        if open_entries || state.sealed_id > state.flushed_id.max(state.written_back_id) {
             state.flush_error_owed = true;
             if let Err(e) = std::fs::write(&self.flush_error_marker, b"cache lost\n") {
                 log::warn!("{}: {e}", self.flush_error_marker.display());
