@@ -744,9 +744,8 @@ impl Shared {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         let lost_since = |state: &mut State| {
             // A FLUSH that covers every write the loss took has reported it to the client.
-            if covers.is_some_and(|c| c >= state.lost_writes_mark) && state.flush_error_owed {
-                state.flush_error_owed = false;
-                let _ = std::fs::remove_file(&self.flush_error_marker);
+            if covers.is_some_and(|c| c >= state.lost_writes_mark) {
+                self.take_owed_flush_error(state, true);
             }
             EngineError::CacheFailed(
                 "every cache leg was lost before this FLUSH completed: the writes it covers are \
@@ -796,15 +795,11 @@ impl Shared {
         state.flushed_id = state.flushed_id.max(target);
         // New legs were attached after a loss that no FLUSH has reported yet: this one does (a
         // FUA write vouches for itself only, and its data is durable).
-        let owed = covers.is_some() && std::mem::take(&mut state.flush_error_owed);
+        let owed = self.take_owed_flush_error(&mut state, covers.is_some());
         drop(state);
         self.flush_backing_if_written()?;
         if owed {
-            let _ = std::fs::remove_file(&self.flush_error_marker);
-            return Err(EngineError::CacheFailed(
-                "the cache was lost with acknowledged writes this FLUSH covers: they are gone"
-                    .into(),
-            ));
+            return Err(crate::mode::owed_flush_error());
         }
         Ok(())
     }

@@ -146,32 +146,27 @@ pub fn newest(a: Faults, b: Option<Faults>) -> Faults {
     }
 }
 
-/// Where `persist` made a record durable.
-pub(crate) struct Persisted {
-    pub places: Vec<String>,
-    /// Somewhere other than the legs still in use: the host's file or a failed leg itself. A
-    /// record of a leg failure held only by the survivors is lost with them, and the failed
-    /// leg, coming back alone, would pass for a good one.
-    pub beyond_survivors: bool,
-}
-
-/// Writes `checkpoint` (carrying a new fault record) to the fault file, durably to the healthy
-/// legs, and, best effort, to the failed legs (a failed leg that keeps the record names itself
-/// failed; its errors change nothing). An error if the record is durable nowhere.
+/// Writes `checkpoint` (carrying a new fault record, replacing `previous`) to the fault file,
+/// durably to the healthy legs, and, best effort, to the failed legs (a failed leg that keeps
+/// the record names itself failed; its errors change nothing). Returns where it is durable.
+///
+/// An error if it is durable nowhere — or if it records a newly failed leg, a fault file is
+/// configured, and only the surviving legs took it: such a record is lost with them, and the
+/// failed leg, coming back alone, would pass for a good one.
 pub(crate) fn persist(
     legs: &CacheLegs,
     file: Option<&FaultFile>,
     checkpoint: &Checkpoint,
-) -> io::Result<Persisted> {
-    let mut done = Persisted {
-        places: Vec::new(),
-        beyond_survivors: false,
-    };
+    previous: &Faults,
+) -> io::Result<Vec<String>> {
+    let mut places = Vec::new();
+    // Durable somewhere other than the legs still in use: the host's file or a failed leg.
+    let mut beyond_survivors = false;
     let mut errors = Vec::new();
     match file.map(|f| (f, f.store(&checkpoint.faults))) {
         Some((f, Ok(()))) => {
-            done.places.push(f.path().display().to_string());
-            done.beyond_survivors = true;
+            places.push(f.path().display().to_string());
+            beyond_survivors = true;
         }
         Some((f, Err(e))) => errors.push(format!("{}: {e}", f.path().display())),
         None => {}
@@ -181,7 +176,7 @@ pub(crate) fn persist(
     let offset = checkpoint_offset(checkpoint.ring_index());
     if legs.healthy_count() > 0 {
         match legs.write_durably_all(&buf, offset) {
-            Ok(()) => done.places.extend(
+            Ok(()) => places.extend(
                 legs.all()
                     .iter()
                     .filter(|l| l.is_healthy())
@@ -194,19 +189,27 @@ pub(crate) fn persist(
         let device = leg.device();
         match device.write_at(&buf, offset).and_then(|()| device.flush()) {
             Ok(()) => {
-                done.places.push(device.name().to_string());
-                done.beyond_survivors = true;
+                places.push(device.name().to_string());
+                beyond_survivors = true;
             }
             Err(e) => errors.push(format!("{}: {e}", device.name())),
         }
     }
-    if done.places.is_empty() {
+    if places.is_empty() {
         return Err(io::Error::other(format!(
             "the fault record could not be written anywhere: {}",
             errors.join("; ")
         )));
     }
-    Ok(done)
+    let newly_failed = checkpoint.faults.failed_legs & !previous.failed_legs;
+    if newly_failed != 0 && file.is_some() && !beyond_survivors {
+        return Err(io::Error::other(format!(
+            "the failure of leg(s) {newly_failed:#b} could be recorded on the surviving leg only \
+             (the fault file and the failed leg took no write: {})",
+            errors.join("; ")
+        )));
+    }
+    Ok(places)
 }
 
 impl Shared {
@@ -227,8 +230,22 @@ impl Shared {
         self.record_faults_locked()
     }
 
+    /// Whether the fault record in force differs from the one on record.
+    fn faults_unrecorded(&self, state: &State) -> bool {
+        self.current_faults(state)
+            != Faults {
+                sequence: 0,
+                ..state.faults_recorded
+            }
+    }
+
     /// `record_faults` for a caller that holds `fault_recorder` (replacing a leg).
     pub(crate) fn record_faults_locked(&self) -> io::Result<()> {
+        // The sync thread asks every tick: answer that from the state alone, without waiting for
+        // a commit's checkpoint write to release `checkpoint_lock`.
+        if !self.faults_unrecorded(&self.state.lock()) {
+            return Ok(());
+        }
         // A leg may fail while its record is written (the write itself fails it): record again,
         // at most once per leg.
         for _ in 0..=self.legs.all().len() {
@@ -238,16 +255,11 @@ impl Shared {
             let _checkpoints = self.checkpoint_lock.lock();
             let (recorded, checkpoint) = {
                 let state = self.state.lock();
-                let now = self.current_faults(&state);
-                let recorded = state.faults_recorded;
-                if now
-                    == (Faults {
-                        sequence: 0,
-                        ..recorded
-                    })
-                {
+                if !self.faults_unrecorded(&state) {
                     return Ok(());
                 }
+                let now = self.current_faults(&state);
+                let recorded = state.faults_recorded;
                 (
                     recorded,
                     Checkpoint {
@@ -262,19 +274,9 @@ impl Shared {
                     },
                 )
             };
-            let persisted = persist(&self.legs, self.fault_file.as_ref(), &checkpoint);
-            let newly_failed = checkpoint.faults.failed_legs & !recorded.failed_legs;
-            let persisted = persisted.and_then(|p| {
-                if newly_failed != 0 && self.fault_file.is_some() && !p.beyond_survivors {
-                    return Err(io::Error::other(format!(
-                        "the failure of leg(s) {newly_failed:#b} could be recorded on the \
-                         surviving leg only (the fault file and the failed leg took no write)"
-                    )));
-                }
-                Ok(p)
-            });
+            let persisted = persist(&self.legs, self.fault_file.as_ref(), &checkpoint, &recorded);
             let places = match persisted {
-                Ok(p) => p.places,
+                Ok(places) => places,
                 Err(e) => {
                     log::error!("CRITICAL: {e}");
                     self.state.lock().fault_record_error = Some(e.to_string());

@@ -243,19 +243,23 @@ impl Shared {
         mut state: MutexGuard<'_, State>,
         client_flush: bool,
     ) -> Result<()> {
-        // Only a client's FLUSH reports the owed error (not a FUA write, not a drain).
-        let owed = client_flush && std::mem::take(&mut state.flush_error_owed);
+        let owed = self.take_owed_flush_error(&mut state, client_flush);
         drop(state);
         let flushed = self.passthrough_flush();
         if owed {
-            let _ = std::fs::remove_file(&self.flush_error_marker);
-            return Err(EngineError::CacheFailed(
-                "every cache leg was lost with acknowledged writes this FLUSH covers: they are \
-                 gone (the backing device holds an older, consistent state)"
-                    .into(),
-            ));
+            return Err(owed_flush_error());
         }
         flushed
+    }
+
+    /// Takes the FLUSH error a cache loss owes the client (and its marker), if there is one and
+    /// `client_flush`: only a client's FLUSH reports it, not a FUA write, a drain or a shutdown.
+    pub(crate) fn take_owed_flush_error(&self, state: &mut State, client_flush: bool) -> bool {
+        if !client_flush || !std::mem::take(&mut state.flush_error_owed) {
+            return false;
+        }
+        let _ = std::fs::remove_file(&self.flush_error_marker);
+        true
     }
 
     pub(crate) fn passthrough_zero(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
@@ -443,4 +447,13 @@ fn format_as_leg(
         .and_then(|()| device.write_at(&sb, 0))
         .and_then(|()| device.flush())
         .map_err(|e| EngineError::io(device.name(), e))
+}
+
+/// What the FLUSH that reports a cache loss's lost writes fails with.
+pub(crate) fn owed_flush_error() -> EngineError {
+    EngineError::CacheFailed(
+        "every cache leg was lost with acknowledged writes this FLUSH covers: they are gone (the \
+         backing device holds an older, consistent state)"
+            .into(),
+    )
 }

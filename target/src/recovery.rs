@@ -672,22 +672,12 @@ fn apply_fault_record(
         last_written_back_epoch: base.last_written_back_epoch,
         faults: next,
     };
-    let newly_failed = next.failed_legs & !recorded.failed_legs;
-    let persisted = faults::persist(legs, file, &record).and_then(|p| {
-        if newly_failed != 0 && file.is_some() && !p.beyond_survivors {
-            return Err(io::Error::other(
-                "a leg that cannot be read could be recorded as failed on the other leg only (the \
-                 fault file took no write)",
-            ));
-        }
-        Ok(p)
-    });
-    match persisted {
-        Ok(p) => {
+    match faults::persist(legs, file, &record, &recorded) {
+        Ok(places) => {
             log::warn!(
                 "fault record {} written to {}",
                 next.sequence,
-                p.places.join(", ")
+                places.join(", ")
             );
             Ok(next)
         }

@@ -147,6 +147,21 @@ impl Rig {
         FaultFileBlocked { tmp }
     }
 
+    /// Blocks 0 and 1 written and flushed around the death of leg `leg`; returns once the
+    /// engine has written back and runs in passthrough (degraded and clean).
+    pub fn fail_leg_until_passthrough(&self, engine: &Engine, leg: usize) {
+        engine.write(0, &block_of(0x01), false).unwrap();
+        engine.flush().unwrap();
+        self.legs[leg]
+            .faults
+            .dead
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let block = logfmt::BLOCK_SIZE_BYTES as u64;
+        engine.write(block, &block_of(0x02), false).unwrap();
+        engine.flush().unwrap();
+        wait_for_mode(engine, "passthrough");
+    }
+
     /// Brings the devices back on after `power_cut`.
     pub fn power_on(&self) {
         for leg in &self.legs {

@@ -193,12 +193,7 @@ fn r5_invalid_ring_on_the_readable_leg_with_the_other_leg_dead() {
 fn r6_old_device_rejoins_after_replace() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
     let engine = rig.open_with(rig.writing_back_always());
-    engine.write(0, &block_of(0x01), false).unwrap();
-    engine.flush().unwrap();
-    rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
-    engine.write(BLOCK as u64, &block_of(0x02), false).unwrap();
-    engine.flush().unwrap();
-    wait_for_mode(&engine, "passthrough");
+    rig.fail_leg_until_passthrough(&engine, 0);
     let new0 = fresh(&rig, "sim:new0");
     engine
         .replace_leg(0, new0 as Arc<dyn Device>, Duration::from_secs(20))

@@ -116,12 +116,7 @@ fn the_first_flush_after_a_loss_fails_if_it_covers_lost_writes_and_later_ones_su
 fn leaving_passthrough_flushes_the_backing_device() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
     let engine = rig.open_with(rig.writing_back_always());
-    engine.write(0, &block_of(0x01), false).unwrap();
-    engine.flush().unwrap();
-    rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
-    engine.write(BLOCK as u64, &block_of(0x02), false).unwrap();
-    engine.flush().unwrap();
-    wait_for_mode(&engine, "passthrough");
+    rig.fail_leg_until_passthrough(&engine, 0);
     // A plain passthrough write: in the backing device's volatile cache only.
     engine
         .write(5 * BLOCK as u64, &block_of(0x55), false)
