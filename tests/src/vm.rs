@@ -1,6 +1,6 @@
 //! Glue of the real-kernel tests (`tests/tests/vm*.rs`): set up the VM harness, build the
 //! binaries the guest runs, make image files, boot Debian's 6.12 kernel in QEMU through
-//! `tests/vm/run.sh` (see /work/shared/VM.md and `tests/vm/run.sh --help`) on one script of
+//! `tests/vm/run.sh` (see tests/vm/README.md and `tests/vm/run.sh --help`) on one script of
 //! `tests/vm/scripts/`, and hand back what it printed.
 //!
 //! Before booting, each test:

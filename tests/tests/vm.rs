@@ -1,5 +1,5 @@
 //! Real-kernel tests: each boots Debian's 6.12 kernel in QEMU through
-//! `tests/vm/run.sh` (see /work/shared/VM.md and tests/vm/run.sh --help) and
+//! `tests/vm/run.sh` (see tests/vm/README.md and tests/vm/run.sh --help) and
 //! runs one script from `tests/vm/scripts/` inside it (glue: `wb_tests::vm`).
 //!
 //! Setup, build, skip rules and one-VM-at-a-time: see `tests/src/vm.rs`.

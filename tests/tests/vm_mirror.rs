@@ -1,4 +1,4 @@
-//! Real-kernel tests of issue 6 (mirrored cache failures, SPEC §2 and §5): each boots Debian's
+//! Real-kernel tests of issue 6 (mirrored cache failures, CONTRACT §2 and §5): each boots Debian's
 //! 6.12 kernel in QEMU through `tests/vm/run.sh` and runs one `tests/vm/scripts/mirror-*.sh`,
 //! which puts device-mapper targets under the cache legs and switches them to the `error`
 //! target mid-workload.
@@ -72,7 +72,7 @@ fn vm_mirror_one_leg_fails_during_fio_verify() {
 /// Both legs fail mid-workload (dm `error` under both at once) while a journaled workload
 /// writes tagged blocks with FLUSHes: the device goes to passthrough with `cache_lost_at` set and
 /// an error-level CRITICAL log line; the backing device alone passes the cache-loss oracle
-/// (SPEC §2: the state at some flush boundary B plus a subset of epoch B, nothing later, and every
+/// (CONTRACT §2: the state at some flush boundary B plus a subset of epoch B, nothing later, and every
 /// write made after passthrough); the oracle rejects reordered images of the same journal;
 /// replacing both legs returns to mirrored, and a drained second workload is complete on the
 /// backing device. The run's random seed picks short epochs (an fsync every 1..48 writes) or long

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Transient loss of the whole mirrored cache (SPEC §2 "cache lost entirely", the failure-path
+# Transient loss of the whole mirrored cache (CONTRACT §2 "cache lost entirely", the failure-path
 # contract): both legs are dm linear targets that go to the dm `error` target and later come
 # back. A lost log must never be replayed, even when its legs turn readable again.
 #
