@@ -63,13 +63,18 @@ EOF
 job1="$(fio_job mirror-one-leg-1 "${WRITE_MIB}M" 0 "$FIO_RATE")"
 (wb_fio d1 "$job1") &
 fio_pid=$!
-third=$(((WRITE_MIB << 20) / 3))
+# The trigger is sampled from the block layer's own counter (/sys/block/ublkbN/stat, field 7:
+# sectors written), not `wbctl status` + python: on a slow (TCG) CI VM one status sample took
+# seconds and fio's whole write phase passed between two of them (CI: "after 64 MiB of 64 MiB").
+quarter=$(((WRITE_MIB << 20) / 4))
+stat_file="/sys/block/$(basename "$dev")/stat"
 for ((i = 0; ; i++)); do
-    written="$(wb_field d1 write_bytes)"
-    ((written >= third)) && break
-    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before it wrote a third of its data ($written bytes)"
-    ((i < 1200)) || fail "fio wrote only $written bytes in 240 s"
-    sleep 0.2
+    read -r _ _ _ _ _ _ sectors _ <"$stat_file"
+    written=$((sectors << 9))
+    ((written >= quarter)) && break
+    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before it wrote a quarter of its data ($written bytes)"
+    ((i < 4800)) || fail "fio wrote only $written bytes in 240 s"
+    sleep 0.05
 done
 kill -0 "$fio_pid" 2>/dev/null || fail "fio is no longer running at the injection"
 inj_written="$written"
@@ -77,7 +82,8 @@ dm_error wbleg0
 t_inj=$EPOCHREALTIME
 log "INJECTED: leg A ($LEG0) is now '$(dm_table wbleg0)' after $((written >> 20)) MiB of ${WRITE_MIB} MiB written"
 wait "$fio_pid" || fail "the fio verify job failed after leg A failed (see above)"
-after="$(wb_field d1 write_bytes)"
+read -r _ _ _ _ _ _ sectors _ <"$stat_file"
+after=$((sectors << 9))
 log "fio verify job passed: $(((after - inj_written) >> 20)) MiB written after the injection"
 ((after > inj_written)) || fail "fio wrote nothing after the injection: the failure did not hit a write phase"
 grep -E "err= *0|READ:|WRITE:" "$WB_OUT/d1.mirror-one-leg-1.log" | sed 's/^ */  /' || true
