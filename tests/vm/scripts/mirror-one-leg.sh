@@ -91,11 +91,11 @@ grep -E "err= *0|READ:|WRITE:" "$WB_OUT/d1.mirror-one-leg-1.log" | sed 's/^ */  
 wait_mode d1 passthrough 900
 stop_mode_sampler
 log "mode samples (secs mode legA-health legA-errors legB-health legB-errors dirty_bytes): $(wc -l <"$WB_OUT/modes.txt") in $WB_OUT/modes.txt"
-python3 - "$WB_OUT/modes.txt" "$(awk -v a="$WB_LIB_T0" -v b="$t_inj" 'BEGIN{print b-a}')" <<'PY' || fail "the modes did not go mirrored -> degraded -> passthrough"
-import sys
+python3 - "$WB_OUT/modes.txt" "$(awk -v a="$WB_LIB_T0" -v b="$t_inj" 'BEGIN{print b-a}')" "$(daemon_log d1)" <<'PY' || fail "the modes did not go mirrored -> degraded -> passthrough"
+import re, sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 t_inj = float(sys.argv[2])
-runs = []  # [mode, first secs, last secs, max legA errors]
+runs = []  # [mode, first secs, last secs]
 for r in rows:
     t, mode = float(r[0]), r[1]
     if runs and runs[-1][0] == mode:
@@ -104,16 +104,28 @@ for r in rows:
         runs.append([mode, t, t])
 print("mode history: " + ", ".join(f"{m} {a:.1f}-{b:.1f}s" for m, a, b in runs) + f" (injection at {t_inj:.1f}s)")
 modes = [m for m, _, _ in runs]
+order = ["mirrored", "degraded", "passthrough"]
 assert modes[0] == "mirrored", f"did not start mirrored: {modes}"
-assert "degraded" in modes, f"degraded never seen: {modes}"
 assert modes[-1] == "passthrough", f"did not end in passthrough: {modes}"
-assert modes == ["mirrored", "degraded", "passthrough"], f"unexpected mode sequence {modes}"
-first_degraded = runs[1][1]
-assert first_degraded >= t_inj - 0.5, "degraded before the injection"
+assert all(m in order for m in modes) and modes == sorted(modes, key=order.index), f"unexpected mode sequence {modes}"
+# The daemon's own log is the record of the transitions; the samples (a wbctl status each, seconds
+# apart on a loaded host) may miss the degraded phase.
+steps = [r"cache leg 0 \(.*\) failed", r"degraded: writeback has caught up", r"degraded and clean: passthrough"]
+log = open(sys.argv[3]).read().splitlines()
+at = 0
+for i, step in enumerate(steps):
+    at = next((n for n in range(at, len(log)) if re.search(step, log[n])), None)
+    assert at is not None, f"daemon log: no line matching {step!r} after the previous step"
+    print(f"daemon log: {log[at].strip()}")
 deg = [r for r in rows if r[1] == "degraded"]
-assert all(r[2] == "failed" and int(r[3]) > 0 and r[4] == "ok" for r in deg), "leg health while degraded"
-print(f"degraded from {first_degraded - t_inj:.1f}s to {runs[2][1] - t_inj:.1f}s after the injection; "
-      f"dirty bytes while degraded: {deg[0][6]} -> {deg[-1][6]}")
+if deg:
+    first_degraded = deg[0][0]
+    assert float(first_degraded) >= t_inj - 0.5, "degraded before the injection"
+    assert all(r[2] == "failed" and int(r[3]) > 0 and r[4] == "ok" for r in deg), "leg health while degraded"
+    print(f"degraded sampled {len(deg)} times from {float(first_degraded) - t_inj:.1f}s after the injection; "
+          f"dirty bytes while degraded: {deg[0][6]} -> {deg[-1][6]}")
+else:
+    print("degraded not sampled (status samples were too far apart); the daemon log shows it")
 PY
 status_excerpt() {
     wb_status "$1" | python3 -c '
