@@ -1,43 +1,41 @@
 //! writeboost's ublk target: the cache engine and (in `ublk`) its kernel glue.
 //!
-//! Where things are, by file:
-//! - `engine`      — write path, read path, FLUSH/FUA, discard, back-pressure;
-//! - `ram_buffer`  — the open / in-flight segments in a tmpfs-backed file that survives a crash;
-//! - `log_writer`  — sealed segments onto the cache legs (`wb-log`, `wb-log-leg<i>` threads);
-//! - `legs`        — the cache legs (mirror): write to all, read with fallback;
-//! - `block_map`   — backing block → newest cached copy, ≤ 16 bytes per cached block;
-//! - `zero_ranges` — discarded / zeroed ranges not yet written back;
-//! - `recovery`    — open a cache: replay the log, adopt a crashed daemon's buffer;
-//! - `faults`      — the fault record (failed legs, a lost cache), kept on the legs and the host;
-//! - `format`      — create a cache set;
-//! - `lifecycle`   — threads, shutdown, drain, status, the writeback seam;
-//! - `device`      — files and block devices (O_DIRECT);
-//! - `ublk`        — the kernel glue: the engine as /dev/ublkbN (libublk, copy mode);
-//! - `daemon`      — one process per device: create/recover checks, start, every shutdown path;
-//! - `control`     — the run folder, the state file, the control socket's JSON-lines protocol.
+//! Where things are, by path (dependencies point down this list, never up; `tests/tests/layers.rs`
+//! checks it):
+//! - `daemon/`  — one process per device: create/recover checks, start, every shutdown path;
+//! - `control`  — the run folder, the state file, the control socket's JSON-lines protocol;
+//! - `ublk`     — the kernel glue: the engine as /dev/ublkbN (libublk, copy mode);
+//! - `open/`    — open a cache: `create` a cache set, `recover` (replay the log, adopt a crashed
+//!   daemon's RAM buffer) and start the engine;
+//! - `engine/`  — the cache itself: write path, read path, FLUSH/FUA, discard, back-pressure,
+//!   modes (mirrored / degraded / passthrough / lost), the fault record, threads, status and
+//!   the writeback seam (`impl CacheLog`);
+//! - `log/`     — the log on the cache legs: RAM buffer, log writer, legs (mirror), scan;
+//! - `map/`     — backing block → newest cached copy, and discarded / zeroed ranges;
+//! - `device`, `private_file`, `error` — files and block devices (O_DIRECT), root-only files of
+//!   the run folder, the error type.
 
-pub mod block_map;
-mod cached_block;
 pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod engine;
 pub mod error;
-pub mod faults;
-pub mod format;
-pub mod legs;
-pub mod lifecycle;
-mod log_writer;
-pub mod mode;
-pub mod ram_buffer;
-pub mod recovery;
+pub mod log;
+pub mod map;
+pub mod open;
+pub mod private_file;
 pub mod ublk;
-pub mod zero_ranges;
 
 pub use device::{AlignedBuf, Device, FileDevice};
+pub use engine::lifecycle::{CacheLostStatus, DrainProgress, EngineStatus, LegStatus, SegmentIds};
 pub use engine::{Engine, Geometry, Shared};
 pub use error::{EngineError, Result};
-pub use format::{format, FormatOptions};
-pub use lifecycle::{CacheLostStatus, DrainProgress, EngineStatus, LegStatus, SegmentIds};
-pub use log_writer::SEGMENTS_BETWEEN_LEG_FLUSHES;
-pub use recovery::{open, read_superblocks, scan, OpenOptions, Repair, ScanReport};
+pub use log::scan::{read_superblocks, scan, Repair, ScanReport};
+pub use log::writer::SEGMENTS_BETWEEN_LEG_FLUSHES;
+pub use open::create::{format, FormatOptions};
+pub use open::recover::{open, OpenOptions};
+
+/// Lower-case hex of `bytes` (uuids and fingerprints in file names, logs and `wbctl check`).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

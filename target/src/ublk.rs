@@ -429,16 +429,16 @@ mod tests {
         };
         let legs = vec![file("leg0", 32 << 20), file("leg1", 32 << 20)];
         let backing = file("backing", 8 << 30);
-        let options = crate::format::FormatOptions {
+        let options = crate::open::create::FormatOptions {
             logical_block_size: 512,
             force: false,
         };
-        crate::format::format(&legs, backing.as_ref(), "test-backing", &options).unwrap();
-        crate::recovery::open(
+        crate::open::create::format(&legs, backing.as_ref(), "test-backing", &options).unwrap();
+        crate::open::recover::open(
             legs,
             backing,
             "test-backing",
-            crate::recovery::OpenOptions::new(dir.join("buf")),
+            crate::open::recover::OpenOptions::new(dir.join("buf")),
         )
         .unwrap()
     }

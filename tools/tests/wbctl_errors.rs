@@ -646,7 +646,7 @@ fn check_shows_failed_legs_and_a_recorded_loss() {
         }),
         leg_incarnations: [0, 0],
     };
-    wb_target::faults::FaultFile::new(&faults, &uuid)
+    wb_target::engine::faults::FaultFile::new(&faults, &uuid)
         .store(&lost)
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&check(&faults, true)).unwrap();

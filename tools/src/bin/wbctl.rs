@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
 use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
 use wb_target::device::{Device, FileDevice};
-use wb_target::legs::CacheLegs;
+use wb_target::log::legs::CacheLegs;
 use writeback::Policy;
 
 /// Set in the environment of a detached daemon: after it reports its device on stdout, it
@@ -895,10 +895,13 @@ struct LostReport {
 
 /// The newest fault record of the cache set: its legs' checkpoint and the host's file.
 fn fault_report(report: &wb_target::ScanReport, uuid: &[u8; 16]) -> Result<FaultReport> {
-    let file = wb_target::faults::FaultFile::new(&wb_target::faults::fault_dir_from_env(), uuid);
+    let file = wb_target::engine::faults::FaultFile::new(
+        &wb_target::engine::faults::fault_dir_from_env(),
+        uuid,
+    );
     let on_legs = report.checkpoint.map(|c| c.faults).unwrap_or_default();
     let in_file = file.load()?;
-    let newest = wb_target::faults::newest(on_legs, in_file);
+    let newest = wb_target::engine::faults::newest(on_legs, in_file);
     let source = match (newest.sequence, in_file) {
         (0, _) => "none",
         (_, Some(f)) if f.sequence == newest.sequence && on_legs.sequence < f.sequence => {
@@ -975,7 +978,7 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
             )
         })?;
         let device: Arc<dyn Device> = Arc::new(device);
-        let sb = wb_target::recovery::read_superblocks(std::slice::from_ref(&device))
+        let sb = wb_target::read_superblocks(std::slice::from_ref(&device))
             .map_err(|e| anyhow!("{e}: not a writeboost cache, or its superblock is damaged"))?;
         legs.push(LegCheck {
             path: path.display().to_string(),
@@ -985,7 +988,7 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         });
         devices.push(device);
     }
-    let superblocks = wb_target::recovery::read_superblocks(&devices)?;
+    let superblocks = wb_target::read_superblocks(&devices)?;
     let sb = superblocks[0].clone();
     if sb.leg_count as usize != devices.len() && !json {
         eprintln!(
@@ -1000,13 +1003,13 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
     let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block;
     let leg_size: u64 = legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
     let r = CheckReport {
-        uuid: wb_target::recovery::hex(&sb.uuid),
+        uuid: wb_target::hex(&sb.uuid),
         format_version: logfmt::FORMAT_VERSION,
         created: daemon::format_unix_time(sb.created_unix_secs),
         created_unix_secs: sb.created_unix_secs,
         leg_count: sb.leg_count,
         backing_size_bytes: sb.backing_size_bytes,
-        backing_fingerprint: wb_target::recovery::hex(&sb.backing_fingerprint),
+        backing_fingerprint: wb_target::hex(&sb.backing_fingerprint),
         logical_block_size: sb.logical_block_size,
         segment_count: sb.segment_count,
         capacity_bytes: capacity,

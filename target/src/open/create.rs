@@ -12,8 +12,9 @@ use logfmt::{
 
 use crate::device::{AlignedBuf, Device};
 use crate::error::{EngineError, Result};
-use crate::legs::CacheLegs;
-use crate::recovery::{backing_fingerprint, read_superblocks, scan};
+use crate::log::legs::CacheLegs;
+use crate::log::scan::{read_superblocks, scan};
+use crate::open::recover::backing_fingerprint;
 
 pub struct FormatOptions {
     pub logical_block_size: u32,

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::AlignedBuf;
 use crate::engine::{Shared, State};
-use crate::legs::CacheLegs;
+use crate::log::legs::CacheLegs;
 
 /// Where fault files live unless `WRITEBOOST_FAULT_DIR` says otherwise: persistent storage
 /// (unlike the run folder on tmpfs), because a loss must be remembered across a reboot.
@@ -65,7 +65,7 @@ struct CacheLostJson {
 impl FaultFile {
     pub fn new(dir: &Path, uuid: &[u8; 16]) -> FaultFile {
         FaultFile {
-            path: dir.join(format!("{}.faults", crate::recovery::hex(uuid))),
+            path: dir.join(format!("{}.faults", crate::hex(uuid))),
             uuid: *uuid,
         }
     }
@@ -88,7 +88,7 @@ impl FaultFile {
             )
         };
         let json: FaultFileJson = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if json.uuid != crate::recovery::hex(&self.uuid) {
+        if json.uuid != crate::hex(&self.uuid) {
             return Err(bad(format!("it names cache set {}", json.uuid)));
         }
         Ok(Some(Faults {
@@ -110,7 +110,7 @@ impl FaultFile {
             .mode(0o700)
             .create(dir)?;
         let json = FaultFileJson {
-            uuid: crate::recovery::hex(&self.uuid),
+            uuid: crate::hex(&self.uuid),
             sequence: faults.sequence,
             failed_legs: faults.failed_legs,
             cache_lost: faults.cache_lost.map(|l| CacheLostJson {

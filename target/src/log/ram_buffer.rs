@@ -12,7 +12,7 @@
 //!
 //! The file holds acknowledged user data and what a successor writes to the log: it is created
 //! 0600 and exclusively, and a file found in place is adopted only if it is a regular file of
-//! root's with mode 0600 (`control::open_private`): never a link, never anyone else's.
+//! root's with mode 0600 (`private_file::open_private`): never a link, never anyone else's.
 
 use std::fs::File;
 use std::io;
@@ -26,6 +26,10 @@ use logfmt::{
     ENTRY_COUNT_OFFSET, ENTRY_PLACEMENT_OFFSET, SEGMENT_SIZE_BYTES,
 };
 use memmap2::MmapRaw;
+
+/// Upper bound on RAM buffers (segments in flight at once); recovery checks twice as many slots
+/// past the replayed head for out-of-order leftovers.
+pub const MAX_RAM_BUFFERS: usize = 32;
 
 pub struct RamBuffers {
     map: MmapRaw,
@@ -50,11 +54,12 @@ impl RamBuffers {
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(crate::control::RUN_DIR_MODE)
+                .mode(crate::private_file::RUN_DIR_MODE)
                 .create(dir)?;
         }
-        let file = crate::control::open_private(path, crate::control::Access::ReadWrite, true)
-            .map_err(|e| io::Error::new(e.kind(), format!("RAM buffer file {}", e)))?;
+        let file =
+            crate::private_file::open_private(path, crate::private_file::Access::ReadWrite, true)
+                .map_err(|e| io::Error::new(e.kind(), format!("RAM buffer file {}", e)))?;
         lock_exclusive(&file, path)?;
         let existing_len = file.metadata()?.len() as usize;
         let mut adopted = Vec::new();

@@ -20,26 +20,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logfmt::{
-    checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, Faults, SegmentHeader,
-    Superblock, ALL_SECTORS_VALID, CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES, SECTORS_PER_BLOCK,
-    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES, SUPERBLOCK_SIZE_BYTES,
+    segment_offset, slot_of, Checkpoint, EntryKind, Faults, SegmentHeader, Superblock,
+    ALL_SECTORS_VALID, SECTORS_PER_BLOCK, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES,
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::block_map::{BlockMap, Location};
 use crate::device::{AlignedBuf, Device};
+use crate::engine::faults::{self, FaultFile};
 use crate::engine::{remove_map_range, Engine, Geometry, Shared, Slot, State, Stats};
 use crate::error::{EngineError, Result};
-use crate::faults::{self, FaultFile};
-use crate::legs::CacheLegs;
-use crate::ram_buffer::{Adopted, RamBuffers};
-use crate::zero_ranges::ZeroRanges;
-
-/// Slots past the replayed head that are checked for out-of-order leftovers. Bounded by the
-/// segments that can be in flight at once (`MAX_RAM_BUFFERS`), with margin.
-const TAIL_SCAN_SEGMENTS: u64 = 2 * MAX_RAM_BUFFERS as u64;
-/// Upper bound on RAM buffers (segments in flight); see `TAIL_SCAN_SEGMENTS`.
-pub const MAX_RAM_BUFFERS: usize = 32;
+use crate::hex;
+use crate::log::legs::CacheLegs;
+use crate::log::ram_buffer::MAX_RAM_BUFFERS;
+use crate::log::ram_buffer::{Adopted, RamBuffers};
+use crate::log::scan::{
+    read_checkpoint, read_superblocks, scan, unreadable_legs, CheckpointRead, ScanReport,
+};
+use crate::map::block_map::{BlockMap, Location};
+use crate::map::zero_ranges::ZeroRanges;
 
 /// How an engine is started.
 #[derive(Debug, Clone)]
@@ -70,281 +68,6 @@ impl OpenOptions {
             writeback: Some(writeback::Policy::default()),
         }
     }
-}
-
-/// What recovery found and did; also the result of a read-only scan.
-#[derive(Debug, Clone, Default)]
-pub struct ScanReport {
-    pub checkpoint: Option<Checkpoint>,
-    /// Live segments replayed, oldest first.
-    pub headers: Vec<SegmentHeader>,
-    /// Segments whose data blocks were read and checked.
-    pub data_verified: u64,
-    /// Why the replay stopped after the last live segment.
-    pub stop_reason: String,
-    /// Valid headers with ids past the head (out-of-order leftovers).
-    pub stale_tail: Vec<u64>,
-    /// Live segments whose copy on one leg is torn or missing while another leg's is whole.
-    pub repairs: Vec<Repair>,
-    pub bytes_read: u64,
-    /// Why the checkpoint (and so the log's start) cannot be trusted; nothing past it was read.
-    pub checkpoint_error: Option<String>,
-}
-
-/// A segment copy to rewrite on one leg from another (see `ScanReport::repairs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Repair {
-    pub segment_id: u64,
-    pub from_leg: usize,
-    pub to_leg: usize,
-    pub len: usize,
-}
-
-impl ScanReport {
-    pub fn written_back_id(&self) -> u64 {
-        self.checkpoint.map_or(0, |c| c.last_written_back_id)
-    }
-    pub fn head_id(&self) -> u64 {
-        self.headers
-            .last()
-            .map_or(self.written_back_id(), |h| h.segment_id)
-    }
-    pub fn dirty_data_blocks(&self) -> u64 {
-        self.headers
-            .iter()
-            .map(|h| h.data_entries().count() as u64)
-            .sum()
-    }
-    pub fn is_dirty(&self) -> bool {
-        self.headers.iter().any(|h| !h.entries.is_empty())
-    }
-}
-
-/// Reads and validates the superblock of every leg; they must belong to one cache set.
-pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
-    let mut superblocks: Vec<Superblock> = Vec::new();
-    for leg in legs {
-        let mut buf = AlignedBuf::new(SUPERBLOCK_SIZE_BYTES);
-        leg.read_at(&mut buf, 0)
-            .map_err(|e| EngineError::io(leg.name(), e))?;
-        let sb = Superblock::decode(&buf).map_err(|source| EngineError::Format {
-            device: leg.name().to_string(),
-            source,
-        })?;
-        if leg.size_bytes() < sb.leg_size_bytes() {
-            return Err(EngineError::refused(
-                leg.name(),
-                format!(
-                    "cache device is {} bytes but its superblock describes {} bytes (it shrank)",
-                    leg.size_bytes(),
-                    sb.leg_size_bytes()
-                ),
-            ));
-        }
-        if let Some(first) = superblocks.first() {
-            if first.uuid != sb.uuid
-                || first.segment_count != sb.segment_count
-                || first.leg_count != sb.leg_count
-            {
-                return Err(EngineError::refused(
-                    leg.name(),
-                    format!(
-                        "cache leg belongs to another cache set than {}",
-                        legs[0].name()
-                    ),
-                ));
-            }
-        }
-        superblocks.push(sb);
-    }
-    Ok(superblocks)
-}
-
-/// The legs whose superblock cannot even be read (I/O error), with the error.
-fn unreadable_legs(legs: &[Arc<dyn Device>]) -> Vec<(usize, io::Error)> {
-    legs.iter()
-        .enumerate()
-        .filter_map(|(i, leg)| {
-            let mut buf = AlignedBuf::new(SUPERBLOCK_SIZE_BYTES);
-            leg.read_at(&mut buf, 0).err().map(|e| (i, e))
-        })
-        .collect()
-}
-
-/// Reads the log of a cache set without changing anything.
-/// The newest valid checkpoint over the healthy legs, or why there is none. A formatted cache
-/// always has one (format writes sequence 0), so none at all means the rings are unreadable or
-/// damaged on every leg: the written-back id is unknown, and guessing 0 would discard every dirty
-/// block of a wrapped ring (recovery refuses, as for a bad superblock).
-pub fn read_checkpoint(legs: &CacheLegs, uuid: &[u8; 16]) -> (CheckpointRead, u64) {
-    let mut found: Option<Checkpoint> = None;
-    let mut problems = Vec::new();
-    let mut bytes_read = 0;
-    let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
-    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-        let name = leg.device().name().to_string();
-        if let Err(e) = leg.device().read_at(&mut ring, checkpoint_offset(0)) {
-            problems.push(format!("{name}: checkpoint ring unreadable: {e}"));
-            continue;
-        }
-        bytes_read += ring.len() as u64;
-        match Checkpoint::newest_in_ring(&ring, uuid) {
-            Some(c) if found.is_none_or(|old| c.sequence > old.sequence) => found = Some(c),
-            Some(_) => {}
-            None => problems.push(format!("{name}: no valid checkpoint in the ring")),
-        }
-    }
-    let read = match found {
-        Some(c) => Ok(c),
-        None if problems.is_empty() => Err("no healthy leg to read the checkpoint from".into()),
-        None => Err(problems.join("; ")),
-    };
-    (read, bytes_read)
-}
-
-/// The newest checkpoint, or why none could be read (`read_checkpoint`).
-pub type CheckpointRead = std::result::Result<Checkpoint, String>;
-
-/// Reads the log of a cache set without changing anything.
-pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
-    let mut report = ScanReport::default();
-    let uuid = sb.uuid;
-    let (checkpoint, bytes_read) = read_checkpoint(legs, &uuid);
-    report.bytes_read += bytes_read;
-    match checkpoint {
-        Ok(c) => report.checkpoint = Some(c),
-        Err(why) => {
-            report.checkpoint_error = Some(why);
-            return report;
-        }
-    }
-    let n = sb.segment_count;
-    let first = report.written_back_id() + 1;
-    let mut image = AlignedBuf::new(SEGMENT_SIZE_BYTES);
-    let mut newest_durable = 0u64;
-    let mut id = first;
-    // Headers first: they say which ids the legs vouch for as complete and flushed.
-    loop {
-        if id - first >= n {
-            report.stop_reason = "the whole ring is live".into();
-            break;
-        }
-        let offset = segment_offset(slot_of(id, n));
-        let mut found = None;
-        let mut last_error = String::from("no healthy leg");
-        for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-            let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if let Err(e) = leg.device().read_at(header, offset) {
-                last_error = e.to_string();
-                continue;
-            }
-            report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
-            match SegmentHeader::decode_expecting(header, &uuid, id) {
-                Ok(h) => {
-                    found = Some(h);
-                    break;
-                }
-                Err(e) => last_error = e.to_string(),
-            }
-            // A later lap's segment where the log should go on: the slot was reused, which
-            // happens only after a checkpoint past `id` was durable. The checkpoint read is
-            // older than that one: trusting it would discard the live log as leftovers.
-            if let Ok(h) = SegmentHeader::decode(header, &uuid) {
-                if h.segment_id > id && slot_of(h.segment_id, n) == slot_of(id, n) {
-                    report.checkpoint_error = Some(format!(
-                        "the newest valid checkpoint (segment {}) is older than the log: slot of \
-                         segment {id} holds segment {} (the newer checkpoints are damaged)",
-                        report.written_back_id(),
-                        h.segment_id
-                    ));
-                    return report;
-                }
-            }
-        }
-        match found {
-            Some(h) => {
-                newest_durable = newest_durable.max(h.durable_id);
-                report.headers.push(h);
-                id += 1;
-            }
-            None => {
-                report.stop_reason = format!("segment {id}: {last_error}");
-                break;
-            }
-        }
-    }
-    // Then the data of every segment no later header vouches for, on every leg: the legs lost
-    // power independently, so one may hold a torn copy where the other holds a whole one.
-    if let Some(cut) = report
-        .headers
-        .iter()
-        .position(|h| h.segment_id > newest_durable)
-    {
-        for i in cut..report.headers.len() {
-            let h = report.headers[i].clone();
-            let offset = segment_offset(slot_of(h.segment_id, n));
-            let len = h.used_bytes();
-            let mut good_leg = None;
-            let mut bad_legs = Vec::new();
-            let mut last_error = String::new();
-            for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-                if let Err(e) = leg.device().read_at(&mut image[..len], offset) {
-                    last_error = e.to_string();
-                    bad_legs.push(leg.index);
-                    continue;
-                }
-                report.bytes_read += len as u64;
-                let verdict = SegmentHeader::decode_expecting(&image, &uuid, h.segment_id)
-                    .map_err(|e| e.to_string())
-                    .and_then(|other| {
-                        if other.entries != h.entries || other.epoch_id != h.epoch_id {
-                            return Err("header differs between legs".to_string());
-                        }
-                        h.verify_data(&image).map_err(|e| e.to_string())
-                    });
-                match verdict {
-                    Ok(()) => {
-                        good_leg.get_or_insert(leg.index);
-                    }
-                    Err(e) => {
-                        last_error = e;
-                        bad_legs.push(leg.index);
-                    }
-                }
-            }
-            report.data_verified += 1;
-            let Some(good) = good_leg else {
-                report.stop_reason = format!("segment {}: {last_error}", h.segment_id);
-                report.headers.truncate(i);
-                break;
-            };
-            for bad in bad_legs {
-                report.repairs.push(Repair {
-                    segment_id: h.segment_id,
-                    from_leg: good,
-                    to_leg: bad,
-                    len,
-                });
-            }
-        }
-    }
-    // Leftovers past the head.
-    let head = report.head_id();
-    for id in head + 1..=head + TAIL_SCAN_SEGMENTS.min(n - 1) {
-        let offset = segment_offset(slot_of(id, n));
-        for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-            let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if leg.device().read_at(header, offset).is_ok() {
-                report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
-                if let Ok(h) = SegmentHeader::decode(header, &uuid) {
-                    if h.segment_id > head && !report.stale_tail.contains(&h.segment_id) {
-                        report.stale_tail.push(h.segment_id);
-                    }
-                }
-            }
-        }
-    }
-    report
 }
 
 /// A stable 16-byte fingerprint of a backing device's identity string.
@@ -1016,8 +739,4 @@ fn start(
         flush_error_marker,
     });
     Engine::start(shared, log_rx, options.writeback)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

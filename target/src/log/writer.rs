@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use logfmt::{segment_offset, slot_of, SegmentHeader, SEGMENT_SIZE_BYTES};
 
-use crate::engine::Shared;
-use crate::legs::Leg;
+use crate::log::legs::{CacheLegs, Leg};
+use crate::log::ram_buffer::RamBuffers;
 
 /// Leg flushes happen at least this often even without FLUSH requests, so that recovery after a
 /// power cut has to verify the data of only the few newest segments (CONTRACT §3, §8: start-up reads
@@ -27,6 +27,22 @@ pub const SEGMENTS_BETWEEN_LEG_FLUSHES: u64 = 8;
 /// Full segments in adjacent slots that are queued together go out as one write of up to this
 /// many segments (2 MiB): the per-I/O cost is paid once for them all.
 pub const MAX_COALESCED_SEGMENTS: usize = 4;
+
+/// What the log writer needs from the one it writes for (the engine): the legs and RAM buffers
+/// it writes from and to, the durable id a header may vouch for, and where to report progress
+/// and failures. The log never names the engine: dependencies point from the engine to the log.
+pub trait LogHost: Send + Sync + 'static {
+    fn legs(&self) -> &CacheLegs;
+    fn ram(&self) -> &RamBuffers;
+    fn segment_count(&self) -> u64;
+    /// The newest id known durable on every leg in use: the next sealed header vouches for it.
+    fn durable_hint(&self) -> u64;
+    /// Leg `leg` has written (`written`) and flushed (`durable`) every segment up to these ids.
+    fn on_leg_progress(&self, leg: usize, written: u64, durable: u64);
+    /// A leg write or flush failed: the failure must be on record before a FLUSH may complete
+    /// on the other legs alone.
+    fn on_leg_failed(&self);
+}
 
 pub(crate) enum LogJob {
     Segment {
@@ -51,17 +67,17 @@ enum LegJob {
     Stop,
 }
 
-pub(crate) fn start(shared: &Arc<Shared>, jobs: Receiver<LogJob>) -> Vec<JoinHandle<()>> {
+pub(crate) fn start<H: LogHost>(shared: &Arc<H>, jobs: Receiver<LogJob>) -> Vec<JoinHandle<()>> {
     let mut threads = Vec::new();
     let mut leg_queues: Vec<Sender<LegJob>> = Vec::new();
-    for leg in 0..shared.legs.all().len() {
+    for leg in 0..shared.legs().all().len() {
         let (tx, rx) = crossbeam_channel::unbounded();
         leg_queues.push(tx);
         let shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("wb-log-leg{leg}"))
-                .spawn(move || leg_writer(&shared, leg, rx))
+                .spawn(move || leg_writer(&*shared, leg, rx))
                 .expect("spawn leg writer"),
         );
     }
@@ -69,13 +85,13 @@ pub(crate) fn start(shared: &Arc<Shared>, jobs: Receiver<LogJob>) -> Vec<JoinHan
     threads.push(
         std::thread::Builder::new()
             .name("wb-log".into())
-            .spawn(move || sealer(&shared, jobs, leg_queues))
+            .spawn(move || sealer(&*shared, jobs, leg_queues))
             .expect("spawn log writer"),
     );
     threads
 }
 
-fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
+fn sealer(shared: &impl LogHost, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
     let send_all = |job: &dyn Fn() -> LegJob| {
         for q in &legs {
             let _ = q.send(job());
@@ -88,8 +104,8 @@ fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
                 buffer,
                 flush_legs,
             } => {
-                header.durable_id = shared.durable_hint.load(Ordering::Acquire);
-                shared.ram.finalise(buffer, &mut header);
+                header.durable_id = shared.durable_hint();
+                shared.ram().finalise(buffer, &mut header);
                 let len = header.used_bytes();
                 let id = header.segment_id;
                 send_all(&|| LegJob::Write {
@@ -106,9 +122,9 @@ fn sealer(shared: &Shared, jobs: Receiver<LogJob>, legs: Vec<Sender<LegJob>>) {
     send_all(&|| LegJob::Stop);
 }
 
-fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
-    let leg: &Leg = &shared.legs.all()[leg_index];
-    let n = shared.geometry.segment_count;
+fn leg_writer(shared: &impl LogHost, leg_index: usize, jobs: Receiver<LegJob>) {
+    let leg: &Leg = &shared.legs().all()[leg_index];
+    let n = shared.segment_count();
     let mut written = 0u64;
     let mut durable = 0u64;
     let mut held: Option<LegJob> = None;
@@ -150,7 +166,7 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
                 if leg.is_healthy() {
                     let images: Vec<&[u8]> = run
                         .iter()
-                        .map(|&(_, buffer, len)| &shared.ram.image(buffer)[..len])
+                        .map(|&(_, buffer, len)| &shared.ram().image(buffer)[..len])
                         .collect();
                     let offset = segment_offset(slot_of(id, n));
                     let (device, generation) = leg.device_for_io();
@@ -184,8 +200,8 @@ fn leg_writer(shared: &Shared, leg_index: usize, jobs: Receiver<LegJob>) {
         }
         if failed {
             // Before a FLUSH may complete on the other leg alone, the failure must be on record
-            // (the engine's durable id waits for it): record it now rather than at the next tick.
-            let _ = shared.record_faults();
+            // (the engine's durable id waits for it): report it now rather than at the next tick.
+            shared.on_leg_failed();
         }
     }
 }

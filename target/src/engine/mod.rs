@@ -17,6 +17,11 @@
 //! - A partial-sector copy (512-byte logical blocks) exists only when the block had no other
 //!   cached copy when it was written: its missing sectors are exactly the backing device's.
 
+mod cached_block;
+pub mod faults;
+pub mod lifecycle;
+pub mod mode;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,13 +36,13 @@ use logfmt::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::block_map::{BlockMap, Location};
 use crate::device::{AlignedBuf, Device};
 use crate::error::{EngineError, Result};
-use crate::legs::CacheLegs;
-use crate::log_writer::LogJob;
-use crate::ram_buffer::RamBuffers;
-use crate::zero_ranges::ZeroRanges;
+use crate::log::legs::CacheLegs;
+use crate::log::ram_buffer::RamBuffers;
+use crate::log::writer::LogJob;
+use crate::map::block_map::{BlockMap, Location};
+use crate::map::zero_ranges::ZeroRanges;
 
 /// The geometry of an open cache, fixed at create.
 #[derive(Debug, Clone)]
@@ -269,7 +274,7 @@ pub struct Shared {
     pub(crate) policy: Mutex<Option<writeback::Policy>>,
     /// The superblock the legs were opened with (what a replacement leg is given).
     pub superblock: logfmt::Superblock,
-    pub(crate) crc_cache: crate::cached_block::CrcCache,
+    pub(crate) crc_cache: crate::engine::cached_block::CrcCache,
     /// Orders writeback's backing writes before passthrough writes. Once every leg is lost,
     /// writeback may still hold a batch it read before; a write it issued after a passthrough
     /// write could bring back stale data. Writeback holds this shared around each backing write
@@ -282,9 +287,9 @@ pub struct Shared {
     pub(crate) writeback_running: AtomicBool,
     /// What the last failed writeback attempt said (for a drain that gives up).
     pub(crate) last_writeback_error: Mutex<Option<String>>,
-    pub recovery: crate::recovery::ScanReport,
+    pub recovery: crate::log::scan::ScanReport,
     /// The host's copy of the fault record (`faults`); `None`: the legs' copies only.
-    pub(crate) fault_file: Option<crate::faults::FaultFile>,
+    pub(crate) fault_file: Option<crate::engine::faults::FaultFile>,
     /// One fault-record writer at a time (and `replace_leg`, which changes the record).
     pub(crate) fault_recorder: Mutex<()>,
     /// One checkpoint writer at a time (writeback's commit, the fault record): each takes the
@@ -799,7 +804,7 @@ impl Shared {
         drop(state);
         self.flush_backing_if_written()?;
         if owed {
-            return Err(crate::mode::owed_flush_error());
+            return Err(crate::engine::mode::owed_flush_error());
         }
         Ok(())
     }
@@ -1141,6 +1146,29 @@ fn sector_mask(in_block: usize, len: usize) -> u8 {
     let count = len / SECTOR_SIZE_BYTES;
     debug_assert!(count >= 1 && first + count <= SECTORS_PER_BLOCK);
     (((1u16 << count) - 1) << first) as u8
+}
+
+/// The log writer's view of the engine (`log::LogHost`).
+impl crate::log::LogHost for Shared {
+    fn legs(&self) -> &CacheLegs {
+        &self.legs
+    }
+    fn ram(&self) -> &RamBuffers {
+        &self.ram
+    }
+    fn segment_count(&self) -> u64 {
+        self.geometry.segment_count
+    }
+    fn durable_hint(&self) -> u64 {
+        self.durable_hint.load(Ordering::Acquire)
+    }
+    fn on_leg_progress(&self, leg: usize, written: u64, durable: u64) {
+        Shared::on_leg_progress(self, leg, written, durable)
+    }
+    fn on_leg_failed(&self) {
+        // A failure to record is logged by `record_faults`; the durable id keeps waiting for it.
+        let _ = self.record_faults();
+    }
 }
 
 #[cfg(test)]

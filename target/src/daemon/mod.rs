@@ -37,7 +37,7 @@ use crate::control::{
 use crate::device::{self, AlignedBuf, Device, DeviceNode, FileDevice};
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::recovery::backing_fingerprint;
+use crate::open::recover::backing_fingerprint;
 use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
 
 /// Control connections served at once; more get a "busy" reply (a stuck client cannot pile up
@@ -1212,11 +1212,11 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
             std::fs::remove_file(&buffer_path)
                 .map_err(io_error(format!("{}: removing", buffer_path.display())))?;
         }
-        let sb = crate::format::format(
+        let sb = crate::open::create::format(
             &legs,
             backing.as_ref(),
             &identity,
-            &crate::format::FormatOptions {
+            &crate::open::create::FormatOptions {
                 logical_block_size,
                 force,
             },
@@ -1229,10 +1229,10 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
             sb.logical_block_size
         );
     }
-    let mut options = crate::recovery::OpenOptions::new(buffer_path);
+    let mut options = crate::open::recover::OpenOptions::new(buffer_path);
     options.writeback = Some(spec.policy.clone());
-    options.fault_dir = Some(crate::faults::fault_dir_from_env());
-    let engine = crate::recovery::open(legs, backing, &identity, options)?;
+    options.fault_dir = Some(crate::engine::faults::fault_dir_from_env());
+    let engine = crate::open::recover::open(legs, backing, &identity, options)?;
     let report = engine.recovery_report();
     log::info!(
         "{}: cache opened: log {}..={}, {} dirty blocks, read {} bytes at start-up",

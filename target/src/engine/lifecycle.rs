@@ -19,7 +19,7 @@ use writeback::{Activity, CacheLog, Policy, Writeback};
 use crate::device::AlignedBuf;
 use crate::engine::{Engine, Shared, Slot};
 use crate::error::{EngineError, Result};
-use crate::log_writer::{self, LogJob};
+use crate::log::writer::LogJob;
 
 /// How often `wb-sync` looks at the open segment.
 const SYNC_TICK: Duration = Duration::from_millis(50);
@@ -54,7 +54,7 @@ impl Engine {
         log_jobs: Receiver<LogJob>,
         policy: Option<Policy>,
     ) -> Engine {
-        let mut threads = log_writer::start(&shared, log_jobs);
+        let mut threads = crate::log::writer::start(&shared, log_jobs);
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -290,7 +290,7 @@ impl Engine {
     }
 
     /// What recovery found when this engine was opened.
-    pub fn recovery_report(&self) -> &crate::recovery::ScanReport {
+    pub fn recovery_report(&self) -> &crate::log::scan::ScanReport {
         &self.shared.recovery
     }
 }

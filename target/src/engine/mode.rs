@@ -25,11 +25,11 @@ use logfmt::{
     checkpoint_offset, Checkpoint, EntryKind, CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES,
 };
 
-use crate::block_map::BlockMap;
 use crate::device::{AlignedBuf, Device};
 use crate::engine::{Engine, SealReason, Shared, Slot, State};
 use crate::error::{EngineError, Result};
-use crate::zero_ranges::ZeroRanges;
+use crate::map::block_map::BlockMap;
+use crate::map::zero_ranges::ZeroRanges;
 use parking_lot::MutexGuard;
 
 /// In degraded mode, stop opening segments once no more than this many are dirty, so the switch
@@ -377,7 +377,7 @@ impl Engine {
     /// `Shared::replaceable`.
     fn wait_until_replaceable(
         &self,
-        leg: &crate::legs::Leg,
+        leg: &crate::log::legs::Leg,
         deadline: std::time::Instant,
         name: &str,
     ) -> Result<()> {
@@ -409,7 +409,7 @@ impl Shared {
     /// while its writes are being dropped); and once the leg's writer has handled every segment
     /// sealed for it (a write it still had queued must not land on the new device, nor a late
     /// error of the old device fail the new one).
-    fn replaceable(&self, state: &State, leg: &crate::legs::Leg) -> bool {
+    fn replaceable(&self, state: &State, leg: &crate::log::legs::Leg) -> bool {
         state.passthrough
             && !self.writeback_fenced.load(Ordering::Acquire)
             && leg.handled_id.load(Ordering::Acquire) >= state.sealed_id
