@@ -88,6 +88,32 @@ pub fn decode_header(bytes: &[u8], uuid: &[u8; 16]) -> Result<usize, FormatError
     Ok(count)
 }
 
+/// Who a buffer file belongs to and which segments it holds, read from its header without
+/// validating it against a cache set: `wbctl create` asks this of a file left under the name it
+/// is about to use (a crashed daemon's acknowledged writes must not be thrown away unnoticed).
+/// `None` if the bytes are not a buffer file header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owners {
+    pub uuid: [u8; 16],
+    /// Segment ids held by buffers (non-zero owner words), in buffer order.
+    pub segments: Vec<u64>,
+}
+
+pub fn peek_owners(bytes: &[u8]) -> Option<Owners> {
+    if bytes.len() < BUFFER_FILE_HEADER_BYTES || &bytes[0..8] != BUFFER_FILE_MAGIC {
+        return None;
+    }
+    let count = (get_u32(bytes, 12) as usize).min(MAX_BUFFERS);
+    let segments = (0..count)
+        .map(|i| get_u64(bytes, owner_word_offset(i)))
+        .filter(|&id| id != 0)
+        .collect();
+    Some(Owners {
+        uuid: bytes[16..32].try_into().expect("16 bytes"),
+        segments,
+    })
+}
+
 /// Reads the entries published in an unsealed segment image (its checksums are not trusted:
 /// they are recomputed by the successor). Entries past the first invalid one are dropped: they
 /// cannot have been published.

@@ -1317,3 +1317,28 @@ fn published_entries_rebuild_into_a_valid_segment() {
     assert_eq!(decoded.entries.len(), 3);
     assert_eq!(decoded.verify_data(&image), Ok(()));
 }
+
+#[test]
+fn buffer_file_owners_are_read_without_a_cache_set() {
+    let uuid = [7u8; 16];
+    let mut header = vec![0u8; buffer_file::BUFFER_FILE_HEADER_BYTES];
+    buffer_file::encode_header(&mut header, 4, &uuid);
+    let owners = buffer_file::peek_owners(&header).expect("a buffer file header");
+    assert_eq!(owners.uuid, uuid);
+    assert!(owners.segments.is_empty(), "a fresh file owns nothing");
+    header[buffer_file::owner_word_offset(1)..][..8].copy_from_slice(&42u64.to_le_bytes());
+    header[buffer_file::owner_word_offset(3)..][..8].copy_from_slice(&43u64.to_le_bytes());
+    assert_eq!(
+        buffer_file::peek_owners(&header).unwrap().segments,
+        vec![42, 43]
+    );
+    // An owner word past the buffer count is not a buffer.
+    header[buffer_file::owner_word_offset(4)..][..8].copy_from_slice(&44u64.to_le_bytes());
+    assert_eq!(
+        buffer_file::peek_owners(&header).unwrap().segments,
+        vec![42, 43]
+    );
+    header[0] ^= 1;
+    assert_eq!(buffer_file::peek_owners(&header), None, "bad magic");
+    assert_eq!(buffer_file::peek_owners(&header[..100]), None, "too short");
+}

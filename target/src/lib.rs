@@ -27,7 +27,8 @@ pub mod private_file;
 pub mod ublk;
 
 pub use device::{AlignedBuf, Device, FileDevice};
-pub use engine::lifecycle::{CacheLostStatus, DrainProgress, EngineStatus, LegStatus, SegmentIds};
+pub use engine::lifecycle::DrainProgress;
+pub use engine::status::{CacheLostStatus, EngineStatus, LegStatus, SegmentIds};
 pub use engine::{Engine, Geometry, Shared};
 pub use error::{EngineError, Result};
 pub use log::scan::{read_superblocks, scan, Repair, ScanReport};

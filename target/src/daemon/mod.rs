@@ -2,9 +2,8 @@
 //! socket. `wbctl create` and `wbctl recover` run it (detached, or in the foreground for systemd).
 //!
 //! Two phases, in this order:
-//! 1. `check_create` / `check_recover` — every check of CONTRACT §7, read-only, cheapest first: the
-//!    name, the device count, the paths, their sizes, their superblocks, the RAM buffer file, and
-//!    only then root and `/dev/ublk-control`. Nothing is written before all of them pass.
+//! 1. `check_create` / `check_recover` (`preflight`) — every check of CONTRACT §7, read-only,
+//!    cheapest first. Nothing is written before all of them pass.
 //! 2. `run` — claims the name (the control socket), formats or opens the cache (adopting a
 //!    crashed predecessor's RAM buffer), adds or recovers the ublk device, records the state file
 //!    for a successor, and serves until a signal, `wbctl delete`, or the device going away.
@@ -25,20 +24,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use libublk::ctrl::UblkCtrl;
-use logfmt::{FormatError, Superblock, BLOCK_SIZE_BYTES, MIN_CACHE_SIZE_BYTES};
 use parking_lot::Mutex;
 use thiserror::Error;
 use writeback::Policy;
 
 use crate::control::{
-    self, validate_name, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply,
-    Request, RunDir, SegmentReport,
+    self, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply, Request, RunDir,
+    SegmentReport,
 };
-use crate::device::{self, AlignedBuf, Device, DeviceNode, FileDevice};
+use crate::device::{self, Device, DeviceNode, FileDevice};
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::open::recover::backing_fingerprint;
 use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
+
+mod preflight;
+
+use preflight::{absolute, hold_checked, same_file};
+pub use preflight::{check_create, check_recover, daemon_running};
 
 /// Control connections served at once; more get a "busy" reply (a stuck client cannot pile up
 /// threads in the daemon).
@@ -132,606 +134,6 @@ pub enum Start {
     /// A daemon of this device died: open the cache (adopting its RAM buffer) and take over
     /// its device through ublk user recovery.
     Recover { dev_id: u32 },
-}
-
-/// What a leg's first 4 KiB say.
-enum LegContent {
-    /// No writeboost superblock at all: free to format.
-    Blank,
-    Member(Superblock),
-    Corrupt(FormatError),
-}
-
-fn read_leg(device: &FileDevice) -> Result<LegContent> {
-    let mut buf = AlignedBuf::new(logfmt::SUPERBLOCK_SIZE_BYTES);
-    if device.size_bytes() < logfmt::SUPERBLOCK_SIZE_BYTES as u64 {
-        return Ok(LegContent::Blank);
-    }
-    device.read_at(&mut buf, 0).map_err(io_error(format!(
-        "{}: reading the superblock",
-        device.name()
-    )))?;
-    Ok(match Superblock::decode(&buf) {
-        Ok(sb) => LegContent::Member(sb),
-        Err(FormatError::BadMagic { .. }) => LegContent::Blank,
-        Err(e) => LegContent::Corrupt(e),
-    })
-}
-
-/// Opens `path` read-only for inspection (its one lookup: see `device::open_node`), with an
-/// error that names it and says why.
-fn inspect(path: &Path, role: &str) -> Result<FileDevice> {
-    let (file, _) = device::open_node(path, false).map_err(open_refused(path, role))?;
-    FileDevice::reopen(&file, path, false).map_err(open_refused(path, role))
-}
-
-/// Why `path` (a `role` device) could not be opened, in words.
-fn open_refused(path: &Path, role: &str) -> impl FnOnce(io::Error) -> DaemonError {
-    let (shown, role) = (path.display().to_string(), role.to_string());
-    move |e| {
-        let reason = match e.kind() {
-            _ if e.raw_os_error() == Some(libc::EBUSY) => IN_USE.to_string(),
-            io::ErrorKind::NotFound => "no such device or file".into(),
-            io::ErrorKind::PermissionDenied => "permission denied (wbctl must run as root)".into(),
-            io::ErrorKind::InvalidInput => "not a block device (or a regular file)".into(),
-            _ => format!("cannot open: {e}"),
-        };
-        refused(shown, format!("{role}: {reason}"))
-    }
-}
-
-/// The node of an inspected device (its descriptor cannot fail fstat short of a kernel bug).
-fn node_of(device: &FileDevice) -> Result<DeviceNode> {
-    device
-        .node()
-        .map_err(io_error(format!("{}: fstat", device.name())))
-}
-
-const IN_USE: &str = "in use (mounted, part of a device-mapper or RAID device, or held by \
-                      another writeboost device)";
-
-/// Fails if a block device is mounted or claimed by someone else (a filesystem, device mapper,
-/// another writeboost daemon): an exclusive open of it fails with EBUSY.
-fn check_not_in_use(device: &FileDevice, role: &str) -> Result<()> {
-    if device
-        .claim_exclusive()
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
-    {
-        return Err(refused(device.name(), format!("{role}: {IN_USE}")));
-    }
-    Ok(())
-}
-
-/// Opens `path` once, claiming it exclusively (see `device::open_node`), and checks it is the
-/// device the checks saw: while held, nobody can mount it or claim it.
-fn hold_checked(path: &Path, role: &str, expected: Option<DeviceNode>) -> Result<File> {
-    let (hold, node) = device::open_node(path, true).map_err(open_refused(path, role))?;
-    if expected.is_some_and(|n| n != node) {
-        return Err(refused(
-            path.display().to_string(),
-            "is no longer the device the checks looked at (the path changed since); nothing \
-             was written, check the path and try again",
-        ));
-    }
-    Ok(hold)
-}
-
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
-/// What a RAM buffer file holds, read without mapping or locking it.
-struct BufferFileInfo {
-    uuid: [u8; 16],
-    /// Segment ids held by buffers (acknowledged writes not yet on the cache legs).
-    owned: Vec<u64>,
-}
-
-/// Reads the header of the RAM buffer file at `path` (a private file of the run folder: see
-/// `control::open_private`; a link or someone else's file is refused).
-fn inspect_buffer_file(path: &Path) -> io::Result<Option<BufferFileInfo>> {
-    use logfmt::buffer_file as bf;
-    use std::io::Read;
-    let file = match control::open_private(path, control::Access::Read, false) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut bytes = Vec::with_capacity(bf::BUFFER_FILE_HEADER_BYTES);
-    file.take(bf::BUFFER_FILE_HEADER_BYTES as u64)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() < bf::BUFFER_FILE_HEADER_BYTES || &bytes[0..8] != bf::BUFFER_FILE_MAGIC {
-        return Ok(None);
-    }
-    let count =
-        (u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize).min(bf::MAX_BUFFERS);
-    let uuid: [u8; 16] = bytes[16..32].try_into().unwrap();
-    let owned = (0..count)
-        .map(|i| {
-            let o = bf::owner_word_offset(i);
-            u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap())
-        })
-        .filter(|&id| id != 0)
-        .collect();
-    Ok(Some(BufferFileInfo { uuid, owned }))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn check_root(command: &str) -> Result<()> {
-    if !is_root() {
-        return Err(refused(
-            command,
-            "must run as root (it creates ublk devices and opens block devices for direct I/O)",
-        ));
-    }
-    Ok(())
-}
-
-/// Whether the daemon of the device `state` describes is still running: it answers on its
-/// socket, or holds its name lock (`RunDir::lock_name`; only root can hold that file). A pid or
-/// a process name proves nothing: any user can run a process called `wbctl`.
-pub fn daemon_running(state: &DeviceState, run_dir: &RunDir) -> bool {
-    control::daemon_answers(&run_dir.socket(&state.name)) || run_dir.name_locked(&state.name)
-}
-
-/// The run folder, checked before anything in it is believed (see `RunDir::check`).
-fn check_run_dir(run_dir: &RunDir) -> Result<()> {
-    run_dir.check_if_present().map_err(DaemonError::Untrusted)
-}
-
-/// Whether `req.name` is free (`None`), or left by a dead daemon of these very devices (its
-/// state: `wbctl create` then recovers it). Believes the run folder only once it is checked.
-fn check_name(req: &CreateRequest) -> Result<Option<DeviceState>> {
-    let run_dir = &req.run_dir;
-    check_run_dir(run_dir)?;
-    let state_path = run_dir.state(&req.name);
-    if std::fs::symlink_metadata(&state_path).is_ok() {
-        let state = run_dir
-            .load_state(&req.name)
-            .map_err(|e| refused(&req.name, e.to_string()))?;
-        if daemon_running(&state, run_dir) {
-            return Err(refused(
-                &req.name,
-                format!(
-                    "name in use: it is running as {} (pid {}); pick another name, or `wbctl \
-                     delete {}` first",
-                    state.device, state.pid, req.name
-                ),
-            ));
-        }
-        let same_devices = same_file(&state.backing, &req.backing)
-            && state.caches.len() == req.caches.len()
-            && req
-                .caches
-                .iter()
-                .all(|c| state.caches.iter().any(|s| same_file(s, c)));
-        if !same_devices {
-            return Err(refused(
-                &req.name,
-                format!(
-                    "name in use: its daemon died and left {} (backing {}, cache {}); run `wbctl \
-                     recover {}` to bring it back, or `wbctl delete {} --force` to remove it",
-                    state.device,
-                    state.backing.display(),
-                    display_paths(&state.caches),
-                    req.name,
-                    req.name
-                ),
-            ));
-        }
-        return Ok(Some(state));
-    }
-    if control::daemon_answers(&run_dir.socket(&req.name)) || run_dir.name_locked(&req.name) {
-        return Err(refused(
-            &req.name,
-            "name in use: a daemon of this name is running (it answers on its control socket \
-             or holds its lock)",
-        ));
-    }
-    Ok(None)
-}
-
-/// Every check of `wbctl create`, read-only. Returns the spec to run and how to start.
-pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
-    validate_name(&req.name).map_err(|r| refused("name", r))?;
-    let first_cache = req
-        .caches
-        .first()
-        .map_or_else(|| "--cache".to_string(), |p| p.display().to_string());
-    match req.caches.len() {
-        0 => {
-            return Err(refused(
-                "--cache",
-                "a cache device is needed (two, for a mirror)",
-            ))
-        }
-        1 if !req.single_leg => {
-            return Err(refused(
-                first_cache,
-                "one cache device is no mirror: losing it loses every write not yet written \
-                 back. Give a second --cache, or pass --single-leg to accept that",
-            ))
-        }
-        2 if req.single_leg => {
-            return Err(refused(
-                "--single-leg",
-                "given together with two cache devices",
-            ))
-        }
-        n if n > 2 => {
-            return Err(refused(
-                "--cache",
-                format!("{n} cache devices given; a cache set has one or two (a mirror)"),
-            ))
-        }
-        _ => {}
-    }
-    if !(1..=ublk::MAX_QUEUES).contains(&req.queues) {
-        return Err(refused(
-            "--queues",
-            format!("{} is not between 1 and {}", req.queues, ublk::MAX_QUEUES),
-        ));
-    }
-    if !(1..=ublk::MAX_QUEUE_DEPTH).contains(&req.depth) {
-        return Err(refused(
-            "--depth",
-            format!(
-                "{} is not between 1 and {}",
-                req.depth,
-                ublk::MAX_QUEUE_DEPTH
-            ),
-        ));
-    }
-    if let Some(lbs) = req.logical_block_size {
-        if lbs != 512 && lbs != 4096 {
-            return Err(refused(
-                "--logical-block-size",
-                format!("{lbs} is not 512 or 4096"),
-            ));
-        }
-    }
-
-    // The name: free, or left by a daemon of this very device that died (then: recover).
-    let run_dir = &req.run_dir;
-    let recover_from = check_name(req)?;
-
-    // The devices: there, distinct, big enough, not in use. Each path is looked up once;
-    // every check below reads through that descriptor (see `device::open_node`).
-    let backing = inspect(&req.backing, "backing device")?;
-    let mut caches = Vec::new();
-    for path in &req.caches {
-        caches.push(inspect(path, "cache device")?);
-    }
-    let backing_node = node_of(&backing)?;
-    let cache_nodes: Vec<DeviceNode> = caches.iter().map(node_of).collect::<Result<_>>()?;
-    for (i, c) in cache_nodes.iter().enumerate() {
-        if *c == backing_node {
-            return Err(refused(
-                caches[i].name(),
-                "given as both the backing device and a cache device",
-            ));
-        }
-        if cache_nodes[..i].contains(c) {
-            return Err(refused(
-                caches[i].name(),
-                "given twice as a cache device; a mirror needs two different devices",
-            ));
-        }
-    }
-    let backing_size = backing.size_bytes();
-    if backing_size == 0 || backing_size % BLOCK_SIZE_BYTES as u64 != 0 {
-        return Err(refused(
-            backing.name(),
-            format!("backing device size {backing_size} bytes is not a non-zero multiple of 4096"),
-        ));
-    }
-    if recover_from.is_none() {
-        check_not_in_use(&backing, "backing device")?;
-        for cache in &caches {
-            check_not_in_use(cache, "cache device")?;
-        }
-    }
-
-    // What the caches hold.
-    let identity = backing.identity();
-    let contents: Vec<LegContent> = caches.iter().map(read_leg).collect::<Result<_>>()?;
-    let mut ordered: Vec<PathBuf> = req.caches.clone();
-    let start;
-    let mut existing_uuid = None;
-    let all_blank = contents.iter().all(|c| matches!(c, LegContent::Blank));
-    if all_blank {
-        start = Start::Format {
-            logical_block_size: req
-                .logical_block_size
-                .unwrap_or_else(|| backing.logical_block_size()),
-            force: req.force,
-        };
-    } else {
-        let mut problem: Option<DaemonError> = None;
-        for (cache, content) in caches.iter().zip(&contents) {
-            match content {
-                LegContent::Corrupt(e) => {
-                    problem.get_or_insert(refused(
-                        cache.name(),
-                        format!(
-                            "corrupted superblock ({e}); refusing to touch it. `wbctl check \
-                             --cache {}` shows what is left; --force formats it anew (whatever \
-                             it held is lost)",
-                            cache.name()
-                        ),
-                    ));
-                }
-                LegContent::Blank => {
-                    problem.get_or_insert(refused(
-                        cache.name(),
-                        "is not part of the cache set on the other cache device; --force \
-                         formats both as a new cache set",
-                    ));
-                }
-                LegContent::Member(_) => {}
-            }
-        }
-        let members: Vec<(usize, &Superblock)> = contents
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| match c {
-                LegContent::Member(sb) => Some((i, sb)),
-                _ => None,
-            })
-            .collect();
-        if problem.is_none() {
-            let (_, sb0) = members[0];
-            if members.iter().any(|(_, sb)| sb.uuid != sb0.uuid) {
-                problem = Some(refused(
-                    caches[1].name(),
-                    format!(
-                        "belongs to another cache set than {}; --force formats both as a new \
-                         cache set",
-                        caches[0].name()
-                    ),
-                ));
-            } else if sb0.leg_count as usize != caches.len() {
-                problem = Some(refused(
-                    caches[0].name(),
-                    format!(
-                        "belongs to a cache set of {} legs, but {} cache device(s) were given",
-                        sb0.leg_count,
-                        caches.len()
-                    ),
-                ));
-            } else if sb0.backing_fingerprint != backing_fingerprint(&identity) {
-                problem = Some(refused(
-                    caches[0].name(),
-                    format!(
-                        "is the cache of another backing device (created {} for a device of {} \
-                         bytes), not of {}; refusing to attach it, its data would corrupt this \
-                         one. `wbctl check --cache {}` shows it; --force formats it anew (its \
-                         data not yet written back is lost)",
-                        format_unix_time(sb0.created_unix_secs),
-                        sb0.backing_size_bytes,
-                        backing.name(),
-                        caches[0].name()
-                    ),
-                ));
-            } else if backing_size < sb0.backing_size_bytes {
-                problem = Some(refused(
-                    backing.name(),
-                    format!(
-                        "backing device shrank from {} to {backing_size} bytes since its cache \
-                         was created; cached blocks may lie beyond its end. Restore its size; \
-                         --force formats the cache anew (its data not yet written back is lost)",
-                        sb0.backing_size_bytes
-                    ),
-                ));
-            } else {
-                for (i, cache) in caches.iter().enumerate() {
-                    if cache.size_bytes() < sb0.leg_size_bytes() {
-                        problem = Some(refused(
-                            cache.name(),
-                            format!(
-                                "cache device is {} bytes but its superblock describes {} (it \
-                                 shrank)",
-                                cache.size_bytes(),
-                                sb0.leg_size_bytes()
-                            ),
-                        ));
-                        break;
-                    }
-                    let LegContent::Member(sb) = &contents[i] else {
-                        unreachable!()
-                    };
-                    ordered[sb.leg_index as usize] = req.caches[i].clone();
-                }
-                let mut indexes: Vec<u32> = members.iter().map(|(_, sb)| sb.leg_index).collect();
-                indexes.sort();
-                indexes.dedup();
-                if problem.is_none() && indexes.len() != caches.len() {
-                    problem = Some(refused(
-                        caches[0].name(),
-                        "both cache devices claim the same leg of the cache set (one was copied \
-                         from the other?)",
-                    ));
-                }
-                existing_uuid = Some(sb0.uuid);
-            }
-        }
-        match problem {
-            None => start = Start::Attach { dev_id: req.dev_id },
-            Some(_) if req.force && recover_from.is_none() => {
-                existing_uuid = None;
-                ordered = req.caches.clone();
-                start = Start::Format {
-                    logical_block_size: req
-                        .logical_block_size
-                        .unwrap_or_else(|| backing.logical_block_size()),
-                    force: true,
-                };
-            }
-            Some(p) => return Err(p),
-        }
-    }
-    let mut start = start;
-    if matches!(start, Start::Format { .. }) {
-        for cache in &caches {
-            if cache.size_bytes() < MIN_CACHE_SIZE_BYTES {
-                return Err(refused(
-                    cache.name(),
-                    format!(
-                        "cache device too small: {} bytes, need at least {MIN_CACHE_SIZE_BYTES} \
-                         (16 segments of 512 KiB and the superblock area)",
-                        cache.size_bytes()
-                    ),
-                ));
-            }
-        }
-    }
-
-    // A RAM buffer file under this name holds acknowledged writes of a crashed daemon.
-    let buffer_path = run_dir.buffer(&req.name);
-    let buffer = inspect_buffer_file(&buffer_path)
-        .map_err(io_error(format!("{}: reading", buffer_path.display())))?;
-    if let Some(info) = buffer {
-        if !info.owned.is_empty() && existing_uuid != Some(info.uuid) && !req.force {
-            return Err(refused(
-                buffer_path.display().to_string(),
-                format!(
-                    "holds acknowledged writes (segments {:?}) of a crashed daemon of another \
-                     cache set; bring that cache back under this name first (`wbctl create` with \
-                     its devices), or pass --force to discard them",
-                    info.owned
-                ),
-            ));
-        }
-    }
-
-    if let Some(state) = &recover_from {
-        if !matches!(start, Start::Attach { .. }) {
-            return Err(refused(
-                first_cache,
-                format!(
-                    "holds no cache set, yet the daemon of {} that died used it; refusing to \
-                     guess. `wbctl check --cache` shows what it holds",
-                    state.device
-                ),
-            ));
-        }
-        start = Start::Recover {
-            dev_id: state.dev_id,
-        };
-    }
-
-    check_root("wbctl create")?;
-    ublk::check_control_device()?;
-
-    let nodes = std::iter::once(backing_node)
-        .chain(ordered.iter().map(|o| {
-            let i = req
-                .caches
-                .iter()
-                .position(|c| c == o)
-                .expect("a given cache");
-            cache_nodes[i]
-        }))
-        .collect();
-    let spec = DaemonSpec {
-        name: req.name.clone(),
-        // Absolute (symlinks kept: /dev/disk/by-id/... stays readable in status), because the
-        // daemon leaves its working directory and `wbctl recover` may run from anywhere.
-        backing: absolute(&req.backing),
-        caches: ordered.iter().map(|c| absolute(c)).collect(),
-        policy: req.policy.clone(),
-        queues: req.queues,
-        depth: req.depth,
-        io_buf_bytes: ublk::DEFAULT_IO_BUF_BYTES,
-        run_dir: run_dir.clone(),
-        nodes,
-    };
-    Ok((spec, start))
-}
-
-/// Every check of `wbctl recover`, read-only.
-pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)> {
-    validate_name(name).map_err(|r| refused("name", r))?;
-    check_run_dir(run_dir)?;
-    let state_path = run_dir.state(name);
-    if std::fs::symlink_metadata(&state_path).is_err() {
-        return Err(refused(
-            name,
-            format!(
-                "no such device (no state file {}); `wbctl list` shows the devices",
-                state_path.display()
-            ),
-        ));
-    }
-    let state = run_dir
-        .load_state(name)
-        .map_err(|e| refused(name, e.to_string()))?;
-    if daemon_running(&state, run_dir) {
-        return Err(refused(
-            name,
-            format!(
-                "its daemon is running (pid {}, {}); nothing to recover",
-                state.pid, state.device
-            ),
-        ));
-    }
-    check_queue_shape(&state, &state_path)?;
-    let mut nodes = vec![node_of(&inspect(&state.backing, "backing device")?)?];
-    for c in &state.caches {
-        nodes.push(node_of(&inspect(c, "cache device")?)?);
-    }
-    let knobs: Vec<(String, String)> = state.policy.clone().into_iter().collect();
-    let policy = apply_knobs(&Policy::default(), &knobs)
-        .map_err(|e| refused(state_path.display().to_string(), e.to_string()))?;
-    check_root("wbctl recover")?;
-    ublk::check_control_device()?;
-    Ok((
-        DaemonSpec {
-            name: state.name.clone(),
-            backing: state.backing.clone(),
-            caches: state.caches.clone(),
-            policy,
-            queues: state.queues,
-            depth: state.depth,
-            io_buf_bytes: state.io_buf_bytes,
-            run_dir: run_dir.clone(),
-            nodes,
-        },
-        Start::Recover {
-            dev_id: state.dev_id,
-        },
-    ))
-}
-
-/// The queue figures of a state file, within what the daemon itself would ever record.
-fn check_queue_shape(state: &DeviceState, path: &Path) -> Result<()> {
-    let io_buf = state.io_buf_bytes;
-    if !(1..=ublk::MAX_QUEUES).contains(&state.queues)
-        || !(1..=ublk::MAX_QUEUE_DEPTH).contains(&state.depth)
-        || !(BLOCK_SIZE_BYTES as u32..=ublk::DEFAULT_IO_BUF_BYTES).contains(&io_buf)
-        || !io_buf.is_multiple_of(BLOCK_SIZE_BYTES as u32)
-    {
-        return Err(refused(
-            path.display().to_string(),
-            format!(
-                "queues {}, depth {}, I/O buffer {io_buf} bytes: not what a daemon records; \
-                 refusing to use it",
-                state.queues, state.depth
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Why the main loop ended.
@@ -998,8 +400,28 @@ pub fn run(
     ready: impl FnOnce(&str) + Send + Sync + 'static,
 ) -> Result<()> {
     let signals = block_stop_signals();
-    // Hold no directory busy (a daemon outlives the shell that started it). Every path in the
-    // spec is absolute.
+    let spec = leave_working_directory(spec);
+    let (run_dir, name) = (spec.run_dir.clone(), spec.name.clone());
+    // Held to the end: the socket and state file are removed while it is.
+    let (_name_lock, listener) = claim_name(&run_dir, &name)?;
+    let (engine, holds, ctrl) = match open_and_attach(&spec, &start) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(run_dir.socket(&name));
+            return Err(e);
+        }
+    };
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    spawn_signal_thread(signals, events_tx.clone());
+    let daemon = Arc::new(Daemon::new(spec, engine, &ctrl, events_tx));
+    let (served, stop) = serve(&daemon, &ctrl, listener, events_rx, ready);
+    notify_systemd("STOPPING=1");
+    shut_down(daemon, &ctrl, stop, served, holds)
+}
+
+/// Holds no directory busy (a daemon outlives the shell that started it): every path in the
+/// spec is absolute, and the working directory is `/`.
+fn leave_working_directory(spec: DaemonSpec) -> DaemonSpec {
     let spec = DaemonSpec {
         run_dir: RunDir::new(absolute(&spec.run_dir.path)),
         ..spec
@@ -1007,25 +429,15 @@ pub fn run(
     if let Err(e) = std::env::set_current_dir("/") {
         log::warn!("cannot change to /: {e}");
     }
-    let run_dir = spec.run_dir.clone();
-    let name = spec.name.clone();
-    // Held to the end: the socket and state file are removed while it is.
-    let (_name_lock, listener) = claim_name(&run_dir, &name)?;
-    let socket_path = run_dir.socket(&name);
-    let cleanup_socket = || {
-        let _ = std::fs::remove_file(&socket_path);
-    };
+    spec
+}
 
-    let result = open_engine(&spec, &start);
-    let (engine, holds) = match result {
-        Ok(x) => x,
-        Err(e) => {
-            cleanup_socket();
-            return Err(e);
-        }
-    };
+/// Opens the engine and adds (or recovers) its ublk device; a device that cannot be added
+/// leaves the engine shut down cleanly.
+fn open_and_attach(spec: &DaemonSpec, start: &Start) -> Result<(Arc<Engine>, Vec<File>, UblkCtrl)> {
+    let (engine, holds) = open_engine(spec, start)?;
     let engine = Arc::new(engine);
-    let attach = match start {
+    let attach = match *start {
         Start::Format { .. } => Attach::Add { dev_id: -1 },
         Start::Attach { dev_id } => Attach::Add { dev_id },
         Start::Recover { dev_id } => Attach::Recover { dev_id },
@@ -1036,59 +448,70 @@ pub fn run(
         io_buf_bytes: spec.io_buf_bytes,
         attach,
     };
-    let ctrl = match ublk::attach(&options) {
-        Ok(c) => c,
+    match ublk::attach(&options) {
+        Ok(ctrl) => Ok((engine, holds, ctrl)),
         Err(e) => {
             if let Err(s) = engine.shutdown() {
                 log::error!("shutting down the engine: {s}");
             }
-            cleanup_socket();
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    let info = ctrl.dev_info();
-    let dev_id = info.dev_id;
-    let device = ctrl.get_bdev_path();
-    let spec = DaemonSpec {
-        // After a recovery the kernel's queue count and depth are what they were.
-        queues: info.nr_hw_queues,
-        depth: info.queue_depth,
-        ..spec
-    };
-    log::info!(
-        "{name}: {device} ({} bytes, {} queues × depth {}, flags {:#x}) over {} with cache {}",
-        engine.device_size_bytes(),
-        info.nr_hw_queues,
-        info.queue_depth,
-        info.flags,
-        spec.backing.display(),
-        display_paths(&spec.caches)
-    );
+    }
+}
 
-    let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    spawn_signal_thread(signals, events_tx.clone());
-    let daemon = Arc::new(Daemon {
-        policy: Mutex::new(spec.policy.clone()),
-        caches: Mutex::new(spec.caches.clone()),
-        replaced_holds: Mutex::new(Vec::new()),
-        spec,
-        engine: engine.clone(),
-        dev_id,
-        device: device.clone(),
-        pid: std::process::id(),
-        started: Instant::now(),
-        started_unix_secs: unix_now(),
-        rates: Mutex::new((0, 0)),
-        stopping: AtomicBool::new(false),
-        events: events_tx,
-    });
+impl Daemon {
+    fn new(spec: DaemonSpec, engine: Arc<Engine>, ctrl: &UblkCtrl, events: Sender<Stop>) -> Daemon {
+        let info = ctrl.dev_info();
+        let device = ctrl.get_bdev_path();
+        let spec = DaemonSpec {
+            // After a recovery the kernel's queue count and depth are what they were.
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            ..spec
+        };
+        log::info!(
+            "{}: {device} ({} bytes, {} queues × depth {}, flags {:#x}) over {} with cache {}",
+            spec.name,
+            engine.device_size_bytes(),
+            info.nr_hw_queues,
+            info.queue_depth,
+            info.flags,
+            spec.backing.display(),
+            display_paths(&spec.caches)
+        );
+        Daemon {
+            policy: Mutex::new(spec.policy.clone()),
+            caches: Mutex::new(spec.caches.clone()),
+            replaced_holds: Mutex::new(Vec::new()),
+            spec,
+            engine,
+            dev_id: info.dev_id,
+            device,
+            pid: std::process::id(),
+            started: Instant::now(),
+            started_unix_secs: unix_now(),
+            rates: Mutex::new((0, 0)),
+            stopping: AtomicBool::new(false),
+            events,
+        }
+    }
+}
 
+/// Serves the device until a stop event: once it is live, records the state file for a
+/// successor, starts the control and stats threads and tells the caller and systemd; at the
+/// stop, stops the device (no new requests; the queue threads finish what they hold).
+fn serve(
+    daemon: &Arc<Daemon>,
+    ctrl: &UblkCtrl,
+    listener: UnixListener,
+    events: Receiver<Stop>,
+    ready: impl FnOnce(&str) + Send + Sync + 'static,
+) -> (std::result::Result<(), UblkSetupError>, Option<Stop>) {
     let queues_down = Arc::new(AtomicBool::new(false));
     let stop_slot: Arc<Mutex<Option<Stop>>> = Arc::new(Mutex::new(None));
     let live = {
-        let daemon = daemon.clone();
-        let queues_down = queues_down.clone();
-        let stop_slot = stop_slot.clone();
+        let (daemon, queues_down, stop_slot) =
+            (daemon.clone(), queues_down.clone(), stop_slot.clone());
         move |ctrl: &UblkCtrl| {
             if let Err(e) = daemon.store_state() {
                 log::error!(
@@ -1100,21 +523,31 @@ pub fn run(
             log::info!("{}: live as {}", daemon.spec.name, daemon.device);
             ready(&daemon.device);
             notify_systemd(&format!("READY=1\nSTATUS=serving {}", daemon.device));
-            let stop = wait_for_stop(&events_rx, &queues_down);
+            let stop = wait_for_stop(&events, &queues_down);
             daemon.stopping.store(true, Ordering::SeqCst);
             *stop_slot.lock() = Some(stop);
-            // Stop the device: no new requests; the queue threads finish what they hold.
             if let Err(e) = ctrl.kill_dev() {
                 log::error!("stopping {}: {}", daemon.device, ublk::describe(&e));
             }
         }
     };
-    let served = ublk::serve(&ctrl, engine.clone(), queues_down, live);
+    let served = ublk::serve(ctrl, daemon.engine.clone(), queues_down, live);
     daemon.stopping.store(true, Ordering::SeqCst);
     let stop = stop_slot.lock().take();
+    (served, stop)
+}
 
-    notify_systemd("STOPPING=1");
-    // The device takes no more requests. Drain if asked, then seal and flush the log.
+/// The device takes no more requests: drain if asked, seal and flush the log, delete the
+/// device, remove the run folder's files, release the devices, and answer a `wbctl delete`.
+fn shut_down(
+    daemon: Arc<Daemon>,
+    ctrl: &UblkCtrl,
+    stop: Option<Stop>,
+    served: std::result::Result<(), UblkSetupError>,
+    holds: Vec<File>,
+) -> Result<()> {
+    let (name, device) = (daemon.spec.name.clone(), daemon.device.clone());
+    let run_dir = daemon.spec.run_dir.clone();
     let mut client = None;
     let mut drained = Ok(());
     match stop {
@@ -1131,7 +564,7 @@ pub fn run(
         Some(Stop::QueuesDown) => log::warn!("{name}: the device went away; shutting down"),
         None => {}
     }
-    let flushed = engine.shutdown();
+    let flushed = daemon.engine.shutdown();
     match &flushed {
         Ok(()) => log::info!("{name}: log sealed and flushed"),
         Err(e) => log::error!("{name}: sealing and flushing the log failed: {e}"),
@@ -1140,9 +573,8 @@ pub fn run(
         log::warn!("{name}: deleting {device}: {}", ublk::describe(&e));
     }
     let _ = std::fs::remove_file(run_dir.state(&name));
-    cleanup_socket();
+    let _ = std::fs::remove_file(run_dir.socket(&name));
     drop(daemon);
-    drop(engine);
     // Release the devices before answering: a `wbctl delete` that returned leaves the backing
     // device free to mount.
     drop(holds);

@@ -1,0 +1,190 @@
+//! The engine's state under its one lock: the ring of slots, the open segment, the id
+//! counters (sealed, written, durable, written back), the block map, and the counters `status`
+//! reports. `State::check_invariants` asserts the order of the ids after every change of them.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use logfmt::{Entry, DATA_BLOCKS_PER_SEGMENT, MAX_ENTRIES_PER_SEGMENT};
+
+use crate::map::block_map::{BlockMap, Location};
+use crate::map::zero_ranges::ZeroRanges;
+
+/// One ring slot as the engine tracks it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Slot {
+    /// The segment in the slot, or 0 when the slot is free.
+    pub segment_id: u64,
+    /// The RAM buffer still holding it, until it is on every leg.
+    pub buffer: Option<usize>,
+    /// Readers reading its data from a leg; writeback may not free it before they finish.
+    pub readers: u32,
+    pub sealed_at: Option<Instant>,
+    /// Bytes of the segment that hold something (`SegmentHeader::used_bytes`), once sealed:
+    /// writeback reads a segment in one I/O of this length.
+    pub used_bytes: usize,
+}
+
+pub(crate) struct OpenSegment {
+    pub id: u64,
+    pub slot: u64,
+    pub buffer: usize,
+    pub epoch_id: u64,
+    pub entries: Vec<Entry>,
+    /// Block → index of its data entry, for rewrites in place. Cleared by a range entry: a
+    /// write after a discard must be logged after it, not folded into an earlier entry.
+    pub rewritable: RewriteIndex,
+    pub used_data_slots: u128,
+    pub opened_at: Instant,
+}
+
+/// Block → entry index within the open segment: a fixed open-addressing table, because it is
+/// probed on every write and a general hash map costs more than the rest of the write path.
+pub(crate) struct RewriteIndex {
+    keys: [u64; REWRITE_INDEX_BUCKETS],
+    entries: [u8; REWRITE_INDEX_BUCKETS],
+    len: usize,
+}
+
+/// Twice the entries a segment can hold, so probes stay short.
+const REWRITE_INDEX_BUCKETS: usize = 512;
+const NO_BLOCK: u64 = u64::MAX;
+const _: () = assert!(MAX_ENTRIES_PER_SEGMENT * 2 <= REWRITE_INDEX_BUCKETS);
+const _: () = assert!(MAX_ENTRIES_PER_SEGMENT <= u8::MAX as usize);
+
+impl RewriteIndex {
+    pub(super) fn new() -> Self {
+        RewriteIndex {
+            keys: [NO_BLOCK; REWRITE_INDEX_BUCKETS],
+            entries: [0; REWRITE_INDEX_BUCKETS],
+            len: 0,
+        }
+    }
+    fn bucket(block: u64) -> usize {
+        (block.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 55) as usize
+    }
+    pub(super) fn get(&self, block: u64) -> Option<usize> {
+        let mut i = Self::bucket(block);
+        loop {
+            match self.keys[i] {
+                NO_BLOCK => return None,
+                k if k == block => return Some(self.entries[i] as usize),
+                _ => i = (i + 1) % REWRITE_INDEX_BUCKETS,
+            }
+        }
+    }
+    pub(super) fn insert(&mut self, block: u64, entry: usize) {
+        let mut i = Self::bucket(block);
+        while self.keys[i] != NO_BLOCK && self.keys[i] != block {
+            i = (i + 1) % REWRITE_INDEX_BUCKETS;
+        }
+        if self.keys[i] == NO_BLOCK {
+            assert!(self.len < MAX_ENTRIES_PER_SEGMENT);
+            self.len += 1;
+        }
+        self.keys[i] = block;
+        self.entries[i] = entry as u8;
+    }
+    pub(super) fn clear(&mut self) {
+        if self.len > 0 {
+            self.keys.fill(NO_BLOCK);
+            self.len = 0;
+        }
+    }
+}
+
+impl OpenSegment {
+    pub(super) fn free_data_slot(&self) -> Option<usize> {
+        let free = !self.used_data_slots & ((1u128 << DATA_BLOCKS_PER_SEGMENT) - 1);
+        (free != 0).then(|| free.trailing_zeros() as usize)
+    }
+    pub(super) fn has_room_for_entry(&self) -> bool {
+        self.entries.len() < MAX_ENTRIES_PER_SEGMENT
+    }
+}
+
+pub(crate) struct State {
+    pub open: Option<OpenSegment>,
+    pub next_segment_id: u64,
+    pub epoch_id: u64,
+    pub sealed_id: u64,
+    pub written_id: u64,
+    pub durable_id: u64,
+    pub written_back_id: u64,
+    pub written_back_epoch: u64,
+    pub checkpoint_sequence: u64,
+    pub leg_written: Vec<u64>,
+    pub leg_durable: Vec<u64>,
+    pub map: BlockMap,
+    /// Sector-valid masks of the (rare) copies that do not hold a whole block, by location.
+    pub partial: HashMap<Location, u8>,
+    pub zeros: ZeroRanges,
+    pub slots: Vec<Slot>,
+    pub free_buffers: Vec<usize>,
+    /// Writers waiting for a ring slot, i.e. for writeback (not those waiting for a RAM buffer).
+    pub writers_waiting: usize,
+    pub drain_requested: bool,
+    pub shutting_down: bool,
+    pub failure: Option<String>,
+    /// Degraded and (almost) clean: no new segment is opened until writeback catches up, then
+    /// the engine goes to passthrough (see `mode`).
+    pub closing_log: bool,
+    /// Requests go straight to the backing device (a leg is missing and the cache is clean, or
+    /// every leg is lost).
+    pub passthrough: bool,
+    /// Every leg was lost: what the backing device holds, and the log that is gone.
+    pub cache_lost: Option<logfmt::CacheLost>,
+    /// Dirty blocks the loss took (known only to the engine that saw it happen).
+    pub lost_dirty_blocks: Option<u64>,
+    /// Bumped when every leg is lost: FLUSHes waiting at that moment fail, and so does a FUA
+    /// write logged before it.
+    pub lost_generation: u64,
+    /// Every write in a segment up to this id was covered by a FLUSH that succeeded.
+    pub flushed_id: u64,
+    /// A cache loss took acknowledged writes no FLUSH had covered: the next FLUSH fails.
+    pub flush_error_owed: bool,
+    /// Writes and zeroings logged so far; a FLUSH covers those logged before it was issued.
+    pub logged_writes: u64,
+    /// `logged_writes` at the loss: a FLUSH that covers this many has reported the loss.
+    pub lost_writes_mark: u64,
+    /// The fault record as it is durably recorded (`faults`).
+    pub faults_recorded: logfmt::Faults,
+    /// Each leg's current device (`Superblock::leg_incarnation`); `replace_leg` advances it.
+    pub leg_incarnations: [u32; 2],
+    /// Why the last attempt to record a change of the fault record failed: FLUSHes that wait
+    /// for it fail with this instead of waiting (cleared when a record succeeds).
+    pub fault_record_error: Option<String>,
+}
+
+impl State {
+    pub(crate) fn check_invariants(&self) {
+        assert!(self.written_back_id <= self.written_id);
+        assert!(self.durable_id <= self.written_id);
+        assert!(self.written_id <= self.sealed_id);
+        assert!(self.sealed_id < self.next_segment_id);
+        assert!(self.flushed_id <= self.durable_id.max(self.written_back_id));
+    }
+    pub fn dirty_segments(&self) -> u64 {
+        self.sealed_id - self.written_back_id + self.open.is_some() as u64
+    }
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_hits: AtomicU64,
+    pub read_misses: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub stall_ns: AtomicU64,
+    pub written_back_bytes: AtomicU64,
+    pub written_back_segments: AtomicU64,
+    pub backing_write_ios: AtomicU64,
+    pub backing_errors: AtomicU64,
+    pub partial_merges: AtomicU64,
+    pub passthrough_writes: AtomicU64,
+    pub writeback_errors: AtomicU64,
+}

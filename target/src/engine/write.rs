@@ -1,0 +1,421 @@
+//! The write path: a write (or FUA write) goes into the open segment in its RAM buffer — a
+//! rewrite of a block already in that segment in place, a partial block merged with the cached
+//! copy — and a full, timed-out or flushed segment is sealed and handed to the log writer.
+//! DISCARD / WRITE_ZEROES become range entries (their partial-block edges, writes of zeroes).
+//! Writers wait here for a RAM buffer or a ring slot (back-pressure: writeback frees slots).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use logfmt::{
+    slot_of, Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES,
+    DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
+};
+use parking_lot::MutexGuard;
+
+use crate::device::AlignedBuf;
+use crate::error::{EngineError, Result};
+use crate::log::writer::LogJob;
+
+use super::state::{OpenSegment, RewriteIndex, Slot, State};
+use super::{remove_map_range, sector_mask, SealReason, Shared};
+
+impl Shared {
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_request(offset, data.len() as u64)?;
+        self.note_request();
+        let generation = match self.log_write(offset, data) {
+            Err(EngineError::Passthrough) => return self.passthrough_write(offset, data, fua),
+            result => result?,
+        };
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if fua {
+            // Durable only if no cache loss took the log it was written to.
+            self.flush_inner(generation, None)?;
+        }
+        Ok(())
+    }
+
+    /// Logs a write into the RAM buffer, block by block. Returns the loss generation it was
+    /// logged in.
+    fn log_write(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        let mut state = self.lock_live()?;
+        let generation = state.lost_generation;
+        let mut scratch = [0u8; BLOCK_SIZE_BYTES];
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let byte = offset + pos as u64;
+            let block = byte / BLOCK_SIZE_BYTES as u64;
+            let in_block = (byte % BLOCK_SIZE_BYTES as u64) as usize;
+            let n = (BLOCK_SIZE_BYTES - in_block).min(data.len() - pos);
+            let piece: &[u8] = if n == BLOCK_SIZE_BYTES {
+                &data[pos..pos + n]
+            } else {
+                scratch[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
+                &scratch
+            };
+            self.put_block(&mut state, block, sector_mask(in_block, n), piece)?;
+            pos += n;
+        }
+        // Counted once logged, under the lock it was logged with (waiting for space releases it
+        // on the way): a FLUSH issued before this point does not cover the write.
+        state.logged_writes += 1;
+        Ok(generation)
+    }
+
+    /// Logs one block (the sectors of `mask`, at their places in `data`) into the open segment.
+    fn put_block(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        block: u64,
+        mask: u8,
+        data: &[u8],
+    ) -> Result<()> {
+        loop {
+            self.ensure_open(state)?;
+            let open = state
+                .open
+                .as_ref()
+                .expect("ensure_open leaves a segment open");
+            if let Some(index) = open.rewritable.get(block) {
+                if let Some(new_slot) = open.free_data_slot() {
+                    self.rewrite_in_place(state, block, index, new_slot, mask, data);
+                    return Ok(());
+                }
+                self.seal(state, SealReason::Full);
+                continue;
+            }
+            if !open.has_room_for_entry() || open.free_data_slot().is_none() {
+                self.seal(state, SealReason::Full);
+                continue;
+            }
+            let (mask, data) = if mask == ALL_SECTORS_VALID {
+                (mask, std::borrow::Cow::Borrowed(data))
+            } else {
+                let (m, d) = self.merge_with_current(state, block, mask, data)?;
+                (m, std::borrow::Cow::Owned(d))
+            };
+            // merge_with_current may have read a leg, but never released the lock: the open
+            // segment is the one we checked.
+            let open = state.open.as_mut().expect("still open");
+            let data_slot = open.free_data_slot().expect("checked above");
+            let index = open.entries.len();
+            let entry = Entry::data(block, data_slot as u16, mask, 0);
+            self.ram
+                .fill_block(open.buffer, data_slot, &data, mask, None);
+            self.ram.publish_entry(open.buffer, index, &entry);
+            open.entries.push(entry);
+            open.used_data_slots |= 1 << data_slot;
+            open.rewritable.insert(block, index);
+            let location = self.geometry.location(open.slot, data_slot);
+            let state = &mut **state;
+            let old = state.map.insert(block, location);
+            // Partial copies are rare: skip hashing on the hot path when there are none.
+            if let (Some(old), false) = (old, state.partial.is_empty()) {
+                state.partial.remove(&old);
+            }
+            if mask != ALL_SECTORS_VALID {
+                state.partial.insert(location, mask);
+            }
+            return Ok(());
+        }
+    }
+
+    /// A rewrite of a block already in the open segment: fill a free data slot, then switch the
+    /// entry to it in one atomic store (a kill mid-copy leaves the old, whole block).
+    fn rewrite_in_place(
+        &self,
+        state: &mut State,
+        block: u64,
+        index: usize,
+        new_slot: usize,
+        mask: u8,
+        data: &[u8],
+    ) {
+        let open = state.open.as_mut().expect("open");
+        let old = open.entries[index];
+        debug_assert_eq!(old.block(), block);
+        let base = (mask != ALL_SECTORS_VALID).then_some(old.data_slot as usize);
+        self.ram.fill_block(open.buffer, new_slot, data, mask, base);
+        let merged = old.sector_valid | mask;
+        let entry = Entry::data(block, new_slot as u16, merged, 0);
+        self.ram.switch_placement(open.buffer, index, &entry);
+        open.entries[index] = entry;
+        open.used_data_slots |= 1 << new_slot;
+        open.used_data_slots &= !(1 << old.data_slot);
+        let old_location = self.geometry.location(open.slot, old.data_slot as usize);
+        let location = self.geometry.location(open.slot, new_slot);
+        let previous = state.map.insert(block, location);
+        debug_assert_eq!(previous, Some(old_location));
+        if !state.partial.is_empty() {
+            state.partial.remove(&old_location);
+        }
+        if merged != ALL_SECTORS_VALID {
+            state.partial.insert(location, merged);
+        }
+    }
+
+    /// For a partial-block write of a block that has a cached copy or lies in a zeroed range:
+    /// returns the whole current content with the new sectors laid over it, so the new copy
+    /// never depends on an older cached one. With no cached copy, the missing sectors are the
+    /// backing device's, and the copy stays partial.
+    fn merge_with_current(
+        &self,
+        state: &mut State,
+        block: u64,
+        mask: u8,
+        data: &[u8],
+    ) -> Result<(u8, Vec<u8>)> {
+        let mut current = vec![0u8; BLOCK_SIZE_BYTES];
+        let current_mask = if let Some(location) = state.map.get(block) {
+            self.stats.partial_merges.fetch_add(1, Ordering::Relaxed);
+            let (slot, data_slot) = self.geometry.split(location);
+            match state.slots[slot as usize].buffer {
+                Some(buffer) => self.ram.copy_block(buffer, data_slot, &mut current),
+                None => {
+                    let segment_id = state.slots[slot as usize].segment_id;
+                    let mut aligned = AlignedBuf::new(BLOCK_SIZE_BYTES);
+                    self.read_cached_block(segment_id, slot, data_slot, &mut aligned)?;
+                    current.copy_from_slice(&aligned[..BLOCK_SIZE_BYTES]);
+                }
+            }
+            state
+                .partial
+                .get(&location)
+                .copied()
+                .unwrap_or(ALL_SECTORS_VALID)
+        } else if state.zeros.contains(block) {
+            ALL_SECTORS_VALID
+        } else {
+            0
+        };
+        for sector in 0..SECTORS_PER_BLOCK {
+            if mask & (1 << sector) != 0 {
+                let r = sector * SECTOR_SIZE_BYTES..(sector + 1) * SECTOR_SIZE_BYTES;
+                current[r.clone()].copy_from_slice(&data[r]);
+            }
+        }
+        Ok((current_mask | mask, current))
+    }
+
+    /// Makes sure a segment is open, waiting for a free RAM buffer and a free ring slot.
+    fn ensure_open(&self, state: &mut MutexGuard<'_, State>) -> Result<()> {
+        let mut stall_started: Option<Instant> = None;
+        while state.open.is_none() {
+            if let Some(why) = &state.failure {
+                return Err(EngineError::CacheFailed(why.clone()));
+            }
+            if state.shutting_down {
+                return Err(EngineError::ShuttingDown);
+            }
+            if state.passthrough {
+                return Err(EngineError::Passthrough);
+            }
+            let id = state.next_segment_id;
+            let slot = slot_of(id, self.geometry.segment_count);
+            if state.slots[slot as usize].segment_id == 0
+                && !state.free_buffers.is_empty()
+                && !state.closing_log
+            {
+                let buffer = state.free_buffers.pop().expect("not empty");
+                let epoch_id = state.epoch_id;
+                self.ram.begin(buffer, &self.geometry.uuid, id, epoch_id);
+                state.slots[slot as usize] = Slot {
+                    segment_id: id,
+                    buffer: Some(buffer),
+                    readers: 0,
+                    sealed_at: None,
+                    used_bytes: 0,
+                };
+                state.open = Some(OpenSegment {
+                    id,
+                    slot,
+                    buffer,
+                    epoch_id,
+                    entries: Vec::with_capacity(DATA_BLOCKS_PER_SEGMENT),
+                    rewritable: RewriteIndex::new(),
+                    used_data_slots: 0,
+                    opened_at: Instant::now(),
+                });
+                state.next_segment_id += 1;
+                break;
+            }
+            // The cache (or the RAM buffer) is full: wait for the log writer or writeback. Only
+            // a full ring calls writeback to full speed: a writer waiting for a RAM buffer waits
+            // for the log writer, which writeback would only slow down.
+            stall_started.get_or_insert_with(Instant::now);
+            let ring_full = state.slots[slot as usize].segment_id != 0;
+            state.writers_waiting += ring_full as usize;
+            if ring_full {
+                self.writeback_wakeup.notify_all();
+            }
+            self.space_freed.wait_for(state, Duration::from_millis(100));
+            state.writers_waiting -= ring_full as usize;
+        }
+        if let Some(started) = stall_started {
+            self.stats
+                .stall_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Seals the open segment and hands it to the log writer. A segment with no entry is
+    /// abandoned instead (its id is reused), so a FLUSH never writes an empty segment.
+    pub(crate) fn seal(&self, state: &mut State, reason: SealReason) {
+        let Some(open) = state.open.take() else {
+            if reason == SealReason::Flush {
+                state.epoch_id += 1;
+            }
+            return;
+        };
+        if open.entries.is_empty() {
+            self.ram.release(open.buffer);
+            state.free_buffers.push(open.buffer);
+            state.slots[open.slot as usize] = Slot::default();
+            state.next_segment_id -= 1;
+            if reason == SealReason::Flush {
+                state.epoch_id += 1;
+            }
+            return;
+        }
+        assert_eq!(
+            open.id,
+            state.sealed_id + 1,
+            "segments are sealed in id order"
+        );
+        let flags = if reason == SealReason::Flush {
+            FLAG_FLUSH
+        } else {
+            0
+        };
+        let header = SegmentHeader {
+            uuid: self.geometry.uuid,
+            segment_id: open.id,
+            epoch_id: open.epoch_id,
+            durable_id: 0,
+            flags,
+            entries: open.entries,
+        };
+        state.sealed_id = open.id;
+        let slot = &mut state.slots[open.slot as usize];
+        slot.sealed_at = Some(Instant::now());
+        slot.used_bytes = header.used_bytes();
+        if reason == SealReason::Flush {
+            state.epoch_id += 1;
+        }
+        let job = LogJob::Segment {
+            header,
+            buffer: open.buffer,
+            flush_legs: reason != SealReason::Full,
+        };
+        // The log writer outlives every sealer (it stops only after the last seal at shutdown).
+        self.log_jobs.send(job).expect("log writer is running");
+        state.check_invariants();
+    }
+
+    /// Seals the open segment if the sync interval has passed since it was opened.
+    pub(crate) fn seal_if_stale(&self) {
+        let mut state = self.state.lock();
+        let stale = state
+            .open
+            .as_ref()
+            .is_some_and(|o| !o.entries.is_empty() && o.opened_at.elapsed() >= self.sync_interval);
+        if stale && state.failure.is_none() {
+            self.seal(&mut state, SealReason::Timer);
+        }
+    }
+
+    /// DISCARD and WRITE_ZEROES: whole blocks become one range entry; partial-block edges are
+    /// logged as writes of zeroes (reads of a discarded range return zeroes either way).
+    pub fn zero_range(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
+        self.check_request(offset, len)?;
+        self.note_request();
+        self.stats.discards.fetch_add(1, Ordering::Relaxed);
+        if len == 0 {
+            return Ok(());
+        }
+        match self.log_zero_range(offset, len, kind) {
+            Err(EngineError::Passthrough) => self.passthrough_zero(offset, len, kind),
+            result => result,
+        }
+    }
+
+    fn log_zero_range(&self, offset: u64, len: u64, kind: EntryKind) -> Result<()> {
+        let block_bytes = BLOCK_SIZE_BYTES as u64;
+        let end = offset + len;
+        let first_full = offset.div_ceil(block_bytes);
+        let end_full = end / block_bytes;
+        let zeroes = [0u8; BLOCK_SIZE_BYTES];
+        let mut state = self.lock_live()?;
+        if first_full >= end_full {
+            // Inside one block, or straddling two without a whole one.
+            self.zero_edges(&mut state, offset, end, &zeroes)?;
+            state.logged_writes += 1;
+            return Ok(());
+        }
+        self.zero_edges(&mut state, offset, first_full * block_bytes, &zeroes)?;
+        let mut block = first_full;
+        let max_blocks_per_entry = (u32::MAX as u64 / SECTORS_PER_BLOCK as u64) & !7;
+        while block < end_full {
+            let n = (end_full - block).min(max_blocks_per_entry);
+            self.put_range(&mut state, kind, block, block + n)?;
+            block += n;
+        }
+        self.zero_edges(&mut state, end_full * block_bytes, end, &zeroes)?;
+        state.logged_writes += 1;
+        Ok(())
+    }
+
+    fn zero_edges(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        start: u64,
+        end: u64,
+        zeroes: &[u8; BLOCK_SIZE_BYTES],
+    ) -> Result<()> {
+        let mut pos = start;
+        while pos < end {
+            let block = pos / BLOCK_SIZE_BYTES as u64;
+            let in_block = (pos % BLOCK_SIZE_BYTES as u64) as usize;
+            let n = ((BLOCK_SIZE_BYTES - in_block) as u64).min(end - pos) as usize;
+            self.put_block(state, block, sector_mask(in_block, n), zeroes)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn put_range(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        kind: EntryKind,
+        start_block: u64,
+        end_block: u64,
+    ) -> Result<()> {
+        loop {
+            self.ensure_open(state)?;
+            let open = state.open.as_mut().expect("open");
+            if !open.has_room_for_entry() {
+                self.seal(state, SealReason::Full);
+                continue;
+            }
+            let entry = Entry::range(
+                kind,
+                start_block * SECTORS_PER_BLOCK as u64,
+                ((end_block - start_block) * SECTORS_PER_BLOCK as u64) as u32,
+            );
+            let index = open.entries.len();
+            self.ram.publish_entry(open.buffer, index, &entry);
+            open.entries.push(entry);
+            open.rewritable.clear();
+            let id = open.id;
+            let state = &mut **state;
+            remove_map_range(&mut state.map, &mut state.partial, start_block, end_block);
+            state.zeros.insert(start_block, end_block, id);
+            return Ok(());
+        }
+    }
+}

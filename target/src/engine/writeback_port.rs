@@ -1,0 +1,253 @@
+//! The writeback seam: `impl CacheLog for Shared`, what the ordered replay (`writeback` crate)
+//! sees of the engine — read a sealed segment (CRC-checked, from either leg), write, zero and
+//! flush the backing device, and `commit`: advance the checkpoint and free the segments written
+//! back (CONTRACT §4). A cache loss fences writeback off from the backing device (`fenced`).
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use logfmt::{checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader};
+use writeback::{Activity, CacheLog, Policy};
+
+use crate::device::AlignedBuf;
+use crate::engine::{Shared, Slot};
+
+impl Shared {
+    /// After every leg was lost, writeback's batch in hand is stale: its writes are dropped
+    /// (what it held was lost with the cache; any subset of one epoch may reach the backing
+    /// device). They are not refused: writeback would retry the batch until the fence drops and
+    /// then write it over passthrough writes. Dropped, the batch reaches its commit, which fails.
+    fn fenced(&self) -> bool {
+        self.writeback_fenced.load(Ordering::Acquire)
+    }
+
+    /// Writeback waits for work only between batches, holding nothing it read before a loss (a
+    /// batch read ahead is stale and dropped by its first id): the fence can go.
+    fn lift_fence(&self) {
+        if self.writeback_fenced.swap(false, Ordering::AcqRel) {
+            log::info!("writeback dropped the batch it held when the cache was lost");
+        }
+    }
+
+    /// Writeback retries failed backing I/O (the cache still holds the data); the errors are
+    /// counted so that `wbctl status` shows a backing device in trouble.
+    fn count_backing_error(&self, result: io::Result<()>) -> io::Result<()> {
+        if result.is_err() {
+            self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl CacheLog for Shared {
+    fn written_id(&self) -> u64 {
+        self.state.lock().written_id
+    }
+
+    fn written_back_id(&self) -> u64 {
+        self.state.lock().written_back_id
+    }
+
+    fn written_back_epoch(&self) -> u64 {
+        self.state.lock().written_back_epoch
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy.lock().clone().unwrap_or_default()
+    }
+
+    fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
+        let n = self.geometry.segment_count;
+        let offset = segment_offset(slot_of(id, n));
+        let used_bytes = {
+            let state = self.state.lock();
+            let slot = &state.slots[slot_of(id, n) as usize];
+            if id > state.written_id || id <= state.written_back_id || slot.segment_id != id {
+                // Only after every leg was lost (the log was reset under writeback's feet).
+                return Err(io::Error::other(format!(
+                    "segment {id} is no longer in the cache"
+                )));
+            }
+            slot.used_bytes
+        };
+        // Straight into the image when it is aligned for direct I/O (writeback's are).
+        if (image.as_ptr() as usize).is_multiple_of(logfmt::BLOCK_SIZE_BYTES) {
+            return read_segment_into(self, id, offset, used_bytes, image);
+        }
+        let mut buf = AlignedBuf::new(image.len());
+        let header = read_segment_into(self, id, offset, used_bytes, &mut buf[..image.len()])?;
+        image.copy_from_slice(&buf[..image.len()]);
+        Ok(header)
+    }
+
+    fn backing_write(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let _gate = self.backing_gate.read();
+        if self.fenced() {
+            return Ok(());
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .written_back_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.count_backing_error(self.backing.write_vectored_at(bufs, offset))
+    }
+
+    fn backing_zero(&self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
+        let _gate = self.backing_gate.read();
+        if self.fenced() {
+            return Ok(());
+        }
+        self.stats.backing_write_ios.fetch_add(1, Ordering::Relaxed);
+        self.count_backing_error(self.backing.zero_range(offset, len, discard))
+    }
+
+    fn backing_flush(&self) -> io::Result<()> {
+        self.count_backing_error(self.backing.flush())
+    }
+
+    fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
+        // Until the state has the new sequence: the fault record writes checkpoints too.
+        let checkpoints = self.checkpoint_lock.lock();
+        let (sequence, faults) = {
+            let state = self.state.lock();
+            if through_id <= state.written_back_id {
+                // Every leg was lost while this batch was written back (the log was reset past
+                // it; new legs may be attached since): nothing to commit.
+                return Err(io::Error::other("the cache was lost during writeback"));
+            }
+            assert!(through_id <= state.written_id);
+            (state.checkpoint_sequence + 1, state.faults_recorded)
+        };
+        // The checkpoint must be durable before any slot it covers is reused.
+        let checkpoint = Checkpoint {
+            uuid: self.geometry.uuid,
+            sequence,
+            last_written_back_id: through_id,
+            last_written_back_epoch: epoch,
+            faults,
+        };
+        let mut buf = AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
+        buf.copy_from_slice(&checkpoint.encode());
+        self.legs
+            .write_durably_all(&buf, checkpoint_offset(checkpoint.ring_index()))?;
+
+        let n = self.geometry.segment_count;
+        let mut state = self.state.lock();
+        // Readers of these segments' blocks finish before the slots can be reused.
+        while headers
+            .iter()
+            .any(|h| state.slots[slot_of(h.segment_id, n) as usize].readers > 0)
+        {
+            self.progress.wait(&mut state);
+        }
+        if through_id <= state.written_back_id {
+            // Every leg was lost after the checkpoint was written: the log, slots included, was
+            // reset meanwhile; nothing is left to release. The sequence is used all the same.
+            state.checkpoint_sequence = state.checkpoint_sequence.max(sequence);
+            return Err(io::Error::other("the cache was lost during writeback"));
+        }
+        for h in headers {
+            let slot = slot_of(h.segment_id, n);
+            assert_eq!(state.slots[slot as usize].segment_id, h.segment_id);
+            for e in h.entries.iter().filter(|e| e.kind == EntryKind::Data) {
+                let location = self.geometry.location(slot, e.data_slot as usize);
+                if state.map.remove_if(e.block(), location) {
+                    state.partial.remove(&location);
+                }
+            }
+            state.slots[slot as usize] = Slot::default();
+        }
+        state.zeros.release_through(through_id);
+        assert!(
+            through_id > state.written_back_id,
+            "the checkpoint only moves forward"
+        );
+        state.written_back_id = through_id;
+        state.written_back_epoch = epoch;
+        state.checkpoint_sequence = sequence;
+        drop(checkpoints);
+        self.check_mode_transition(&mut state);
+        self.stats
+            .written_back_segments
+            .fetch_add(headers.len() as u64, Ordering::Relaxed);
+        drop(state);
+        self.space_freed.notify_all();
+        Ok(())
+    }
+
+    fn activity(&self, now: Instant) -> Activity {
+        let state = self.state.lock();
+        let n = self.geometry.segment_count;
+        let oldest = state.written_back_id + 1;
+        let oldest_dirty_age = if oldest <= state.sealed_id {
+            state.slots[slot_of(oldest, n) as usize]
+                .sealed_at
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+        } else {
+            Duration::ZERO
+        };
+        Activity {
+            dirty_segments: state.dirty_segments(),
+            capacity_segments: n,
+            oldest_dirty_age,
+            idle_for: self.idle_for(now),
+            writers_waiting: state.writers_waiting > 0,
+            drain_requested: state.drain_requested,
+            degraded: self.legs.healthy_count() < self.legs.all().len(),
+        }
+    }
+
+    fn wait_for_work(&self, timeout: Duration) {
+        self.lift_fence();
+        let mut state = self.state.lock();
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.writeback_wakeup.wait_for(&mut state, timeout);
+        drop(state);
+        self.lift_fence();
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// Reads segment `id` (at `offset` on the legs) into `buf`, an aligned segment-sized buffer, and
+/// checks the header and the data it lists against their CRCs; like any cache read, from the
+/// other leg when one fails, which is then repaired.
+///
+/// One I/O of `used_bytes` (recorded when the segment was sealed or recovered; 0: unknown, the
+/// whole segment) reads the header and the data together: a second round trip per segment halved
+/// writeback's read rate. Consecutive segments are read from alternate legs, so a mirrored cache
+/// serves writeback from both of its devices.
+fn read_segment_into(
+    shared: &Shared,
+    id: u64,
+    offset: u64,
+    used_bytes: usize,
+    buf: &mut [u8],
+) -> io::Result<SegmentHeader> {
+    let len = match used_bytes {
+        0 => buf.len(),
+        n => n.min(buf.len()),
+    };
+    let found = Cell::new(None);
+    let check = |bytes: &[u8]| {
+        let header = SegmentHeader::decode_expecting(bytes, &shared.geometry.uuid, id);
+        match header {
+            Ok(h) if h.used_bytes() <= bytes.len() && h.verify_data(bytes).is_ok() => {
+                found.set(Some(h));
+                true
+            }
+            _ => false,
+        }
+    };
+    shared.legs.read(&mut buf[..len], offset, Some(&check))?;
+    Ok(found
+        .take()
+        .expect("a read that passed the check found the header"))
+}
