@@ -197,6 +197,32 @@ fn process_crash_loses_nothing_acknowledged() {
     }
 }
 
+/// Writes each round makes before its kill.
+const MIN_WRITES_PER_ROUND: u64 = 200;
+
+/// Waits until the child's journal reaches write `seq`. A child that exits first, or makes no
+/// progress for a minute (stuck on a full cache), fails the test.
+fn wait_for_writes(journal: &Path, seq: u64, child: &mut std::process::Child) {
+    let mut last = (0, std::time::Instant::now());
+    loop {
+        let next = read_journal(journal).next_seq;
+        if next >= seq {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the child exited ({status}) at write {next}, before write {seq}");
+        }
+        if next != last.0 {
+            last = (next, std::time::Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(60),
+            "the child made no progress for a minute at write {next} (stuck on a full cache?)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn run_case(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -246,6 +272,9 @@ fn run_case(seed: u64) {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(rng.gen_range(150..600)));
+        // Hundreds of writes per round (checked below), however loaded the machine: the kill
+        // waits for them rather than trusting the sleep alone (a CI run under load saw 61).
+        wait_for_writes(&journal, first_seq + MIN_WRITES_PER_ROUND, &mut child);
         // SAFETY: kill only sends a signal to the child we spawned and still own.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGKILL);
@@ -266,7 +295,7 @@ fn run_case(seed: u64) {
         // Hundreds of writes per round: the cache wraps, so writeback and back-pressure are in
         // play at the kill too (a child stuck on a full cache would write only a handful).
         assert!(
-            expected.next_seq - first_seq >= 200,
+            expected.next_seq - first_seq >= MIN_WRITES_PER_ROUND,
             "round {round}: the child wrote only {} times before the kill",
             expected.next_seq - first_seq
         );

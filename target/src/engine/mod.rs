@@ -23,6 +23,7 @@ mod flush;
 pub mod lifecycle;
 pub mod mode;
 mod read;
+pub(crate) mod replay;
 pub(crate) mod state;
 pub mod status;
 mod write;
@@ -127,6 +128,72 @@ pub struct Shared {
     /// On tmpfs beside the RAM buffer file: present while a cache loss owes the client a FLUSH
     /// error (it outlives a daemon crash, like the client's view of the device; not a reboot).
     pub(crate) flush_error_marker: std::path::PathBuf,
+}
+
+/// What opening a cache hands the engine (`open::recover`): the devices, the state rebuilt from
+/// the log, and how to run.
+pub(crate) struct Parts {
+    pub superblock: logfmt::Superblock,
+    pub legs: CacheLegs,
+    pub backing: Arc<dyn Device>,
+    pub ram: RamBuffers,
+    pub state: State,
+    pub recovery: crate::log::scan::ScanReport,
+    pub fault_file: Option<crate::engine::faults::FaultFile>,
+    pub sync_interval: Duration,
+    pub flush_error_marker: std::path::PathBuf,
+    /// Passthrough writes of a predecessor may not be flushed on the backing device yet.
+    pub backing_unflushed: bool,
+}
+
+impl Geometry {
+    pub fn of(sb: &logfmt::Superblock) -> Geometry {
+        Geometry {
+            uuid: sb.uuid,
+            segment_count: sb.segment_count,
+            logical_block_size: sb.logical_block_size,
+            device_size_bytes: sb.backing_size_bytes,
+        }
+    }
+}
+
+impl Shared {
+    /// The shared state of an engine about to start, and the log writer's job queue.
+    pub(crate) fn new(p: Parts) -> (Arc<Shared>, crossbeam_channel::Receiver<LogJob>) {
+        let (log_tx, log_rx) = crossbeam_channel::unbounded();
+        let durable = p.state.durable_id;
+        let shared = Shared {
+            geometry: Geometry::of(&p.superblock),
+            legs: p.legs,
+            backing: p.backing,
+            ram: p.ram,
+            state: Mutex::new(p.state),
+            space_freed: Condvar::new(),
+            progress: Condvar::new(),
+            writeback_wakeup: Condvar::new(),
+            log_jobs: log_tx,
+            stats: Stats::default(),
+            durable_hint: AtomicU64::new(durable),
+            started: Instant::now(),
+            last_request_ns: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            sync_interval: p.sync_interval,
+            policy: Mutex::new(None),
+            superblock: p.superblock,
+            crc_cache: Default::default(),
+            backing_gate: parking_lot::RwLock::new(()),
+            writeback_fenced: AtomicBool::new(false),
+            writeback_running: AtomicBool::new(false),
+            last_writeback_error: Mutex::new(None),
+            recovery: p.recovery,
+            fault_file: p.fault_file,
+            fault_recorder: Mutex::new(()),
+            checkpoint_lock: Mutex::new(()),
+            backing_unflushed: AtomicBool::new(p.backing_unflushed),
+            flush_error_marker: p.flush_error_marker,
+        };
+        (Arc::new(shared), log_rx)
+    }
 }
 
 /// The engine handle. Dropping it (or `shutdown`) seals and flushes the log and stops threads.

@@ -123,7 +123,6 @@ pub(crate) fn unreadable_legs(legs: &[Arc<dyn Device>]) -> Vec<(usize, io::Error
         .collect()
 }
 
-/// Reads the log of a cache set without changing anything.
 /// The newest valid checkpoint over the healthy legs, or why there is none. A formatted cache
 /// always has one (format writes sequence 0), so none at all means the rings are unreadable or
 /// damaged on every leg: the written-back id is unknown, and guessing 0 would discard every dirty
@@ -160,8 +159,7 @@ pub type CheckpointRead = std::result::Result<Checkpoint, String>;
 /// Reads the log of a cache set without changing anything.
 pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
     let mut report = ScanReport::default();
-    let uuid = sb.uuid;
-    let (checkpoint, bytes_read) = read_checkpoint(legs, &uuid);
+    let (checkpoint, bytes_read) = read_checkpoint(legs, &sb.uuid);
     report.bytes_read += bytes_read;
     match checkpoint {
         Ok(c) => report.checkpoint = Some(c),
@@ -170,131 +168,285 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
             return report;
         }
     }
-    let n = sb.segment_count;
-    let first = report.written_back_id() + 1;
     let mut image = AlignedBuf::new(SEGMENT_SIZE_BYTES);
-    let mut newest_durable = 0u64;
-    let mut id = first;
     // Headers first: they say which ids the legs vouch for as complete and flushed.
-    loop {
+    let Some(newest_durable) = scan_headers(legs, sb, &mut image, &mut report) else {
+        return report;
+    };
+    verify_unvouched_data(legs, sb, newest_durable, &mut image, &mut report);
+    find_stale_tail(legs, sb, &mut image, &mut report);
+    report
+}
+
+/// Why no leg holds the header of the segment expected in a slot.
+enum NoHeader {
+    /// Torn, stale, missing or unreadable: the log ends before it.
+    Ends(String),
+    /// A later lap's segment: the slot was reused, so the checkpoint read is stale.
+    LaterLap(u64),
+}
+
+/// The headers of the live segments, from the checkpoint on, until the first id no leg holds.
+/// Returns the newest durable id a header vouches for, or `None` (and `checkpoint_error`) when
+/// the log shows the checkpoint is older than it.
+fn scan_headers(
+    legs: &CacheLegs,
+    sb: &Superblock,
+    image: &mut AlignedBuf,
+    report: &mut ScanReport,
+) -> Option<u64> {
+    let (n, first) = (sb.segment_count, report.written_back_id() + 1);
+    let mut newest_durable = 0u64;
+    for id in first.. {
         if id - first >= n {
             report.stop_reason = "the whole ring is live".into();
             break;
         }
-        let offset = segment_offset(slot_of(id, n));
-        let mut found = None;
-        let mut last_error = String::from("no healthy leg");
-        for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-            let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if let Err(e) = leg.device().read_at(header, offset) {
-                last_error = e.to_string();
-                continue;
-            }
-            report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
-            match SegmentHeader::decode_expecting(header, &uuid, id) {
-                Ok(h) => {
-                    found = Some(h);
-                    break;
-                }
-                Err(e) => last_error = e.to_string(),
-            }
-            // A later lap's segment where the log should go on: the slot was reused, which
-            // happens only after a checkpoint past `id` was durable. The checkpoint read is
-            // older than that one: trusting it would discard the live log as leftovers.
-            if let Ok(h) = SegmentHeader::decode(header, &uuid) {
-                if h.segment_id > id && slot_of(h.segment_id, n) == slot_of(id, n) {
-                    report.checkpoint_error = Some(format!(
-                        "the newest valid checkpoint (segment {}) is older than the log: slot of \
-                         segment {id} holds segment {} (the newer checkpoints are damaged)",
-                        report.written_back_id(),
-                        h.segment_id
-                    ));
-                    return report;
-                }
-            }
-        }
-        match found {
-            Some(h) => {
+        match live_header(legs, sb, id, image, report) {
+            Ok(h) => {
+                debug_assert_eq!(h.segment_id, id);
                 newest_durable = newest_durable.max(h.durable_id);
                 report.headers.push(h);
-                id += 1;
             }
-            None => {
-                report.stop_reason = format!("segment {id}: {last_error}");
+            Err(NoHeader::Ends(why)) => {
+                report.stop_reason = format!("segment {id}: {why}");
                 break;
+            }
+            Err(NoHeader::LaterLap(found)) => {
+                report.checkpoint_error = Some(format!(
+                    "the newest valid checkpoint (segment {}) is older than the log: slot of \
+                     segment {id} holds segment {found} (the newer checkpoints are damaged)",
+                    report.written_back_id(),
+                ));
+                return None;
             }
         }
     }
-    // Then the data of every segment no later header vouches for, on every leg: the legs lost
-    // power independently, so one may hold a torn copy where the other holds a whole one.
-    if let Some(cut) = report
+    Some(newest_durable)
+}
+
+/// The header of segment `id` from the first healthy leg whose copy validates.
+fn live_header(
+    legs: &CacheLegs,
+    sb: &Superblock,
+    id: u64,
+    image: &mut AlignedBuf,
+    report: &mut ScanReport,
+) -> std::result::Result<SegmentHeader, NoHeader> {
+    let n = sb.segment_count;
+    let offset = segment_offset(slot_of(id, n));
+    let mut last_error = String::from("no healthy leg");
+    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
+        if let Err(e) = leg.device().read_at(header, offset) {
+            last_error = e.to_string();
+            continue;
+        }
+        report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
+        match SegmentHeader::decode_expecting(header, &sb.uuid, id) {
+            Ok(h) => return Ok(h),
+            Err(e) => last_error = e.to_string(),
+        }
+        // A later lap's segment where the log should go on: the slot was reused, which happens
+        // only after a checkpoint past `id` was durable. The checkpoint read is older than
+        // that one: trusting it would discard the live log as leftovers.
+        if let Ok(h) = SegmentHeader::decode(header, &sb.uuid) {
+            if h.segment_id > id && slot_of(h.segment_id, n) == slot_of(id, n) {
+                return Err(NoHeader::LaterLap(h.segment_id));
+            }
+        }
+    }
+    Err(NoHeader::Ends(last_error))
+}
+
+/// The data of every segment no later header vouches for as durable, on every leg: the legs
+/// lost power independently, so one may hold a torn copy where the other holds a whole one
+/// (a repair). The log ends before the first segment no leg holds whole.
+fn verify_unvouched_data(
+    legs: &CacheLegs,
+    sb: &Superblock,
+    newest_durable: u64,
+    image: &mut AlignedBuf,
+    report: &mut ScanReport,
+) {
+    let Some(cut) = report
         .headers
         .iter()
         .position(|h| h.segment_id > newest_durable)
-    {
-        for i in cut..report.headers.len() {
-            let h = report.headers[i].clone();
-            let offset = segment_offset(slot_of(h.segment_id, n));
-            let len = h.used_bytes();
-            let mut good_leg = None;
-            let mut bad_legs = Vec::new();
-            let mut last_error = String::new();
-            for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-                if let Err(e) = leg.device().read_at(&mut image[..len], offset) {
-                    last_error = e.to_string();
-                    bad_legs.push(leg.index);
-                    continue;
-                }
-                report.bytes_read += len as u64;
-                let verdict = SegmentHeader::decode_expecting(&image, &uuid, h.segment_id)
-                    .map_err(|e| e.to_string())
-                    .and_then(|other| {
-                        if other.entries != h.entries || other.epoch_id != h.epoch_id {
-                            return Err("header differs between legs".to_string());
-                        }
-                        h.verify_data(&image).map_err(|e| e.to_string())
-                    });
-                match verdict {
-                    Ok(()) => {
-                        good_leg.get_or_insert(leg.index);
-                    }
-                    Err(e) => {
-                        last_error = e;
-                        bad_legs.push(leg.index);
-                    }
-                }
-            }
-            report.data_verified += 1;
-            let Some(good) = good_leg else {
-                report.stop_reason = format!("segment {}: {last_error}", h.segment_id);
-                report.headers.truncate(i);
-                break;
-            };
-            for bad in bad_legs {
-                report.repairs.push(Repair {
+    else {
+        return;
+    };
+    for i in cut..report.headers.len() {
+        let h = report.headers[i].clone();
+        report.data_verified += 1;
+        match verify_copies(legs, sb, &h, image, report) {
+            Ok((good, bad_legs)) => report
+                .repairs
+                .extend(bad_legs.into_iter().map(|bad| Repair {
                     segment_id: h.segment_id,
                     from_leg: good,
                     to_leg: bad,
-                    len,
-                });
+                    len: h.used_bytes(),
+                })),
+            Err(why) => {
+                report.stop_reason = format!("segment {}: {why}", h.segment_id);
+                report.headers.truncate(i);
+                break;
             }
         }
     }
-    // Leftovers past the head.
-    let head = report.head_id();
+}
+
+/// Reads segment `h` whole from every healthy leg: the first leg whose copy matches `h` and
+/// its data CRCs, and the legs whose copy does not; or the last reason when none does.
+fn verify_copies(
+    legs: &CacheLegs,
+    sb: &Superblock,
+    h: &SegmentHeader,
+    image: &mut AlignedBuf,
+    report: &mut ScanReport,
+) -> std::result::Result<(usize, Vec<usize>), String> {
+    let offset = segment_offset(slot_of(h.segment_id, sb.segment_count));
+    let len = h.used_bytes();
+    let (mut good_leg, mut bad_legs, mut last_error) = (None, Vec::new(), String::new());
+    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        if let Err(e) = leg.device().read_at(&mut image[..len], offset) {
+            last_error = e.to_string();
+            bad_legs.push(leg.index);
+            continue;
+        }
+        report.bytes_read += len as u64;
+        let verdict = SegmentHeader::decode_expecting(image, &sb.uuid, h.segment_id)
+            .map_err(|e| e.to_string())
+            .and_then(|other| {
+                if other.entries != h.entries || other.epoch_id != h.epoch_id {
+                    return Err("header differs between legs".to_string());
+                }
+                h.verify_data(image).map_err(|e| e.to_string())
+            });
+        match verdict {
+            Ok(()) => {
+                good_leg.get_or_insert(leg.index);
+            }
+            Err(e) => {
+                last_error = e;
+                bad_legs.push(leg.index);
+            }
+        }
+    }
+    good_leg.map(|good| (good, bad_legs)).ok_or(last_error)
+}
+
+/// Valid headers with ids past the head in the slots after it: segments written out of order
+/// before a crash, never durable (recovery invalidates them before logging anything new).
+fn find_stale_tail(
+    legs: &CacheLegs,
+    sb: &Superblock,
+    image: &mut AlignedBuf,
+    report: &mut ScanReport,
+) {
+    let (n, head) = (sb.segment_count, report.head_id());
     for id in head + 1..=head + TAIL_SCAN_SEGMENTS.min(n - 1) {
         let offset = segment_offset(slot_of(id, n));
         for leg in legs.all().iter().filter(|l| l.is_healthy()) {
             let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if leg.device().read_at(header, offset).is_ok() {
-                report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
-                if let Ok(h) = SegmentHeader::decode(header, &uuid) {
-                    if h.segment_id > head && !report.stale_tail.contains(&h.segment_id) {
-                        report.stale_tail.push(h.segment_id);
-                    }
+            if leg.device().read_at(header, offset).is_err() {
+                continue;
+            }
+            report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
+            if let Ok(h) = SegmentHeader::decode(header, &sb.uuid) {
+                if h.segment_id > head && !report.stale_tail.contains(&h.segment_id) {
+                    report.stale_tail.push(h.segment_id);
                 }
             }
         }
     }
-    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::FileDevice;
+
+    /// A fresh cache set of two 16 MiB legs (files in `dir`) and its superblock.
+    fn cache_set(dir: &std::path::Path) -> (CacheLegs, Superblock) {
+        let file = |name: &str, size: u64| -> Arc<dyn Device> {
+            let path = dir.join(name);
+            std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+            Arc::new(FileDevice::open(&path).unwrap())
+        };
+        let legs = vec![file("leg0", 16 << 20), file("leg1", 16 << 20)];
+        let backing = file("backing", 64 << 20);
+        let options = crate::open::create::FormatOptions {
+            logical_block_size: 4096,
+            force: false,
+        };
+        let sb = crate::open::create::format(&legs, backing.as_ref(), "b", &options).unwrap();
+        (CacheLegs::new(legs), sb)
+    }
+
+    /// Writes an entry-less header of segment `id` into the slot of `slot_id` on `leg`.
+    fn put_header(legs: &CacheLegs, sb: &Superblock, leg: usize, slot_id: u64, id: u64) {
+        let header = SegmentHeader {
+            uuid: sb.uuid,
+            segment_id: id,
+            epoch_id: id,
+            durable_id: id,
+            flags: 0,
+            entries: Vec::new(),
+        };
+        let mut buf = AlignedBuf::new(SEGMENT_HEADER_SIZE_BYTES);
+        header.encode_into(&mut buf);
+        let offset = segment_offset(slot_of(slot_id, sb.segment_count));
+        legs.all()[leg].device().write_at(&buf, offset).unwrap();
+    }
+
+    #[test]
+    fn a_fresh_cache_has_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (legs, sb) = cache_set(dir.path());
+        let report = scan(&legs, &sb);
+        assert_eq!(report.checkpoint_error, None);
+        assert!(report.headers.is_empty());
+        assert!(
+            report.stop_reason.starts_with("segment 1:"),
+            "{}",
+            report.stop_reason
+        );
+        assert!(report.stale_tail.is_empty() && report.repairs.is_empty());
+    }
+
+    #[test]
+    fn headers_are_taken_from_either_leg_until_a_gap_and_leftovers_past_it_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (legs, sb) = cache_set(dir.path());
+        put_header(&legs, &sb, 0, 1, 1);
+        put_header(&legs, &sb, 1, 2, 2); // leg 0 lacks it: leg 1's copy is taken
+        put_header(&legs, &sb, 0, 4, 4); // after the gap at 3: a leftover
+        let report = scan(&legs, &sb);
+        let ids: Vec<u64> = report.headers.iter().map(|h| h.segment_id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert!(
+            report.stop_reason.starts_with("segment 3:"),
+            "{}",
+            report.stop_reason
+        );
+        assert_eq!(report.stale_tail, vec![4]);
+        assert_eq!(
+            report.data_verified, 0,
+            "every segment is vouched durable by its own header"
+        );
+    }
+
+    #[test]
+    fn a_later_lap_where_the_log_goes_on_means_the_checkpoint_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let (legs, sb) = cache_set(dir.path());
+        let n = sb.segment_count;
+        put_header(&legs, &sb, 0, 1, 1 + n);
+        let report = scan(&legs, &sb);
+        let why = report.checkpoint_error.expect("a stale checkpoint");
+        assert!(why.contains("older than the log"), "{why}");
+        assert!(report.headers.is_empty());
+    }
 }

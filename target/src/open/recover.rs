@@ -12,22 +12,21 @@
 //! durable); they are invalidated before anything new is logged, so a later crash cannot
 //! resurrect them behind a newer segment of the same id.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use logfmt::{
-    segment_offset, slot_of, Checkpoint, EntryKind, Faults, SegmentHeader, Superblock,
-    ALL_SECTORS_VALID, SECTORS_PER_BLOCK, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES,
+    segment_offset, slot_of, Checkpoint, Faults, SegmentHeader, Superblock,
+    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES,
 };
-use parking_lot::{Condvar, Mutex};
 
 use crate::device::{AlignedBuf, Device};
 use crate::engine::faults::{self, FaultFile};
-use crate::engine::{remove_map_range, Engine, Geometry, Shared, Slot, State, Stats};
+use crate::engine::replay::Recovered;
+use crate::engine::{Engine, Parts, Shared, State};
 use crate::error::{EngineError, Result};
 use crate::hex;
 use crate::log::legs::CacheLegs;
@@ -36,8 +35,6 @@ use crate::log::ram_buffer::{Adopted, RamBuffers};
 use crate::log::scan::{
     read_checkpoint, read_superblocks, scan, unreadable_legs, CheckpointRead, ScanReport,
 };
-use crate::map::block_map::{BlockMap, Location};
-use crate::map::zero_ranges::ZeroRanges;
 
 /// How an engine is started.
 #[derive(Debug, Clone)]
@@ -322,27 +319,7 @@ fn apply_fault_record(
     };
     let on_legs = checkpoint.as_ref().map_or(Faults::default(), |c| c.faults);
     let recorded = faults::newest(on_legs, from_file);
-    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-        let current = recorded.leg_incarnations[leg.index];
-        if let Some(found) = incarnations[leg.index].filter(|&i| i != current) {
-            leg.mark_failed(&io::Error::other(format!(
-                "device {found} of this leg, the set's is {current}: it was replaced and may \
-                 miss what was written since (is the configuration or state file stale?)"
-            )));
-            continue;
-        }
-        if recorded.cache_lost.is_some() || recorded.leg_failed(leg.index) {
-            leg.mark_failed(&io::Error::other(format!(
-                "recorded as failed (fault record {}{})",
-                recorded.sequence,
-                if recorded.cache_lost.is_some() {
-                    ": the whole cache was lost"
-                } else {
-                    ""
-                }
-            )));
-        }
-    }
+    mark_recorded_failures(legs, incarnations, &recorded);
     if legs.healthy_count() == 0 && recorded.cache_lost.is_none() {
         return Err(EngineError::refused(
             legs.all()[0].device().name(),
@@ -366,35 +343,7 @@ fn apply_fault_record(
         sequence: recorded.sequence + 1,
         ..now
     };
-    // The checkpoint the record is written with comes from the legs still trusted: a failed
-    // leg's (stale) one must not be copied onto the others. None trusted: refused below (scan),
-    // unless the cache is lost (its log is never replayed; any sequence will do).
-    let trusted = read_checkpoint(legs, uuid).0;
-    let base = match (&trusted, now.cache_lost) {
-        (Ok(c), _) => *c,
-        (Err(why), None) => {
-            return Err(EngineError::refused(
-                legs.all()[0].device().name(),
-                format!("{why}; refusing to start: what was written back is unknown"),
-            ))
-        }
-        (Err(_), Some(_)) => checkpoint.clone().unwrap_or(Checkpoint {
-            uuid: *uuid,
-            sequence: 0,
-            last_written_back_id: 0,
-            last_written_back_epoch: 0,
-            faults: Faults::default(),
-        }),
-    };
-    let record = Checkpoint {
-        uuid: *uuid,
-        sequence: base.sequence + 1,
-        last_written_back_id: now.cache_lost.map_or(base.last_written_back_id, |l| {
-            l.log_through_id.max(base.last_written_back_id)
-        }),
-        last_written_back_epoch: base.last_written_back_epoch,
-        faults: next,
-    };
+    let record = fault_checkpoint(legs, uuid, checkpoint, next)?;
     match faults::persist(legs, file, &record, &recorded) {
         Ok(places) => {
             log::warn!(
@@ -411,6 +360,70 @@ fn apply_fault_record(
             Ok(recorded)
         }
     }
+}
+
+/// Takes out of use every leg the record says failed (all of them after a cache loss), and a
+/// leg whose device is not the one the record names (an older device of a replaced leg).
+fn mark_recorded_failures(legs: &CacheLegs, incarnations: &[Option<u32>], recorded: &Faults) {
+    for leg in legs.all().iter().filter(|l| l.is_healthy()) {
+        let current = recorded.leg_incarnations[leg.index];
+        if let Some(found) = incarnations[leg.index].filter(|&i| i != current) {
+            leg.mark_failed(&io::Error::other(format!(
+                "device {found} of this leg, the set's is {current}: it was replaced and may \
+                 miss what was written since (is the configuration or state file stale?)"
+            )));
+            continue;
+        }
+        if recorded.cache_lost.is_some() || recorded.leg_failed(leg.index) {
+            leg.mark_failed(&io::Error::other(format!(
+                "recorded as failed (fault record {}{})",
+                recorded.sequence,
+                if recorded.cache_lost.is_some() {
+                    ": the whole cache was lost"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+}
+
+/// The checkpoint that carries fault record `next`: written with the checkpoint of the legs
+/// still trusted — a failed leg's (stale) one must not be copied onto the others. None trusted:
+/// refused (what was written back is unknown), unless the cache is lost (its log is never
+/// replayed; any sequence will do).
+fn fault_checkpoint(
+    legs: &CacheLegs,
+    uuid: &[u8; 16],
+    checkpoint: &CheckpointRead,
+    next: Faults,
+) -> Result<Checkpoint> {
+    let trusted = read_checkpoint(legs, uuid).0;
+    let base = match (&trusted, next.cache_lost) {
+        (Ok(c), _) => *c,
+        (Err(why), None) => {
+            return Err(EngineError::refused(
+                legs.all()[0].device().name(),
+                format!("{why}; refusing to start: what was written back is unknown"),
+            ))
+        }
+        (Err(_), Some(_)) => checkpoint.clone().unwrap_or(Checkpoint {
+            uuid: *uuid,
+            sequence: 0,
+            last_written_back_id: 0,
+            last_written_back_epoch: 0,
+            faults: Faults::default(),
+        }),
+    };
+    Ok(Checkpoint {
+        uuid: *uuid,
+        sequence: base.sequence + 1,
+        last_written_back_id: next.cache_lost.map_or(base.last_written_back_id, |l| {
+            l.log_through_id.max(base.last_written_back_id)
+        }),
+        last_written_back_epoch: base.last_written_back_epoch,
+        faults: next,
+    })
 }
 
 /// A start after a recorded cache loss: the log is not replayed (the backing device was written
@@ -543,98 +556,12 @@ fn adopt_buffers(
     Ok(headers)
 }
 
-/// The engine's view of the log, rebuilt by recovery.
-struct Recovered {
-    map: BlockMap,
-    partial: HashMap<Location, u8>,
-    zeros: ZeroRanges,
-    slots: Vec<Slot>,
-    /// The newest live segment (or the checkpoint when none is live).
-    head: u64,
-    epoch_id: u64,
-    written_back_id: u64,
-    written_back_epoch: u64,
-    checkpoint_sequence: u64,
-    faults_recorded: Faults,
-    cache_lost: Option<logfmt::CacheLost>,
-    flush_error_owed: bool,
-}
-
-impl Recovered {
-    /// No live segment: everything up to `through` is written back (or lost).
-    fn empty(sb: &Superblock, through: u64) -> Recovered {
-        let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
-        Recovered {
-            map: BlockMap::with_capacity(capacity as usize),
-            partial: HashMap::new(),
-            zeros: ZeroRanges::default(),
-            slots: vec![Slot::default(); sb.segment_count as usize],
-            head: through,
-            epoch_id: 0,
-            written_back_id: through,
-            written_back_epoch: 0,
-            checkpoint_sequence: 0,
-            faults_recorded: Faults::default(),
-            cache_lost: None,
-            flush_error_owed: false,
-        }
-    }
-
-    /// The map, zero ranges and slots of the live segments, oldest first.
-    fn replay(sb: &Superblock, headers: &[SegmentHeader], report: &ScanReport) -> Recovered {
-        let n = sb.segment_count;
-        let checkpoint = report.checkpoint;
-        let mut r = Recovered::empty(sb, report.written_back_id());
-        r.written_back_epoch = checkpoint.map_or(0, |c| c.last_written_back_epoch);
-        r.checkpoint_sequence = checkpoint.map_or(0, |c| c.sequence);
-        r.epoch_id = r.written_back_epoch;
-        let now = Instant::now();
-        for h in headers {
-            let slot = slot_of(h.segment_id, n);
-            r.slots[slot as usize] = Slot {
-                segment_id: h.segment_id,
-                buffer: None,
-                readers: 0,
-                sealed_at: Some(now),
-                used_bytes: h.used_bytes(),
-            };
-            r.epoch_id = r.epoch_id.max(h.epoch_id);
-            r.head = h.segment_id;
-            for e in &h.entries {
-                r.apply(e, h.segment_id, slot);
-            }
-        }
-        r
-    }
-
-    fn apply(&mut self, e: &logfmt::Entry, segment_id: u64, slot: u64) {
-        match e.kind {
-            EntryKind::Data => {
-                let location = (slot * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 + e.data_slot as u64)
-                    as Location;
-                if let Some(old) = self.map.insert(e.block(), location) {
-                    self.partial.remove(&old);
-                }
-                if e.sector_valid != ALL_SECTORS_VALID {
-                    self.partial.insert(location, e.sector_valid);
-                }
-            }
-            EntryKind::Discard | EntryKind::WriteZeroes => {
-                let start = e.start_sector / SECTORS_PER_BLOCK as u64;
-                let end = (e.start_sector + e.length_sectors as u64) / SECTORS_PER_BLOCK as u64;
-                remove_map_range(&mut self.map, &mut self.partial, start, end);
-                self.zeros.insert(start, end, segment_id);
-            }
-        }
-    }
-}
-
 /// Where an engine owes a FLUSH error after a cache loss (beside the RAM buffer file, on tmpfs).
 fn flush_error_marker(options: &OpenOptions) -> PathBuf {
     options.buffer_path.with_extension("flush-error")
 }
 
-/// Builds the engine's shared state from what recovery found and starts its threads.
+/// Builds the engine from what recovery found and starts its threads.
 #[allow(clippy::too_many_arguments)]
 fn start(
     legs: CacheLegs,
@@ -646,97 +573,26 @@ fn start(
     fault_file: Option<FaultFile>,
     options: OpenOptions,
 ) -> Engine {
-    let geometry = Geometry {
-        uuid: sb.uuid,
-        segment_count: sb.segment_count,
-        logical_block_size: sb.logical_block_size,
-        device_size_bytes: sb.backing_size_bytes,
-    };
-    debug_assert_eq!(
-        geometry.location(1, 2),
-        (logfmt::DATA_BLOCKS_PER_SEGMENT + 2) as Location,
-        "Recovered::apply computes locations as Geometry does"
-    );
-    let legs_count = legs.all().len();
-    let head = r.head;
     for leg in legs.all() {
         // Every segment up to the head is on the legs already: nothing for the writers to do.
-        leg.handled_id
-            .store(head, std::sync::atomic::Ordering::Release);
+        leg.handled_id.store(r.head, Ordering::Release);
     }
-    let state = State {
-        open: None,
-        next_segment_id: head + 1,
-        // A crash (or a clean stop) ends an epoch: nothing logged before it may be merged with
-        // anything after it.
-        epoch_id: r.epoch_id + 1,
-        sealed_id: head,
-        written_id: head,
-        durable_id: head,
-        written_back_id: r.written_back_id,
-        written_back_epoch: r.written_back_epoch,
-        checkpoint_sequence: r.checkpoint_sequence.max(r.faults_recorded.sequence),
-        leg_written: vec![head; legs_count],
-        leg_durable: vec![head; legs_count],
-        map: r.map,
-        partial: r.partial,
-        zeros: r.zeros,
-        slots: r.slots,
-        free_buffers: (0..ram.count()).rev().collect(),
-        writers_waiting: 0,
-        drain_requested: false,
-        shutting_down: false,
-        failure: None,
-        closing_log: false,
-        passthrough: r.cache_lost.is_some(),
-        cache_lost: r.cache_lost,
-        lost_dirty_blocks: None,
-        lost_generation: 0,
-        // Conservative: a loss reports every write this engine did not see covered by a FLUSH.
-        flushed_id: r.written_back_id,
-        flush_error_owed: r.flush_error_owed,
-        logged_writes: 0,
-        lost_writes_mark: 0,
-        faults_recorded: r.faults_recorded,
-        leg_incarnations: r.faults_recorded.leg_incarnations,
-        fault_record_error: None,
-    };
-    state.check_invariants();
-    let (log_tx, log_rx) = crossbeam_channel::unbounded();
-    let flush_error_marker = flush_error_marker(&options);
-    let passed_through =
+    // A predecessor (killed) in passthrough — which needs a fault on record — may have
+    // acknowledged writes it never flushed: this engine's first FLUSH flushes them too.
+    let backing_unflushed =
         r.faults_recorded.failed_legs != 0 || r.faults_recorded.cache_lost.is_some();
-    let shared = Arc::new(Shared {
-        geometry,
+    let state = State::recovered(r, legs.all().len(), ram.count());
+    let (shared, log_rx) = Shared::new(Parts {
+        flush_error_marker: flush_error_marker(&options),
+        superblock: sb,
         legs,
         backing,
         ram,
-        state: Mutex::new(state),
-        space_freed: Condvar::new(),
-        progress: Condvar::new(),
-        writeback_wakeup: Condvar::new(),
-        log_jobs: log_tx,
-        stats: Stats::default(),
-        durable_hint: AtomicU64::new(head),
-        started: Instant::now(),
-        last_request_ns: AtomicU64::new(0),
-        stopping: AtomicBool::new(false),
-        sync_interval: options.sync_interval,
-        policy: Mutex::new(None),
-        superblock: sb,
-        crc_cache: Default::default(),
-        backing_gate: parking_lot::RwLock::new(()),
-        writeback_fenced: AtomicBool::new(false),
-        writeback_running: AtomicBool::new(false),
-        last_writeback_error: Mutex::new(None),
+        state,
         recovery: report,
         fault_file,
-        fault_recorder: Mutex::new(()),
-        checkpoint_lock: Mutex::new(()),
-        // A predecessor (killed) in passthrough — which needs a fault on record — may have
-        // acknowledged writes it never flushed: this engine's first FLUSH flushes them too.
-        backing_unflushed: AtomicBool::new(passed_through),
-        flush_error_marker,
+        sync_interval: options.sync_interval,
+        backing_unflushed,
     });
     Engine::start(shared, log_rx, options.writeback)
 }
