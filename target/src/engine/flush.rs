@@ -47,12 +47,7 @@ impl Shared {
             )
         };
         let mut state = self.state.lock();
-        if let Some(why) = &state.failure {
-            return Err(EngineError::CacheFailed(why.clone()));
-        }
-        if state.shutting_down {
-            return Err(EngineError::ShuttingDown);
-        }
+        state.check_alive()?;
         if state.lost_generation != issued {
             return Err(lost_since(&mut state));
         }
@@ -68,9 +63,7 @@ impl Shared {
         }
         // The loss check comes first: a loss sets `durable_id` past every id it dropped.
         loop {
-            if let Some(why) = &state.failure {
-                return Err(EngineError::CacheFailed(why.clone()));
-            }
+            state.check_failed()?;
             if state.lost_generation != issued {
                 return Err(lost_since(&mut state));
             }

@@ -171,11 +171,8 @@ impl Engine {
         state.drain_requested = true;
         self.shared.writeback_wakeup.notify_all();
         let result = loop {
-            if let Some(why) = &state.failure {
-                break Err(EngineError::CacheFailed(why.clone()));
-            }
-            if state.shutting_down {
-                break Err(EngineError::ShuttingDown);
+            if let Err(e) = state.check_alive() {
+                break Err(e);
             }
             if state.written_back_id != last_progress.0 {
                 last_progress = (state.written_back_id, writeback_errors());

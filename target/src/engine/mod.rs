@@ -267,15 +267,7 @@ impl Shared {
     /// stops, and reroutes (`EngineError::Passthrough`) if the log is out of use.
     fn lock_live(&self) -> Result<MutexGuard<'_, State>> {
         let state = self.state.lock();
-        if let Some(why) = &state.failure {
-            return Err(EngineError::CacheFailed(why.clone()));
-        }
-        if state.shutting_down {
-            return Err(EngineError::ShuttingDown);
-        }
-        if state.passthrough {
-            return Err(EngineError::Passthrough);
-        }
+        state.admit_to_log()?;
         Ok(state)
     }
 

@@ -384,9 +384,7 @@ impl Engine {
         let s = &self.shared;
         let mut state = s.state.lock();
         loop {
-            if let Some(why) = &state.failure {
-                return Err(EngineError::CacheFailed(why.clone()));
-            }
+            state.check_failed()?;
             if s.replaceable(&state, leg) {
                 return Ok(());
             }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use logfmt::{Entry, DATA_BLOCKS_PER_SEGMENT, MAX_ENTRIES_PER_SEGMENT};
 
+use crate::error::{EngineError, Result};
 use crate::map::block_map::{BlockMap, Location};
 use crate::map::zero_ranges::ZeroRanges;
 
@@ -158,13 +159,75 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The order of the ids (engine invariants, `engine` module): writeback works only on
+    /// segments on every leg, a leg's flush covers only what it wrote, ids are sealed before
+    /// they are written, and a FLUSH covers only segments durable somewhere. Called after every
+    /// change of them.
     pub(crate) fn check_invariants(&self) {
-        assert!(self.written_back_id <= self.written_id);
-        assert!(self.durable_id <= self.written_id);
-        assert!(self.written_id <= self.sealed_id);
-        assert!(self.sealed_id < self.next_segment_id);
-        assert!(self.flushed_id <= self.durable_id.max(self.written_back_id));
+        let ids = || {
+            format!(
+                "written_back {}, durable {}, written {}, sealed {}, next {}, flushed {}",
+                self.written_back_id,
+                self.durable_id,
+                self.written_id,
+                self.sealed_id,
+                self.next_segment_id,
+                self.flushed_id
+            )
+        };
+        assert!(
+            self.written_back_id <= self.written_id,
+            "written_back_id ≤ written_id: {}",
+            ids()
+        );
+        assert!(
+            self.durable_id <= self.written_id,
+            "durable_id ≤ written_id: {}",
+            ids()
+        );
+        assert!(
+            self.written_id <= self.sealed_id,
+            "written_id ≤ sealed_id: {}",
+            ids()
+        );
+        assert!(
+            self.sealed_id < self.next_segment_id,
+            "sealed_id < next_segment_id: {}",
+            ids()
+        );
+        assert!(
+            self.flushed_id <= self.durable_id.max(self.written_back_id),
+            "flushed_id ≤ max(durable_id, written_back_id): {}",
+            ids()
+        );
     }
+    /// Fails once the engine has failed (every request fails from then on).
+    pub(crate) fn check_failed(&self) -> Result<()> {
+        match &self.failure {
+            Some(why) => Err(EngineError::CacheFailed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails once the engine has failed or is stopping.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        self.check_failed()?;
+        if self.shutting_down {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Admits a request to the log: fails as `check_alive`, and reroutes it
+    /// (`EngineError::Passthrough`) to the backing device while the log is out of use.
+    pub(crate) fn admit_to_log(&self) -> Result<()> {
+        self.check_alive()?;
+        if self.passthrough {
+            return Err(EngineError::Passthrough);
+        }
+        Ok(())
+    }
+
     pub fn dirty_segments(&self) -> u64 {
         self.sealed_id - self.written_back_id + self.open.is_some() as u64
     }
@@ -187,4 +250,54 @@ pub struct Stats {
     pub partial_merges: AtomicU64,
     pub passthrough_writes: AtomicU64,
     pub writeback_errors: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use logfmt::Superblock;
+
+    use super::State;
+    use crate::engine::replay::Recovered;
+
+    fn state() -> State {
+        let sb = Superblock {
+            uuid: [1; 16],
+            backing_size_bytes: 1 << 30,
+            backing_fingerprint: [2; 16],
+            logical_block_size: 4096,
+            segment_count: 16,
+            leg_count: 2,
+            leg_index: 0,
+            created_unix_secs: 0,
+            leg_incarnation: 0,
+        };
+        State::recovered(Recovered::empty(&sb, 5), 2, 4)
+    }
+
+    #[test]
+    fn a_recovered_state_keeps_the_id_order() {
+        let s = state();
+        assert_eq!(
+            (s.written_back_id, s.written_id, s.next_segment_id),
+            (5, 5, 6)
+        );
+        s.check_invariants();
+    }
+
+    /// Writeback may only take segments that are on every leg.
+    #[test]
+    #[should_panic(expected = "written_back_id ≤ written_id")]
+    fn writeback_past_the_written_log_is_caught() {
+        let mut s = state();
+        s.written_back_id = s.written_id + 1;
+        s.check_invariants();
+    }
+
+    #[test]
+    #[should_panic(expected = "durable_id ≤ written_id")]
+    fn a_durable_id_past_the_written_log_is_caught() {
+        let mut s = state();
+        s.durable_id = s.written_id + 1;
+        s.check_invariants();
+    }
 }

@@ -205,21 +205,22 @@ impl Shared {
     fn ensure_open(&self, state: &mut MutexGuard<'_, State>) -> Result<()> {
         let mut stall_started: Option<Instant> = None;
         while state.open.is_none() {
-            if let Some(why) = &state.failure {
-                return Err(EngineError::CacheFailed(why.clone()));
-            }
-            if state.shutting_down {
-                return Err(EngineError::ShuttingDown);
-            }
-            if state.passthrough {
-                return Err(EngineError::Passthrough);
-            }
+            state.admit_to_log()?;
             let id = state.next_segment_id;
-            let slot = slot_of(id, self.geometry.segment_count);
+            let n = self.geometry.segment_count;
+            let slot = slot_of(id, n);
             if state.slots[slot as usize].segment_id == 0
                 && !state.free_buffers.is_empty()
                 && !state.closing_log
             {
+                // A slot is free only once writeback freed the segment N ids older.
+                assert!(
+                    id <= state.written_back_id + n,
+                    "segment {id} would reuse the slot of segment {}, not written back \
+                     (through {})",
+                    id.saturating_sub(n),
+                    state.written_back_id
+                );
                 let buffer = state.free_buffers.pop().expect("not empty");
                 let epoch_id = state.epoch_id;
                 self.ram.begin(buffer, &self.geometry.uuid, id, epoch_id);

@@ -137,44 +137,13 @@ fn leg_writer(shared: &impl LogHost, leg_index: usize, jobs: Receiver<LegJob>) {
                 len,
                 flush,
             } => {
-                // Coalesce the full segments queued behind this one into one larger write, as
-                // long as their slots are adjacent: fewer, larger I/Os for the same bytes.
-                let mut run = vec![(id, buffer, len)];
-                let mut flush = flush;
-                while run.len() < MAX_COALESCED_SEGMENTS && !flush {
-                    let &(last_id, _, last_len) = run.last().expect("non-empty");
-                    if last_len != SEGMENT_SIZE_BYTES || slot_of(last_id + 1, n) == 0 {
-                        break;
-                    }
-                    match jobs.try_recv() {
-                        Ok(LegJob::Write {
-                            id,
-                            buffer,
-                            len,
-                            flush: f,
-                        }) if id == last_id + 1 => {
-                            run.push((id, buffer, len));
-                            flush = f;
-                        }
-                        Ok(other) => {
-                            held = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if leg.is_healthy() {
-                    let images: Vec<&[u8]> = run
-                        .iter()
-                        .map(|&(_, buffer, len)| &shared.ram().image(buffer)[..len])
-                        .collect();
-                    let offset = segment_offset(slot_of(id, n));
-                    let (device, generation) = leg.device_for_io();
-                    if let Err(e) = device.write_vectored_at(&images, offset) {
-                        leg.write_failed(generation, &e);
-                        failed = true;
-                    }
-                }
+                // "Written up to k" is one number per leg because the jobs come in id order.
+                assert!(
+                    id > written,
+                    "leg {leg_index}: segment {id} queued after segment {written}"
+                );
+                let (run, flush) = coalesce((id, buffer, len), flush, &jobs, &mut held, n);
+                failed = !write_run(shared, leg, &run, n);
                 written = run.last().expect("non-empty").0;
                 (
                     flush || written - durable >= SEGMENTS_BETWEEN_LEG_FLUSHES,
@@ -202,6 +171,66 @@ fn leg_writer(shared: &impl LogHost, leg_index: usize, jobs: Receiver<LegJob>) {
             // Before a FLUSH may complete on the other leg alone, the failure must be on record
             // (the engine's durable id waits for it): report it now rather than at the next tick.
             shared.on_leg_failed();
+        }
+    }
+}
+
+/// One segment to write: id, RAM buffer, bytes used.
+type Piece = (u64, usize, usize);
+
+/// Coalesces the full segments queued behind `first` into one larger write, as long as their
+/// slots are adjacent and no flush is asked for before the last: fewer, larger I/Os for the
+/// same bytes. A job that cannot join is kept in `held` for the next round.
+fn coalesce(
+    first: Piece,
+    mut flush: bool,
+    jobs: &Receiver<LegJob>,
+    held: &mut Option<LegJob>,
+    n: u64,
+) -> (Vec<Piece>, bool) {
+    let mut run = vec![first];
+    while run.len() < MAX_COALESCED_SEGMENTS && !flush {
+        let &(last_id, _, last_len) = run.last().expect("non-empty");
+        if last_len != SEGMENT_SIZE_BYTES || slot_of(last_id + 1, n) == 0 {
+            break;
+        }
+        match jobs.try_recv() {
+            Ok(LegJob::Write {
+                id,
+                buffer,
+                len,
+                flush: f,
+            }) if id == last_id + 1 => {
+                run.push((id, buffer, len));
+                flush = f;
+            }
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    (run, flush)
+}
+
+/// Writes a run of segments in adjacent slots with one I/O, unless the leg is out of use.
+/// Returns false if the write failed (the leg is then marked failed).
+fn write_run(shared: &impl LogHost, leg: &Leg, run: &[Piece], n: u64) -> bool {
+    if !leg.is_healthy() {
+        return true;
+    }
+    let images: Vec<&[u8]> = run
+        .iter()
+        .map(|&(_, buffer, len)| &shared.ram().image(buffer)[..len])
+        .collect();
+    let offset = segment_offset(slot_of(run[0].0, n));
+    let (device, generation) = leg.device_for_io();
+    match device.write_vectored_at(&images, offset) {
+        Ok(()) => true,
+        Err(e) => {
+            leg.write_failed(generation, &e);
+            false
         }
     }
 }

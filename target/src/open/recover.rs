@@ -1,11 +1,11 @@
 //! Recovery: from the cache legs (and a crashed daemon's RAM buffer file) back to a running
-//! engine, and the read-only scan that `wbctl check` and the dirty-data guard of `format` share.
+//! engine, in phases: open the legs → apply the fault record → scan the log (`log::scan`) →
+//! invalidate a stale tail → repair torn mirror copies → adopt the RAM buffers → rebuild the
+//! state (`engine::replay`) → start.
 //!
-//! The log is replayed from the checkpoint: ids `W+1, W+2, …` in their slots, stopping at the
-//! first header that does not validate or does not carry the expected id (a torn write, a stale
-//! slot from an earlier lap, a gap). Headers are read for every live segment; data blocks only
-//! for segments above the newest `durable_id` a valid header vouches for — the few that may have
-//! been in flight (CONTRACT §3). Per slot, the first leg whose copy validates wins (mirror).
+//! The scan reads headers for every live segment; data blocks only for segments above the
+//! newest `durable_id` a valid header vouches for — the few that may have been in flight
+//! (CONTRACT §3). Per slot, the first leg whose copy validates wins (mirror).
 //!
 //! Invariant established here: after recovery no slot holds a valid header with an id beyond the
 //! replayed head (such a segment was written out of order before the crash and never became
