@@ -97,15 +97,40 @@ struct Newest {
 /// Plans the backing writes of a batch (headers of consecutive segments of one epoch, in id
 /// order): the newest version of each block, sorted by address, adjacent blocks merged.
 pub fn plan_batch(headers: &[SegmentHeader]) -> BatchPlan {
-    let mut newest: BTreeMap<u64, Newest> = BTreeMap::new();
-    let mut zeros: Vec<(u64, u64, bool)> = Vec::new();
-    let mut entries = 0u64;
+    let Versions {
+        newest,
+        zeros,
+        entries,
+    } = newest_versions(headers);
+    let mut ops = zeros;
+    ops.extend(data_writes(newest));
+    BatchPlan { ops, entries }
+}
+
+/// What is left of a batch once superseded versions are dropped.
+struct Versions {
+    /// The newest version of each block that no later zeroed range covers, by block number.
+    newest: BTreeMap<u64, Newest>,
+    /// The zeroed ranges, in log order.
+    zeros: Vec<BackingOp>,
+    /// Entries of the batch, all kinds.
+    entries: u64,
+}
+
+/// Walks the batch's entries in log order: a data entry supersedes the block's earlier versions,
+/// a zeroed range every earlier version of the blocks it touches.
+fn newest_versions(headers: &[SegmentHeader]) -> Versions {
+    let mut v = Versions {
+        newest: BTreeMap::new(),
+        zeros: Vec::new(),
+        entries: 0,
+    };
     for (segment, h) in headers.iter().enumerate() {
         for e in &h.entries {
-            entries += 1;
+            v.entries += 1;
             match e.kind {
                 EntryKind::Data => {
-                    newest.insert(
+                    v.newest.insert(
                         e.block(),
                         Newest {
                             segment,
@@ -118,63 +143,66 @@ pub fn plan_batch(headers: &[SegmentHeader]) -> BatchPlan {
                     let spb = (BLOCK_SIZE_BYTES / SECTOR_SIZE_BYTES) as u64;
                     let start = e.start_sector / spb;
                     let end = (e.start_sector + e.length_sectors as u64).div_ceil(spb);
-                    let doomed: Vec<u64> = newest.range(start..end).map(|(b, _)| *b).collect();
+                    let doomed: Vec<u64> = v.newest.range(start..end).map(|(b, _)| *b).collect();
                     for b in doomed {
-                        newest.remove(&b);
+                        v.newest.remove(&b);
                     }
-                    zeros.push((
-                        e.start_sector * SECTOR_SIZE_BYTES as u64,
-                        e.length_sectors as u64 * SECTOR_SIZE_BYTES as u64,
-                        e.kind == EntryKind::Discard,
-                    ));
+                    v.zeros.push(BackingOp::Zero {
+                        offset: e.start_sector * SECTOR_SIZE_BYTES as u64,
+                        len: e.length_sectors as u64 * SECTOR_SIZE_BYTES as u64,
+                        discard: e.kind == EntryKind::Discard,
+                    });
                 }
             }
         }
     }
-    let mut ops: Vec<BackingOp> = zeros
-        .into_iter()
-        .map(|(offset, len, discard)| BackingOp::Zero {
-            offset,
-            len,
-            discard,
-        })
-        .collect();
+    v
+}
+
+/// The data writes, in block order: whole blocks at adjacent addresses merged into runs (up to
+/// `MAX_MERGED_WRITE_BYTES`), a partial block written run of valid sectors by run.
+fn data_writes(newest: BTreeMap<u64, Newest>) -> Vec<BackingOp> {
+    let mut ops = Vec::new();
     let mut run: Option<Run> = None;
     for (block, n) in newest {
         let block_offset = block * BLOCK_SIZE_BYTES as u64;
-        let data_offset = data_block_offset(n.data_slot);
         if n.mask != ALL_SECTORS_VALID {
             ops.extend(run.take().map(Run::into_op));
-            // A partial block: one write per run of valid sectors.
-            let mut sector = 0;
-            while sector < 8 {
-                if n.mask & (1 << sector) == 0 {
-                    sector += 1;
-                    continue;
-                }
-                let first = sector;
-                while sector < 8 && n.mask & (1 << sector) != 0 {
-                    sector += 1;
-                }
-                let (off, len) = (
-                    first * SECTOR_SIZE_BYTES,
-                    (sector - first) * SECTOR_SIZE_BYTES,
-                );
-                ops.push(BackingOp::Write {
-                    offset: block_offset + off as u64,
-                    pieces: vec![(n.segment, data_offset + off, len)],
-                });
-            }
+            push_partial_block(&mut ops, block_offset, n);
             continue;
         }
-        let piece = (n.segment, data_offset, BLOCK_SIZE_BYTES);
+        let piece = (n.segment, data_block_offset(n.data_slot), BLOCK_SIZE_BYTES);
         match &mut run {
             Some(r) if r.takes(block_offset, &piece) => r.push(piece),
             _ => ops.extend(run.replace(Run::new(block_offset, piece)).map(Run::into_op)),
         }
     }
     ops.extend(run.map(Run::into_op));
-    BatchPlan { ops, entries }
+    ops
+}
+
+/// A partial block: one write per run of valid sectors.
+fn push_partial_block(ops: &mut Vec<BackingOp>, block_offset: u64, n: Newest) {
+    let data_offset = data_block_offset(n.data_slot);
+    let mut sector = 0;
+    while sector < 8 {
+        if n.mask & (1 << sector) == 0 {
+            sector += 1;
+            continue;
+        }
+        let first = sector;
+        while sector < 8 && n.mask & (1 << sector) != 0 {
+            sector += 1;
+        }
+        let (off, len) = (
+            first * SECTOR_SIZE_BYTES,
+            (sector - first) * SECTOR_SIZE_BYTES,
+        );
+        ops.push(BackingOp::Write {
+            offset: block_offset + off as u64,
+            pieces: vec![(n.segment, data_offset + off, len)],
+        });
+    }
 }
 
 /// (segment index in the batch, byte offset in that segment's image, length)
@@ -441,18 +469,7 @@ impl Writeback {
     fn try_one_batch(&mut self, bandwidth_cap: Option<u64>) -> io::Result<usize> {
         let started = Instant::now();
         let first = self.next_id();
-        let mut batch = match self.ahead.take() {
-            Some(b) if b.first_id() == Some(first) => b,
-            Some(stale) => {
-                stale.recycle(&mut self.spare);
-                Batch::default()
-            }
-            None => Batch::default(),
-        };
-        if let Err(e) = batch.fill(self.log.as_ref(), first, &mut self.spare) {
-            batch.recycle(&mut self.spare);
-            return Err(e);
-        }
+        let mut batch = self.read_batch(first)?;
         let (Some(first_id), Some(last_id), Some(epoch)) =
             (batch.first_id(), batch.last_id(), batch.epoch_id())
         else {
@@ -462,33 +479,9 @@ impl Writeback {
         let read = started.elapsed();
         let plan = plan_batch(&batch.headers);
 
-        let mut following = batch.take_following();
-        let applied = if self.read_ahead {
-            let log = self.log.clone();
-            let mut spare = std::mem::take(&mut self.spare);
-            let (applied, (ahead, spare)) = std::thread::scope(|scope| {
-                let reader = std::thread::Builder::new()
-                    .name("wb-read-ahead".into())
-                    .spawn_scoped(scope, move || {
-                        let read = following.fill(log.as_ref(), last_id + 1, &mut spare);
-                        (read.map(|()| following), spare)
-                    })
-                    .expect("spawn the read-ahead thread");
-                let applied = self.apply(&plan, &batch.images, bandwidth_cap);
-                (applied, reader.join().expect("read-ahead thread"))
-            });
-            self.spare = spare;
-            match ahead {
-                Ok(ahead) => self.ahead = Some(ahead),
-                // Read again (and the error met again, if it persists) when its turn comes.
-                Err(e) => log::warn!("reading ahead after segment {last_id}: {e}"),
-            }
-            applied
-        } else {
-            // (the following batch is read when its turn comes)
-            self.ahead = Some(following);
-            self.apply(&plan, &batch.images, bandwidth_cap)
-        };
+        let following = batch.take_following();
+        let applied =
+            self.apply_reading_ahead(&plan, &batch.images, following, last_id, bandwidth_cap);
         let Batch {
             headers, images, ..
         } = batch;
@@ -506,18 +499,80 @@ impl Writeback {
             plan.ops.len(),
             written - read,
         );
+        if self.commit_due(epoch) {
+            self.commit()?;
+        }
+        Ok((last_id - first_id + 1) as usize)
+    }
+
+    /// The batch that begins at segment `first`: the one read ahead if it begins there, else a
+    /// new one; topped up from the cache. Empty if nothing is ready. On an error, nothing is kept.
+    fn read_batch(&mut self, first: u64) -> io::Result<Batch> {
+        let mut batch = match self.ahead.take() {
+            Some(b) if b.first_id() == Some(first) => b,
+            Some(stale) => {
+                stale.recycle(&mut self.spare);
+                Batch::default()
+            }
+            None => Batch::default(),
+        };
+        if let Err(e) = batch.fill(self.log.as_ref(), first, &mut self.spare) {
+            batch.recycle(&mut self.spare);
+            return Err(e);
+        }
+        Ok(batch)
+    }
+
+    /// Applies `plan` from `images` (the batch through segment `last_id`). With `read_ahead`,
+    /// `following` is topped up from the cache on a second thread meanwhile and kept as the next
+    /// batch; without, it is kept as it is (and read when its turn comes). A failed read ahead is
+    /// only logged: it is read again then.
+    fn apply_reading_ahead(
+        &mut self,
+        plan: &BatchPlan,
+        images: &[AlignedBuf],
+        mut following: Batch,
+        last_id: u64,
+        cap: Option<u64>,
+    ) -> io::Result<()> {
+        if !self.read_ahead {
+            self.ahead = Some(following);
+            return self.apply(plan, images, cap);
+        }
+        let log = self.log.clone();
+        let mut spare = std::mem::take(&mut self.spare);
+        let (applied, (ahead, spare)) = std::thread::scope(|scope| {
+            let reader = std::thread::Builder::new()
+                .name("wb-read-ahead".into())
+                .spawn_scoped(scope, move || {
+                    let read = following.fill(log.as_ref(), last_id + 1, &mut spare);
+                    (read.map(|()| following), spare)
+                })
+                .expect("spawn the read-ahead thread");
+            let applied = self.apply(plan, images, cap);
+            (applied, reader.join().expect("read-ahead thread"))
+        });
+        self.spare = spare;
+        match ahead {
+            Ok(ahead) => self.ahead = Some(ahead),
+            // Read again (and the error met again, if it persists) when its turn comes.
+            Err(e) => log::warn!("reading ahead after segment {last_id}: {e}"),
+        }
+        applied
+    }
+
+    /// Whether to flush and commit now, after a batch of `epoch`: unless the batch read ahead
+    /// continues that epoch; and in any case once `COMMIT_EVERY_SEGMENTS` segments wait for it,
+    /// or writers wait for space.
+    fn commit_due(&self, epoch: u64) -> bool {
         let epoch_continues = self
             .ahead
             .as_ref()
             .and_then(Batch::epoch_id)
             .is_some_and(|next| next == epoch);
-        if !epoch_continues
+        !epoch_continues
             || self.uncommitted.len() >= COMMIT_EVERY_SEGMENTS
             || self.log.activity(Instant::now()).writers_waiting
-        {
-            self.commit()?;
-        }
-        Ok((last_id - first_id + 1) as usize)
     }
 
     /// Flushes the backing device, then records the checkpoint through the last uncommitted
@@ -591,54 +646,63 @@ impl Writeback {
             stats.bytes_written += bytes;
             pace(bytes);
         }
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let worker = || -> io::Result<(u64, u64)> {
-            let (mut ios, mut bytes) = (0, 0);
-            while !failed.load(Ordering::Relaxed) {
-                let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                match write_one(log, op, images) {
-                    Ok(n) => {
-                        ios += 1;
-                        bytes += n;
-                        pace(n);
-                    }
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        return Err(e);
-                    }
-                }
-            }
-            Ok((ios, bytes))
-        };
-        let writers = WRITES_IN_FLIGHT.min(whole.len());
-        let results: Vec<io::Result<(u64, u64)>> = if writers <= 1 {
-            vec![worker()]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..writers)
-                    .map(|_| {
-                        std::thread::Builder::new()
-                            .name("wb-write".into())
-                            .spawn_scoped(scope, worker)
-                            .expect("spawn a writeback writer")
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("writeback writer"))
-                    .collect()
-            })
-        };
-        for result in results {
+        for result in write_in_parallel(log, &whole, images, &pace) {
             let (ios, bytes) = result?;
             stats.ios_merged += ios;
             stats.bytes_written += bytes;
         }
         Ok(())
     }
+}
+
+/// Issues whole-block writes `WRITES_IN_FLIGHT` at a time, each paced by `pace`; once one fails,
+/// no writer starts another. Returns each writer's (writes, bytes), or its error.
+fn write_in_parallel(
+    log: &dyn CacheLog,
+    whole: &[&BackingOp],
+    images: &[AlignedBuf],
+    pace: &(dyn Fn(u64) + Sync),
+) -> Vec<io::Result<(u64, u64)>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> io::Result<(u64, u64)> {
+        let (mut ios, mut bytes) = (0, 0);
+        while !failed.load(Ordering::Relaxed) {
+            let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            match write_one(log, op, images) {
+                Ok(n) => {
+                    ios += 1;
+                    bytes += n;
+                    pace(n);
+                }
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((ios, bytes))
+    };
+    let writers = WRITES_IN_FLIGHT.min(whole.len());
+    if writers <= 1 {
+        return vec![worker()];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name("wb-write".into())
+                    .spawn_scoped(scope, worker)
+                    .expect("spawn a writeback writer")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writeback writer"))
+            .collect()
+    })
 }
 
 /// Whether a write covers whole 4 KiB blocks only (no other write of its batch touches them).
