@@ -97,15 +97,53 @@ struct Newest {
 /// Plans the backing writes of a batch (headers of consecutive segments of one epoch, in id
 /// order): the newest version of each block, sorted by address, adjacent blocks merged.
 pub fn plan_batch(headers: &[SegmentHeader]) -> BatchPlan {
-    let mut newest: BTreeMap<u64, Newest> = BTreeMap::new();
-    let mut zeros: Vec<(u64, u64, bool)> = Vec::new();
-    let mut entries = 0u64;
+    // "Newest" is "logged last": the order of the headers is the order of the log, and merging
+    // is only sound inside one epoch.
+    for pair in headers.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        assert!(
+            after.segment_id == before.segment_id + 1 && after.epoch_id == before.epoch_id,
+            "plan_batch: segment {} (epoch {}) does not follow segment {} (epoch {}) in one epoch",
+            after.segment_id,
+            after.epoch_id,
+            before.segment_id,
+            before.epoch_id
+        );
+    }
+    let Versions {
+        newest,
+        zeros,
+        entries,
+    } = newest_versions(headers);
+    let mut ops = zeros;
+    ops.extend(data_writes(newest));
+    BatchPlan { ops, entries }
+}
+
+/// What is left of a batch once superseded versions are dropped.
+struct Versions {
+    /// The newest version of each block that no later zeroed range covers, by block number.
+    newest: BTreeMap<u64, Newest>,
+    /// The zeroed ranges, in log order.
+    zeros: Vec<BackingOp>,
+    /// Entries of the batch, all kinds.
+    entries: u64,
+}
+
+/// Walks the batch's entries in log order: a data entry supersedes the block's earlier versions,
+/// a zeroed range every earlier version of the blocks it touches.
+fn newest_versions(headers: &[SegmentHeader]) -> Versions {
+    let mut v = Versions {
+        newest: BTreeMap::new(),
+        zeros: Vec::new(),
+        entries: 0,
+    };
     for (segment, h) in headers.iter().enumerate() {
         for e in &h.entries {
-            entries += 1;
+            v.entries += 1;
             match e.kind {
                 EntryKind::Data => {
-                    newest.insert(
+                    v.newest.insert(
                         e.block(),
                         Newest {
                             segment,
@@ -118,63 +156,66 @@ pub fn plan_batch(headers: &[SegmentHeader]) -> BatchPlan {
                     let spb = (BLOCK_SIZE_BYTES / SECTOR_SIZE_BYTES) as u64;
                     let start = e.start_sector / spb;
                     let end = (e.start_sector + e.length_sectors as u64).div_ceil(spb);
-                    let doomed: Vec<u64> = newest.range(start..end).map(|(b, _)| *b).collect();
+                    let doomed: Vec<u64> = v.newest.range(start..end).map(|(b, _)| *b).collect();
                     for b in doomed {
-                        newest.remove(&b);
+                        v.newest.remove(&b);
                     }
-                    zeros.push((
-                        e.start_sector * SECTOR_SIZE_BYTES as u64,
-                        e.length_sectors as u64 * SECTOR_SIZE_BYTES as u64,
-                        e.kind == EntryKind::Discard,
-                    ));
+                    v.zeros.push(BackingOp::Zero {
+                        offset: e.start_sector * SECTOR_SIZE_BYTES as u64,
+                        len: e.length_sectors as u64 * SECTOR_SIZE_BYTES as u64,
+                        discard: e.kind == EntryKind::Discard,
+                    });
                 }
             }
         }
     }
-    let mut ops: Vec<BackingOp> = zeros
-        .into_iter()
-        .map(|(offset, len, discard)| BackingOp::Zero {
-            offset,
-            len,
-            discard,
-        })
-        .collect();
+    v
+}
+
+/// The data writes, in block order: whole blocks at adjacent addresses merged into runs (up to
+/// `MAX_MERGED_WRITE_BYTES`), a partial block written run of valid sectors by run.
+fn data_writes(newest: BTreeMap<u64, Newest>) -> Vec<BackingOp> {
+    let mut ops = Vec::new();
     let mut run: Option<Run> = None;
     for (block, n) in newest {
         let block_offset = block * BLOCK_SIZE_BYTES as u64;
-        let data_offset = data_block_offset(n.data_slot);
         if n.mask != ALL_SECTORS_VALID {
             ops.extend(run.take().map(Run::into_op));
-            // A partial block: one write per run of valid sectors.
-            let mut sector = 0;
-            while sector < 8 {
-                if n.mask & (1 << sector) == 0 {
-                    sector += 1;
-                    continue;
-                }
-                let first = sector;
-                while sector < 8 && n.mask & (1 << sector) != 0 {
-                    sector += 1;
-                }
-                let (off, len) = (
-                    first * SECTOR_SIZE_BYTES,
-                    (sector - first) * SECTOR_SIZE_BYTES,
-                );
-                ops.push(BackingOp::Write {
-                    offset: block_offset + off as u64,
-                    pieces: vec![(n.segment, data_offset + off, len)],
-                });
-            }
+            push_partial_block(&mut ops, block_offset, n);
             continue;
         }
-        let piece = (n.segment, data_offset, BLOCK_SIZE_BYTES);
+        let piece = (n.segment, data_block_offset(n.data_slot), BLOCK_SIZE_BYTES);
         match &mut run {
             Some(r) if r.takes(block_offset, &piece) => r.push(piece),
             _ => ops.extend(run.replace(Run::new(block_offset, piece)).map(Run::into_op)),
         }
     }
     ops.extend(run.map(Run::into_op));
-    BatchPlan { ops, entries }
+    ops
+}
+
+/// A partial block: one write per run of valid sectors.
+fn push_partial_block(ops: &mut Vec<BackingOp>, block_offset: u64, n: Newest) {
+    let data_offset = data_block_offset(n.data_slot);
+    let mut sector = 0;
+    while sector < 8 {
+        if n.mask & (1 << sector) == 0 {
+            sector += 1;
+            continue;
+        }
+        let first = sector;
+        while sector < 8 && n.mask & (1 << sector) != 0 {
+            sector += 1;
+        }
+        let (off, len) = (
+            first * SECTOR_SIZE_BYTES,
+            (sector - first) * SECTOR_SIZE_BYTES,
+        );
+        ops.push(BackingOp::Write {
+            offset: block_offset + off as u64,
+            pieces: vec![(n.segment, data_offset + off, len)],
+        });
+    }
 }
 
 /// (segment index in the batch, byte offset in that segment's image, length)
@@ -258,6 +299,23 @@ impl Batch {
     /// Adds the segment after the last one: to the batch while it continues its epoch, else to
     /// `rest` (and everything after it too: a batch never spans an epoch boundary).
     fn push(&mut self, header: SegmentHeader, image: AlignedBuf) {
+        let previous = self.rest.back().map(|(h, _)| h).or(self.headers.last());
+        if let Some(previous) = previous {
+            assert_eq!(
+                header.segment_id,
+                previous.segment_id + 1,
+                "a batch takes segments in id order, none left out"
+            );
+            // The epoch test below only ends a batch; it would not notice an epoch going back.
+            assert!(
+                header.epoch_id >= previous.epoch_id,
+                "epochs never go back along the log: segment {} has epoch {}, segment {} had {}",
+                header.segment_id,
+                header.epoch_id,
+                previous.segment_id,
+                previous.epoch_id
+            );
+        }
         if self.rest.is_empty() && self.epoch_id().is_none_or(|e| e == header.epoch_id) {
             self.headers.push(header);
             self.images.push(image);
@@ -441,54 +499,25 @@ impl Writeback {
     fn try_one_batch(&mut self, bandwidth_cap: Option<u64>) -> io::Result<usize> {
         let started = Instant::now();
         let first = self.next_id();
-        let mut batch = match self.ahead.take() {
-            Some(b) if b.first_id() == Some(first) => b,
-            Some(stale) => {
-                stale.recycle(&mut self.spare);
-                Batch::default()
-            }
-            None => Batch::default(),
-        };
-        if let Err(e) = batch.fill(self.log.as_ref(), first, &mut self.spare) {
-            batch.recycle(&mut self.spare);
-            return Err(e);
-        }
+        let mut batch = self.read_batch(first)?;
         let (Some(first_id), Some(last_id), Some(epoch)) =
             (batch.first_id(), batch.last_id(), batch.epoch_id())
         else {
             batch.recycle(&mut self.spare);
             return Ok(0);
         };
+        // In id order: the batch takes up where the segments written back so far end.
+        assert_eq!(
+            first_id, first,
+            "a batch begins at the first segment not written back"
+        );
+        self.check_epoch_committed(first_id, epoch);
         let read = started.elapsed();
         let plan = plan_batch(&batch.headers);
 
-        let mut following = batch.take_following();
-        let applied = if self.read_ahead {
-            let log = self.log.clone();
-            let mut spare = std::mem::take(&mut self.spare);
-            let (applied, (ahead, spare)) = std::thread::scope(|scope| {
-                let reader = std::thread::Builder::new()
-                    .name("wb-read-ahead".into())
-                    .spawn_scoped(scope, move || {
-                        let read = following.fill(log.as_ref(), last_id + 1, &mut spare);
-                        (read.map(|()| following), spare)
-                    })
-                    .expect("spawn the read-ahead thread");
-                let applied = self.apply(&plan, &batch.images, bandwidth_cap);
-                (applied, reader.join().expect("read-ahead thread"))
-            });
-            self.spare = spare;
-            match ahead {
-                Ok(ahead) => self.ahead = Some(ahead),
-                // Read again (and the error met again, if it persists) when its turn comes.
-                Err(e) => log::warn!("reading ahead after segment {last_id}: {e}"),
-            }
-            applied
-        } else {
-            // (the following batch is read when its turn comes)
-            self.ahead = Some(following);
-            self.apply(&plan, &batch.images, bandwidth_cap)
-        };
+        let following = batch.take_following();
+        let applied =
+            self.apply_reading_ahead(&plan, &batch.images, following, last_id, bandwidth_cap);
         let Batch {
             headers, images, ..
         } = batch;
@@ -506,23 +535,101 @@ impl Writeback {
             plan.ops.len(),
             written - read,
         );
-        let epoch_continues = self
-            .ahead
-            .as_ref()
-            .and_then(Batch::epoch_id)
-            .is_some_and(|next| next == epoch);
-        if !epoch_continues
-            || self.uncommitted.len() >= COMMIT_EVERY_SEGMENTS
-            || self.log.activity(Instant::now()).writers_waiting
-        {
+        if self.commit_due(epoch) {
             self.commit()?;
         }
         Ok((last_id - first_id + 1) as usize)
     }
 
+    /// The batch that begins at segment `first`: the one read ahead if it begins there, else a
+    /// new one; topped up from the cache. Empty if nothing is ready. On an error, nothing is kept.
+    fn read_batch(&mut self, first: u64) -> io::Result<Batch> {
+        let mut batch = match self.ahead.take() {
+            Some(b) if b.first_id() == Some(first) => b,
+            Some(stale) => {
+                stale.recycle(&mut self.spare);
+                Batch::default()
+            }
+            None => Batch::default(),
+        };
+        if let Err(e) = batch.fill(self.log.as_ref(), first, &mut self.spare) {
+            batch.recycle(&mut self.spare);
+            return Err(e);
+        }
+        Ok(batch)
+    }
+
+    /// Nothing of a later epoch is written before the previous epoch is flushed and committed:
+    /// the segments written back but not committed must be of the epoch of the batch about to
+    /// be written (`commit_due` commits at the end of every epoch).
+    fn check_epoch_committed(&self, first_id: u64, epoch: u64) {
+        if let Some(last) = self.uncommitted.last() {
+            assert!(
+                last.epoch_id == epoch,
+                "segment {first_id} (epoch {epoch}) would be written before segment {} (epoch {}) \
+                 is committed",
+                last.segment_id,
+                last.epoch_id
+            );
+        }
+    }
+
+    /// Applies `plan` from `images` (the batch through segment `last_id`). With `read_ahead`,
+    /// `following` is topped up from the cache on a second thread meanwhile and kept as the next
+    /// batch; without, it is kept as it is (and read when its turn comes). A failed read ahead is
+    /// only logged: it is read again then.
+    fn apply_reading_ahead(
+        &mut self,
+        plan: &BatchPlan,
+        images: &[AlignedBuf],
+        mut following: Batch,
+        last_id: u64,
+        cap: Option<u64>,
+    ) -> io::Result<()> {
+        if !self.read_ahead {
+            self.ahead = Some(following);
+            return self.apply(plan, images, cap);
+        }
+        let log = self.log.clone();
+        let mut spare = std::mem::take(&mut self.spare);
+        let (applied, (ahead, spare)) = std::thread::scope(|scope| {
+            let reader = std::thread::Builder::new()
+                .name("wb-read-ahead".into())
+                .spawn_scoped(scope, move || {
+                    let read = following.fill(log.as_ref(), last_id + 1, &mut spare);
+                    (read.map(|()| following), spare)
+                })
+                .expect("spawn the read-ahead thread");
+            let applied = self.apply(plan, images, cap);
+            (applied, reader.join().expect("read-ahead thread"))
+        });
+        self.spare = spare;
+        match ahead {
+            Ok(ahead) => self.ahead = Some(ahead),
+            // Read again (and the error met again, if it persists) when its turn comes.
+            Err(e) => log::warn!("reading ahead after segment {last_id}: {e}"),
+        }
+        applied
+    }
+
+    /// Whether to flush and commit now, after a batch of `epoch`: unless the batch read ahead
+    /// continues that epoch; and in any case once `COMMIT_EVERY_SEGMENTS` segments wait for it,
+    /// or writers wait for space.
+    fn commit_due(&self, epoch: u64) -> bool {
+        let epoch_continues = self
+            .ahead
+            .as_ref()
+            .and_then(Batch::epoch_id)
+            .is_some_and(|next| next == epoch);
+        !epoch_continues
+            || self.uncommitted.len() >= COMMIT_EVERY_SEGMENTS
+            || self.log.activity(Instant::now()).writers_waiting
+    }
+
     /// Flushes the backing device, then records the checkpoint through the last uncommitted
     /// segment, which frees the uncommitted segments. Nothing of a later epoch was written
-    /// before this, so every epoch boundary is crossed with the previous epoch flushed.
+    /// before this (`check_epoch_committed`), so every epoch boundary is crossed with the
+    /// previous epoch flushed.
     fn commit(&mut self) -> io::Result<()> {
         let Some(last) = self.uncommitted.last() else {
             return Ok(());
@@ -591,53 +698,86 @@ impl Writeback {
             stats.bytes_written += bytes;
             pace(bytes);
         }
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let worker = || -> io::Result<(u64, u64)> {
-            let (mut ios, mut bytes) = (0, 0);
-            while !failed.load(Ordering::Relaxed) {
-                let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                match write_one(log, op, images) {
-                    Ok(n) => {
-                        ios += 1;
-                        bytes += n;
-                        pace(n);
-                    }
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        return Err(e);
-                    }
-                }
-            }
-            Ok((ios, bytes))
-        };
-        let writers = WRITES_IN_FLIGHT.min(whole.len());
-        let results: Vec<io::Result<(u64, u64)>> = if writers <= 1 {
-            vec![worker()]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..writers)
-                    .map(|_| {
-                        std::thread::Builder::new()
-                            .name("wb-write".into())
-                            .spawn_scoped(scope, worker)
-                            .expect("spawn a writeback writer")
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("writeback writer"))
-                    .collect()
-            })
-        };
-        for result in results {
+        for result in write_in_parallel(log, &whole, images, &pace) {
             let (ios, bytes) = result?;
             stats.ios_merged += ios;
             stats.bytes_written += bytes;
         }
         Ok(())
+    }
+}
+
+/// Issues whole-block writes `WRITES_IN_FLIGHT` at a time, each paced by `pace`; once one fails,
+/// no writer starts another. Returns each writer's (writes, bytes), or its error.
+fn write_in_parallel(
+    log: &dyn CacheLog,
+    whole: &[&BackingOp],
+    images: &[AlignedBuf],
+    pace: &(dyn Fn(u64) + Sync),
+) -> Vec<io::Result<(u64, u64)>> {
+    // They may complete in any order only because no two touch one block. The plan lists them
+    // by address, so: each ends before the next begins.
+    assert!(
+        whole.windows(2).all(|w| w[0].end() <= w[1].offset()),
+        "whole-block writes issued at once overlap"
+    );
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> io::Result<(u64, u64)> {
+        let (mut ios, mut bytes) = (0, 0);
+        while !failed.load(Ordering::Relaxed) {
+            let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            match write_one(log, op, images) {
+                Ok(n) => {
+                    ios += 1;
+                    bytes += n;
+                    pace(n);
+                }
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((ios, bytes))
+    };
+    let writers = WRITES_IN_FLIGHT.min(whole.len());
+    if writers <= 1 {
+        return vec![worker()];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name("wb-write".into())
+                    .spawn_scoped(scope, worker)
+                    .expect("spawn a writeback writer")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writeback writer"))
+            .collect()
+    })
+}
+
+impl BackingOp {
+    /// Where on the backing device the operation begins.
+    fn offset(&self) -> u64 {
+        match self {
+            BackingOp::Zero { offset, .. } | BackingOp::Write { offset, .. } => *offset,
+        }
+    }
+
+    /// Where on the backing device the operation ends (exclusive).
+    fn end(&self) -> u64 {
+        let len = match self {
+            BackingOp::Zero { len, .. } => *len,
+            BackingOp::Write { pieces, .. } => pieces.iter().map(|p| p.2 as u64).sum(),
+        };
+        self.offset() + len
     }
 }
 
@@ -1040,5 +1180,181 @@ mod tests {
             let at = (id * 4 * 4096) as usize;
             assert!(backing[at..at + 4 * 4096].iter().all(|&b| b == id as u8));
         }
+    }
+
+    fn segment(id: u64, epoch: u64) -> SegmentHeader {
+        let mut h = header(id, vec![Entry::data(id * 4, 0, 0xff, 0)]);
+        h.epoch_id = epoch;
+        h
+    }
+
+    /// A batch given segments `(id, epoch)` one by one, as `fill` and `take_following` do.
+    fn batch_of(segments: &[(u64, u64)]) -> Batch {
+        let mut batch = Batch::default();
+        for &(id, epoch) in segments {
+            batch.push(segment(id, epoch), AlignedBuf::new(4096));
+        }
+        batch
+    }
+
+    #[test]
+    fn a_batch_ends_where_its_epoch_does() {
+        let batch = batch_of(&[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]);
+        let ids: Vec<u64> = batch.headers.iter().map(|h| h.segment_id).collect();
+        let rest: Vec<u64> = batch.rest.iter().map(|(h, _)| h.segment_id).collect();
+        assert_eq!((ids, rest), (vec![1, 2], vec![3, 4, 5]));
+    }
+
+    #[test]
+    #[should_panic(expected = "a batch takes segments in id order, none left out")]
+    fn a_batch_refuses_a_segment_out_of_order() {
+        batch_of(&[(1, 1), (3, 1)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "a batch takes segments in id order, none left out")]
+    fn segments_read_past_a_batch_follow_the_last_one_read() {
+        // Segment 2 begins another epoch, so it goes to `rest`: the next one must be 3.
+        batch_of(&[(1, 1), (2, 2), (2, 2)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "segment 2 has epoch 1, segment 1 had 2")]
+    fn a_batch_refuses_an_epoch_going_back() {
+        batch_of(&[(1, 2), (2, 1)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "segment 3 has epoch 2, segment 2 had 3")]
+    fn an_epoch_going_back_past_a_batch_is_refused() {
+        // Segment 3 follows segment 2 (epoch 3, in `rest`), not the batch's segment 1 (epoch 1).
+        batch_of(&[(1, 1), (2, 3), (3, 2)]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "plan_batch: segment 3 (epoch 1) does not follow segment 1 (epoch 1)"
+    )]
+    fn plan_batch_refuses_a_gap() {
+        plan_batch(&[segment(1, 1), segment(3, 1)]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "plan_batch: segment 2 (epoch 2) does not follow segment 1 (epoch 1)"
+    )]
+    fn plan_batch_refuses_two_epochs() {
+        plan_batch(&[segment(1, 1), segment(2, 2)]);
+    }
+
+    /// A cache log holding `segments` (as the cache answers reads of ids 1, 2, …), nothing
+    /// written back yet.
+    fn fake_log(segments: Vec<SegmentHeader>) -> Arc<FakeLog> {
+        Arc::new(FakeLog {
+            segments: segments
+                .into_iter()
+                .map(|h| (h, vec![0u8; SEGMENT_SIZE_BYTES]))
+                .collect(),
+            backing: Mutex::new(vec![0; 64 * 4096]),
+            events: Mutex::new(Vec::new()),
+            written_back: Mutex::new((0, 0)),
+        })
+    }
+
+    /// Writes back one batch, reading ahead or not; returns the panic message, if it panicked.
+    fn one_batch_panics(wb: &mut Writeback, read_ahead: bool) -> Option<String> {
+        wb.read_ahead = read_ahead;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wb.write_back_one_batch(None)
+        }));
+        let panic = result.err()?;
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|m| m.to_string()))
+    }
+
+    #[test]
+    fn a_batch_begins_where_writeback_stands() {
+        for read_ahead in [false, true] {
+            // The cache answers the read of segment 1 with segment 2.
+            let log = fake_log(vec![segment(2, 1), segment(3, 1)]);
+            let message = one_batch_panics(&mut Writeback::new(log.clone()), read_ahead);
+            assert!(
+                message.is_some_and(|m| m.contains("a batch begins at the first segment not")),
+                "read ahead: {read_ahead}"
+            );
+            let events = log.events.lock().unwrap();
+            assert!(!events.iter().any(|e| matches!(e, Event::Write(..))));
+        }
+    }
+
+    #[test]
+    fn a_segment_the_cache_mislabels_is_not_written_back() {
+        for read_ahead in [false, true] {
+            // The cache answers the read of segment 2 with segment 3.
+            let log = fake_log(vec![segment(1, 1), segment(3, 1)]);
+            let message = one_batch_panics(&mut Writeback::new(log.clone()), read_ahead);
+            assert!(
+                message.is_some_and(|m| m.contains("a batch takes segments in id order")),
+                "read ahead: {read_ahead}"
+            );
+            let events = log.events.lock().unwrap();
+            assert!(!events.iter().any(|e| matches!(e, Event::Write(..))));
+        }
+    }
+
+    #[test]
+    fn nothing_of_an_epoch_is_written_before_the_previous_one_is_committed() {
+        for read_ahead in [false, true] {
+            let log = fake_log(vec![segment(1, 1), segment(2, 2)]);
+            let mut wb = Writeback::new(log.clone());
+            // As if segment 1 had been written back and the commit after it skipped.
+            wb.uncommitted.push(segment(1, 1));
+            let message = one_batch_panics(&mut wb, read_ahead);
+            assert!(
+                message.is_some_and(|m| m.contains(
+                    "segment 2 (epoch 2) would be written before segment 1 (epoch 1) is committed"
+                )),
+                "read ahead: {read_ahead}"
+            );
+            let events = log.events.lock().unwrap();
+            assert!(!events.iter().any(|e| matches!(e, Event::Write(..))));
+        }
+    }
+
+    fn whole_block_write(offset: u64) -> BackingOp {
+        BackingOp::Write {
+            offset,
+            pieces: vec![(0, data_block_offset(0), 4096)],
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "whole-block writes issued at once overlap")]
+    fn whole_block_writes_in_flight_never_overlap() {
+        let mut wb = Writeback::new(fake_log(vec![segment(1, 1)]));
+        let plan = BatchPlan {
+            ops: vec![whole_block_write(4096), whole_block_write(4096)],
+            entries: 2,
+        };
+        let _ = wb.apply(&plan, &[AlignedBuf::new(SEGMENT_SIZE_BYTES)], None);
+    }
+
+    #[test]
+    fn adjacent_whole_block_writes_go_in_flight_together() {
+        let log = fake_log(vec![segment(1, 1)]);
+        let mut wb = Writeback::new(log.clone());
+        let plan = BatchPlan {
+            ops: vec![whole_block_write(0), whole_block_write(4096)],
+            entries: 2,
+        };
+        wb.apply(&plan, &[AlignedBuf::new(SEGMENT_SIZE_BYTES)], None)
+            .unwrap();
+        // (in any order)
+        let events = log.events.lock().unwrap();
+        assert_eq!(events.len(), 2);
+        assert!(events.contains(&Event::Write(0, 4096)));
+        assert!(events.contains(&Event::Write(4096, 4096)));
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use wb_target::{Device, Engine, FileDevice, FormatOptions, OpenOptions};
+use wb_target::{Device, Engine, EngineStatus, FileDevice, FormatOptions, OpenOptions};
 
 use super::files::{self, CountingDevice, Xorshift};
 
@@ -60,49 +60,17 @@ pub struct EngineReport {
 const BACKING_BYTES: u64 = 64 << 30;
 
 pub fn run(args: &EngineArgs) -> Result<EngineReport> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let cache_path = args.dir.join("wbbench-cache.img");
-    let backing_path = args.dir.join("wbbench-backing.img");
-    let buffer_path = args.dir.join("wbbench.buf");
+    let images = Images::create(args)?;
     let cache_bytes = args.cache_gib << 30;
     let measure_bytes = args.measure_mib << 20;
-    files::create_image(&cache_path, cache_bytes)?;
-    files::create_image(&backing_path, BACKING_BYTES)?;
-    let _ = std::fs::remove_file(&buffer_path);
 
     // 1. The physical limit, measured on the cache file itself, over the region the log will
     //    use; a first pass allocates the file's blocks so that neither phase pays for that.
-    files::sequential_write_bandwidth(&cache_path, 0, measure_bytes)?;
-    let limit = files::sequential_write_bandwidth(&cache_path, 0, measure_bytes)?;
+    files::sequential_write_bandwidth(&images.cache, 0, measure_bytes)?;
+    let limit = files::sequential_write_bandwidth(&images.cache, 0, measure_bytes)?;
 
-    let open = |cache: Arc<dyn Device>| -> Result<Engine> {
-        let backing = FileDevice::open(&backing_path)?;
-        let identity = backing.identity();
-        let mut options = OpenOptions::new(buffer_path.clone());
-        options.writeback = None;
-        options.sync_interval = Duration::from_secs(3600);
-        Ok(wb_target::open(
-            vec![cache],
-            Arc::new(backing),
-            &identity,
-            options,
-        )?)
-    };
-    {
-        let cache: Arc<dyn Device> = Arc::new(FileDevice::open(&cache_path)?);
-        let backing = FileDevice::open(&backing_path)?;
-        wb_target::format(
-            &[cache],
-            &backing,
-            &backing.identity(),
-            &FormatOptions {
-                logical_block_size: 4096,
-                force: true,
-            },
-        )?;
-    }
-    let engine = open(Arc::new(FileDevice::open(&cache_path)?))?;
+    images.format()?;
+    let engine = images.open(Arc::new(FileDevice::open(&images.cache)?))?;
 
     // 2. Random 4 KiB writes into the engine.
     let blocks_total = measure_bytes / logfmt::BLOCK_SIZE_BYTES as u64;
@@ -112,30 +80,13 @@ pub fn run(args: &EngineArgs) -> Result<EngineReport> {
     let engine_bw = measure_bytes as f64 / started.elapsed().as_secs_f64();
 
     // 3. Fill the cache: leave room only for the RAM buffers' segments.
-    let status = engine.status();
-    let capacity_blocks = status.capacity_bytes / logfmt::BLOCK_SIZE_BYTES as u64;
-    let headroom = 40 * logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
-    let live_blocks = status.used_bytes / logfmt::BLOCK_SIZE_BYTES as u64;
-    let more = capacity_blocks.saturating_sub(headroom + live_blocks);
-    write_random(&engine, more, args.threads, 2)?;
-    let status = engine.status();
-    let map_bytes_per_block = status.metadata_bytes as f64 / capacity_blocks as f64;
+    let (status, map_bytes_per_block) = fill_to_the_brim(&engine, args.threads)?;
 
     // 4. Crash with a full cache, then recover through a counting device.
-    engine.abandon();
-    drop(engine);
-    let counting = CountingDevice::new(Arc::new(FileDevice::open(&cache_path)?));
-    let started = Instant::now();
-    let engine = open(counting.clone())?;
-    let recovery_ms = started.elapsed().as_secs_f64() * 1e3;
-    let recovery_bytes = counting.bytes_read.load(Ordering::Relaxed);
-    engine.abandon();
-    drop(engine);
+    let (recovery_ms, recovery_bytes) = crash_and_recover(engine, &images)?;
 
     if !args.keep {
-        for p in [&cache_path, &backing_path, &buffer_path] {
-            let _ = std::fs::remove_file(p);
-        }
+        images.remove();
     }
     Ok(EngineReport {
         sequential_limit_mib_s: files::mib_per_sec(limit),
@@ -150,6 +101,97 @@ pub fn run(args: &EngineArgs) -> Result<EngineReport> {
         recovery_ms,
         stall_ms: status.stall_ms,
     })
+}
+
+/// The benchmark's files: the cache and backing images and the RAM buffer file.
+struct Images {
+    cache: PathBuf,
+    backing: PathBuf,
+    buffer: PathBuf,
+}
+
+impl Images {
+    /// Creates the folder and the images at their sizes; no RAM buffer file is left over.
+    fn create(args: &EngineArgs) -> Result<Images> {
+        std::fs::create_dir_all(&args.dir)
+            .with_context(|| format!("creating {}", args.dir.display()))?;
+        let images = Images {
+            cache: args.dir.join("wbbench-cache.img"),
+            backing: args.dir.join("wbbench-backing.img"),
+            buffer: args.dir.join("wbbench.buf"),
+        };
+        files::create_image(&images.cache, args.cache_gib << 30)?;
+        files::create_image(&images.backing, BACKING_BYTES)?;
+        let _ = std::fs::remove_file(&images.buffer);
+        Ok(images)
+    }
+
+    /// Formats the cache image for the backing image.
+    fn format(&self) -> Result<()> {
+        let cache: Arc<dyn Device> = Arc::new(FileDevice::open(&self.cache)?);
+        let backing = FileDevice::open(&self.backing)?;
+        wb_target::format(
+            &[cache],
+            &backing,
+            &backing.identity(),
+            &FormatOptions {
+                logical_block_size: 4096,
+                force: true,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// An engine on `cache` (the cache image, maybe wrapped) and the backing image; writeback
+    /// off, no periodic sync.
+    fn open(&self, cache: Arc<dyn Device>) -> Result<Engine> {
+        let backing = FileDevice::open(&self.backing)?;
+        let identity = backing.identity();
+        let mut options = OpenOptions::new(self.buffer.clone());
+        options.writeback = None;
+        options.sync_interval = Duration::from_secs(3600);
+        Ok(wb_target::open(
+            vec![cache],
+            Arc::new(backing),
+            &identity,
+            options,
+        )?)
+    }
+
+    fn remove(&self) {
+        for p in [&self.cache, &self.backing, &self.buffer] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Random writes until only the RAM buffers' segments are left free (writeback is off). Returns
+/// the engine's status then, and its metadata per block the cache holds.
+fn fill_to_the_brim(engine: &Engine, threads: usize) -> Result<(EngineStatus, f64)> {
+    let status = engine.status();
+    let capacity_blocks = status.capacity_bytes / logfmt::BLOCK_SIZE_BYTES as u64;
+    let headroom = 40 * logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
+    let live_blocks = status.used_bytes / logfmt::BLOCK_SIZE_BYTES as u64;
+    let more = capacity_blocks.saturating_sub(headroom + live_blocks);
+    write_random(engine, more, threads, 2)?;
+    let status = engine.status();
+    let map_bytes_per_block = status.metadata_bytes as f64 / capacity_blocks as f64;
+    Ok((status, map_bytes_per_block))
+}
+
+/// Stops `engine` as a crash would (nothing flushed, the RAM buffer file left), then times a new
+/// engine's recovery through a device that counts the bytes read. Returns (ms, bytes read).
+fn crash_and_recover(engine: Engine, images: &Images) -> Result<(f64, u64)> {
+    engine.abandon();
+    drop(engine);
+    let counting = CountingDevice::new(Arc::new(FileDevice::open(&images.cache)?));
+    let started = Instant::now();
+    let engine = images.open(counting.clone())?;
+    let recovery_ms = started.elapsed().as_secs_f64() * 1e3;
+    let recovery_bytes = counting.bytes_read.load(Ordering::Relaxed);
+    engine.abandon();
+    drop(engine);
+    Ok((recovery_ms, recovery_bytes))
 }
 
 /// `blocks` random 4 KiB writes over the backing device's range, split over `threads`.

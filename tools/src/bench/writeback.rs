@@ -144,158 +144,210 @@ struct Rounds {
     random_drain: Vec<f64>,
     seq_ios: u64,
     random_ios: u64,
+    /// Backing writes one per logged block would have taken (every block here is distinct).
+    seq_unmerged: u64,
+    random_unmerged: u64,
     during_fill: u64,
 }
 
+/// The image files and the sizes of one run.
+struct Setup {
+    cache_path: PathBuf,
+    backing_path: PathBuf,
+    buffer_path: PathBuf,
+    seq_bytes: u64,
+    random_bytes: u64,
+    span_bytes: u64,
+    cache_bytes: u64,
+    backing_bytes: u64,
+}
+
 pub fn run(args: &WritebackArgs) -> Result<WritebackReport> {
-    let cache_dir = args.cache_dir.as_ref().unwrap_or(&args.dir);
-    for dir in [&args.dir, cache_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let cache_path = cache_dir.join("wbbench-wb-cache.img");
-    let backing_path = args.dir.join("wbbench-wb-backing.img");
-    let buffer_path = args.dir.join("wbbench-wb.buf");
-    let seq_bytes = (args.seq_mib << 20).next_multiple_of(BLOCK);
-    let random_bytes = (args.random_mib << 20).next_multiple_of(BLOCK);
-    let span_bytes = (args.random_span_mib << 20).next_multiple_of(BLOCK);
-    ensure!(
-        seq_bytes > 0 && random_bytes > 0 && args.rounds > 0,
-        "nothing to measure"
-    );
-    ensure!(
-        random_bytes <= span_bytes / 2,
-        "--random-span-mib must be at least twice --random-mib (distinct random blocks)"
-    );
-    // The cache holds the larger fill below the held-off policy's 99 % with room to spare.
-    let data_per_segment = logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * BLOCK;
-    let segments = seq_bytes.max(random_bytes).div_ceil(data_per_segment) * 10 / 8 + 64;
-    let cache_bytes = logfmt::SEGMENT_AREA_OFFSET
-        + segments.max(logfmt::MIN_SEGMENTS) * logfmt::SEGMENT_SIZE_BYTES as u64;
-    let backing_bytes = seq_bytes.max(span_bytes);
-    files::create_image(&cache_path, cache_bytes)?;
-    files::create_image(&backing_path, backing_bytes)?;
-    let _ = std::fs::remove_file(&buffer_path);
-    let same_device =
-        std::fs::metadata(&cache_path)?.dev() == std::fs::metadata(&backing_path)?.dev();
+    let setup = Setup::new(args)?;
+    files::create_image(&setup.cache_path, setup.cache_bytes)?;
+    files::create_image(&setup.backing_path, setup.backing_bytes)?;
+    let _ = std::fs::remove_file(&setup.buffer_path);
+    let same_device = std::fs::metadata(&setup.cache_path)?.dev()
+        == std::fs::metadata(&setup.backing_path)?.dev();
 
     // 0. Allocate both files.
-    write_through(&cache_path, cache_bytes)?;
-    files::sequential_write_bandwidth(&backing_path, 0, backing_bytes)?;
+    write_through(&setup.cache_path, setup.cache_bytes)?;
+    files::sequential_write_bandwidth(&setup.backing_path, 0, setup.backing_bytes)?;
 
-    {
-        let cache = FileDevice::open(&cache_path)?;
-        let backing = FileDevice::open(&backing_path)?;
-        wb_target::format(
-            &[Arc::new(cache)],
-            &backing,
-            &backing.identity(),
-            &FormatOptions {
-                logical_block_size: 4096,
-                force: true,
-            },
-        )?;
-    }
-    let engine = {
-        let backing = FileDevice::open(&backing_path)?;
-        let identity = backing.identity();
-        let mut options = OpenOptions::new(buffer_path.clone());
-        options.writeback = Some(held_off());
-        options.sync_interval = Duration::from_secs(3600);
-        wb_target::open(
-            vec![Arc::new(FileDevice::open(&cache_path)?)],
-            Arc::new(backing),
-            &identity,
-            options,
-        )?
-    };
-
-    let seq_blocks: Vec<u64> = (0..seq_bytes / BLOCK).collect();
-    let random_blocks = distinct_random_blocks(random_bytes / BLOCK, span_bytes / BLOCK);
+    let engine = setup.format_and_open()?;
+    let seq_blocks: Vec<u64> = (0..setup.seq_bytes / BLOCK).collect();
+    let random_blocks =
+        distinct_random_blocks(setup.random_bytes / BLOCK, setup.span_bytes / BLOCK);
     let mut r = Rounds::default();
     for _ in 0..args.rounds {
-        // 1-3. Sequential.
-        r.seq_limit.push(files::sequential_write_bandwidth(
-            &backing_path,
-            0,
-            seq_bytes,
-        )?);
-        r.read_limit.push(files::sequential_read_bandwidth(
-            &cache_path,
-            logfmt::SEGMENT_AREA_OFFSET,
-            seq_bytes,
-            writeback::READS_IN_FLIGHT,
-        )?);
-        r.copy_limit.push(copy_bandwidth(
-            &cache_path,
-            logfmt::SEGMENT_AREA_OFFSET,
-            &backing_path,
-            seq_bytes,
-        )?);
-        engine.set_policy(held_off());
-        r.during_fill += fill(&engine, &seq_blocks)?;
-        let seq = drain(&engine)?;
-        verify_sample(&backing_path, &seq_blocks)?;
-        r.seq_drain.push(seq.rate());
-        r.seq_ios += seq.ios;
-
-        // 4-5. Random.
-        r.random_limit.push(files::random_write_bandwidth(
-            &backing_path,
-            &random_blocks,
-        )?);
-        engine.set_policy(held_off());
-        r.during_fill += fill(&engine, &random_blocks)?;
-        let random = drain(&engine)?;
-        verify_sample(&backing_path, &random_blocks)?;
-        r.random_drain.push(random.rate());
-        r.random_ios += random.ios;
+        r.sequential(&setup, &engine, &seq_blocks)?;
+        r.random(&setup, &engine, &random_blocks)?;
     }
     let stall_ms = engine.status().stall_ms;
     engine.shutdown()?;
     drop(engine);
 
     if !args.keep {
-        for p in [&cache_path, &backing_path, &buffer_path] {
+        for p in [&setup.cache_path, &setup.backing_path, &setup.buffer_path] {
             let _ = std::fs::remove_file(p);
         }
     }
-    let ratios =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
-    let seq_ratios = ratios(&r.seq_drain, &r.seq_limit);
-    let copy_ratios = ratios(&r.seq_drain, &r.copy_limit);
-    let random_ratios = ratios(&r.random_drain, &r.random_limit);
-    let rounds = args.rounds as u64;
-    let (seq_unmerged, random_unmerged) = (
-        rounds * seq_blocks.len() as u64,
-        rounds * random_blocks.len() as u64,
-    );
-    Ok(WritebackReport {
-        backing_seq_limit_mib_s: files::mib_per_sec(median(&r.seq_limit)),
-        copy_limit_mib_s: files::mib_per_sec(median(&r.copy_limit)),
-        cache_read_limit_mib_s: files::mib_per_sec(median(&r.read_limit)),
-        drain_ratio_seq_bound: median(&ratios(&r.read_limit, &r.seq_limit)).min(1.0),
-        drain_seq_mib_s: files::mib_per_sec(median(&r.seq_drain)),
-        drain_ratio_seq: median(&seq_ratios),
-        drain_vs_copy_seq: median(&copy_ratios),
-        backing_random_4k_mib_s: files::mib_per_sec(median(&r.random_limit)),
-        drain_random_mib_s: files::mib_per_sec(median(&r.random_drain)),
-        drain_ratio_random: median(&random_ratios),
-        io_reduction: (seq_unmerged + random_unmerged) as f64
-            / (r.seq_ios + r.random_ios).max(1) as f64,
-        io_reduction_seq: seq_unmerged as f64 / r.seq_ios.max(1) as f64,
-        io_reduction_random: random_unmerged as f64 / r.random_ios.max(1) as f64,
-        backing_ios_unmerged: seq_unmerged + random_unmerged,
-        backing_ios_merged: r.seq_ios + r.random_ios,
-        seq_bytes,
-        random_bytes,
-        rounds: args.rounds,
-        drain_ratio_seq_rounds: seq_ratios,
-        drain_vs_copy_seq_rounds: copy_ratios,
-        drain_ratio_random_rounds: random_ratios,
-        same_device,
-        written_back_during_fill_bytes: r.during_fill,
-        stall_ms,
-    })
+    Ok(r.report(&setup, args.rounds, same_device, stall_ms))
+}
+
+impl Setup {
+    /// The paths and sizes `args` ask for (the folders are created), or why there is nothing to
+    /// measure.
+    fn new(args: &WritebackArgs) -> Result<Setup> {
+        let cache_dir = args.cache_dir.as_ref().unwrap_or(&args.dir);
+        for dir in [&args.dir, cache_dir] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let seq_bytes = (args.seq_mib << 20).next_multiple_of(BLOCK);
+        let random_bytes = (args.random_mib << 20).next_multiple_of(BLOCK);
+        let span_bytes = (args.random_span_mib << 20).next_multiple_of(BLOCK);
+        ensure!(
+            seq_bytes > 0 && random_bytes > 0 && args.rounds > 0,
+            "nothing to measure"
+        );
+        ensure!(
+            random_bytes <= span_bytes / 2,
+            "--random-span-mib must be at least twice --random-mib (distinct random blocks)"
+        );
+        // The cache holds the larger fill below the held-off policy's 99 % with room to spare.
+        let data_per_segment = logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * BLOCK;
+        let segments = seq_bytes.max(random_bytes).div_ceil(data_per_segment) * 10 / 8 + 64;
+        Ok(Setup {
+            cache_path: cache_dir.join("wbbench-wb-cache.img"),
+            backing_path: args.dir.join("wbbench-wb-backing.img"),
+            buffer_path: args.dir.join("wbbench-wb.buf"),
+            seq_bytes,
+            random_bytes,
+            span_bytes,
+            cache_bytes: logfmt::SEGMENT_AREA_OFFSET
+                + segments.max(logfmt::MIN_SEGMENTS) * logfmt::SEGMENT_SIZE_BYTES as u64,
+            backing_bytes: seq_bytes.max(span_bytes),
+        })
+    }
+
+    /// Formats the cache file for the backing file and opens an engine on them, writeback held
+    /// off.
+    fn format_and_open(&self) -> Result<Engine> {
+        {
+            let cache = FileDevice::open(&self.cache_path)?;
+            let backing = FileDevice::open(&self.backing_path)?;
+            wb_target::format(
+                &[Arc::new(cache)],
+                &backing,
+                &backing.identity(),
+                &FormatOptions {
+                    logical_block_size: 4096,
+                    force: true,
+                },
+            )?;
+        }
+        let backing = FileDevice::open(&self.backing_path)?;
+        let identity = backing.identity();
+        let mut options = OpenOptions::new(self.buffer_path.clone());
+        options.writeback = Some(held_off());
+        options.sync_interval = Duration::from_secs(3600);
+        Ok(wb_target::open(
+            vec![Arc::new(FileDevice::open(&self.cache_path)?)],
+            Arc::new(backing),
+            &identity,
+            options,
+        )?)
+    }
+}
+
+impl Rounds {
+    /// 1-3 of a round: the backing file's sequential write rate, the cache file's read rate, the
+    /// copy bound, then a drain of `blocks` written in order.
+    fn sequential(&mut self, setup: &Setup, engine: &Engine, blocks: &[u64]) -> Result<()> {
+        self.seq_limit.push(files::sequential_write_bandwidth(
+            &setup.backing_path,
+            0,
+            setup.seq_bytes,
+        )?);
+        self.read_limit.push(files::sequential_read_bandwidth(
+            &setup.cache_path,
+            logfmt::SEGMENT_AREA_OFFSET,
+            setup.seq_bytes,
+            writeback::READS_IN_FLIGHT,
+        )?);
+        self.copy_limit.push(copy_bandwidth(
+            &setup.cache_path,
+            logfmt::SEGMENT_AREA_OFFSET,
+            &setup.backing_path,
+            setup.seq_bytes,
+        )?);
+        engine.set_policy(held_off());
+        self.during_fill += fill(engine, blocks)?;
+        let seq = drain(engine)?;
+        verify_sample(&setup.backing_path, blocks)?;
+        self.seq_drain.push(seq.rate());
+        self.seq_ios += seq.ios;
+        self.seq_unmerged += blocks.len() as u64;
+        Ok(())
+    }
+
+    /// 4-5 of a round: the backing file takes the random writes `blocks` directly, then a drain
+    /// of the same writes.
+    fn random(&mut self, setup: &Setup, engine: &Engine, blocks: &[u64]) -> Result<()> {
+        self.random_limit
+            .push(files::random_write_bandwidth(&setup.backing_path, blocks)?);
+        engine.set_policy(held_off());
+        self.during_fill += fill(engine, blocks)?;
+        let random = drain(engine)?;
+        verify_sample(&setup.backing_path, blocks)?;
+        self.random_drain.push(random.rate());
+        self.random_ios += random.ios;
+        self.random_unmerged += blocks.len() as u64;
+        Ok(())
+    }
+
+    /// The figures: medians over the rounds, and ratios taken round by round.
+    fn report(
+        &self,
+        setup: &Setup,
+        rounds: usize,
+        same_device: bool,
+        stall_ms: u64,
+    ) -> WritebackReport {
+        let ratios =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+        let seq_ratios = ratios(&self.seq_drain, &self.seq_limit);
+        let copy_ratios = ratios(&self.seq_drain, &self.copy_limit);
+        let random_ratios = ratios(&self.random_drain, &self.random_limit);
+        let (seq_unmerged, random_unmerged) = (self.seq_unmerged, self.random_unmerged);
+        WritebackReport {
+            backing_seq_limit_mib_s: files::mib_per_sec(median(&self.seq_limit)),
+            copy_limit_mib_s: files::mib_per_sec(median(&self.copy_limit)),
+            cache_read_limit_mib_s: files::mib_per_sec(median(&self.read_limit)),
+            drain_ratio_seq_bound: median(&ratios(&self.read_limit, &self.seq_limit)).min(1.0),
+            drain_seq_mib_s: files::mib_per_sec(median(&self.seq_drain)),
+            drain_ratio_seq: median(&seq_ratios),
+            drain_vs_copy_seq: median(&copy_ratios),
+            backing_random_4k_mib_s: files::mib_per_sec(median(&self.random_limit)),
+            drain_random_mib_s: files::mib_per_sec(median(&self.random_drain)),
+            drain_ratio_random: median(&random_ratios),
+            io_reduction: (seq_unmerged + random_unmerged) as f64
+                / (self.seq_ios + self.random_ios).max(1) as f64,
+            io_reduction_seq: seq_unmerged as f64 / self.seq_ios.max(1) as f64,
+            io_reduction_random: random_unmerged as f64 / self.random_ios.max(1) as f64,
+            backing_ios_unmerged: seq_unmerged + random_unmerged,
+            backing_ios_merged: self.seq_ios + self.random_ios,
+            seq_bytes: setup.seq_bytes,
+            random_bytes: setup.random_bytes,
+            rounds,
+            drain_ratio_seq_rounds: seq_ratios,
+            drain_vs_copy_seq_rounds: copy_ratios,
+            drain_ratio_random_rounds: random_ratios,
+            same_device,
+            written_back_during_fill_bytes: self.during_fill,
+            stall_ms,
+        }
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -427,12 +479,6 @@ pub fn print(report: &WritebackReport, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    let rounds = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.3}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     println!(
         "(medians of {} rounds; cache and backing files {})",
         report.rounds,
@@ -442,6 +488,27 @@ pub fn print(report: &WritebackReport, json: bool) -> Result<()> {
             "on two devices"
         }
     );
+    print_sequential(report);
+    print_random(report);
+    if report.written_back_during_fill_bytes > 0 {
+        println!(
+            "note: {} MiB were written back while filling (writers waited for space)",
+            report.written_back_during_fill_bytes >> 20
+        );
+    }
+    Ok(())
+}
+
+/// Per-round figures, as the table shows them.
+fn rounds(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The limits, then the drain of sequentially written data against them.
+fn print_sequential(report: &WritebackReport) {
     println!(
         "backing sequential 512 KiB limit : {:>10.1} MiB/s",
         report.backing_seq_limit_mib_s
@@ -473,6 +540,10 @@ pub fn print(report: &WritebackReport, json: bool) -> Result<()> {
         report.drain_vs_copy_seq,
         rounds(&report.drain_vs_copy_seq_rounds)
     );
+}
+
+/// Random writes: the backing file's rate, the drain's, and the I/Os merging saved.
+fn print_random(report: &WritebackReport) {
     println!(
         "backing random 4 KiB writes      : {:>10.1} MiB/s",
         report.backing_random_4k_mib_s
@@ -495,11 +566,4 @@ pub fn print(report: &WritebackReport, json: bool) -> Result<()> {
         report.io_reduction_seq,
         report.io_reduction_random
     );
-    if report.written_back_during_fill_bytes > 0 {
-        println!(
-            "note: {} MiB were written back while filling (writers waited for space)",
-            report.written_back_during_fill_bytes >> 20
-        );
-    }
-    Ok(())
 }

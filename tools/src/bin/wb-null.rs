@@ -160,8 +160,36 @@ fn main() -> Result<()> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
         bail!("/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv; kernel >= 6.0)");
     }
+    // Before any thread is spawned: they all inherit the mask.
     let sigset = block_signals();
+    let ctrl = add_device(&args)?;
+    let dev_id = ctrl.dev_info().dev_id;
 
+    let size = args.size;
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_default_params(size);
+        // Volatile cache so FLUSH arrives, FUA so FUA arrives (like writeboost).
+        dev.tgt.params.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+        Ok(())
+    };
+
+    let down = Arc::new(AtomicBool::new(false));
+    let zero_reads = args.zero_reads;
+    let q_down = down.clone();
+    let q_handler = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, zero_reads, &q_down);
+
+    let dev_file = args.dev_file.clone();
+    let on_live = move |c: &UblkCtrl| serve_until_stopped(c, dev_file, &sigset, &down);
+
+    ctrl.run_target(tgt_init, q_handler, on_live)
+        .context("running the null target failed")?;
+    ctrl.del_dev().ok();
+    eprintln!("wb-null: device {dev_id} deleted");
+    Ok(())
+}
+
+/// Adds the ublk device (ADD_DEV) in copy mode, and checks the kernel kept it so.
+fn add_device(args: &Args) -> Result<UblkCtrl> {
     // Copy mode: no UBLK_F_USER_COPY, no zero copy.
     let wanted_flags: u64 = 0;
     let ctrl = UblkCtrlBuilder::default()
@@ -189,46 +217,33 @@ fn main() -> Result<()> {
         "wb-null: dev {} flags {:#x} queues {} depth {} max_io {} size {}",
         info.dev_id, got, info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes, args.size
     );
+    Ok(ctrl)
+}
 
-    let size = args.size;
-    let tgt_init = move |dev: &mut UblkDev| {
-        dev.set_default_params(size);
-        // Volatile cache so FLUSH arrives, FUA so FUA arrives (like writeboost).
-        dev.tgt.params.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
-        Ok(())
-    };
-
-    let down = Arc::new(AtomicBool::new(false));
-    let zero_reads = args.zero_reads;
-    let q_down = down.clone();
-    let q_handler = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, zero_reads, &q_down);
-
-    let dev_file = args.dev_file.clone();
-    let w_down = down.clone();
-    let on_live = move |c: &UblkCtrl| {
-        let bdev = c.get_bdev_path();
-        println!("{bdev}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        if let Some(f) = dev_file {
-            if let Err(e) = std::fs::write(&f, format!("{bdev}\n")) {
-                eprintln!("wb-null: cannot write {}: {e}", f.display());
-            }
+/// Once the device is live: prints its path (and writes it to `dev_file`), waits for
+/// SIGINT/SIGTERM or for the queues to go down, then stops the device.
+fn serve_until_stopped(
+    c: &UblkCtrl,
+    dev_file: Option<std::path::PathBuf>,
+    sigset: &libc::sigset_t,
+    down: &AtomicBool,
+) {
+    let bdev = c.get_bdev_path();
+    println!("{bdev}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    if let Some(f) = dev_file {
+        if let Err(e) = std::fs::write(&f, format!("{bdev}\n")) {
+            eprintln!("wb-null: cannot write {}: {e}", f.display());
         }
-        match wait_for_stop(&sigset, &w_down) {
-            Some(sig) => eprintln!("wb-null: signal {sig}, stopping {bdev}"),
-            None => eprintln!("wb-null: queues are down, stopping {bdev}"),
-        }
-        if let Err(e) = c.kill_dev() {
-            eprintln!("wb-null: stopping {bdev} failed: {e}");
-        }
-    };
-
-    ctrl.run_target(tgt_init, q_handler, on_live)
-        .context("running the null target failed")?;
-    ctrl.del_dev().ok();
-    eprintln!("wb-null: device {} deleted", info.dev_id);
-    Ok(())
+    }
+    match wait_for_stop(sigset, down) {
+        Some(sig) => eprintln!("wb-null: signal {sig}, stopping {bdev}"),
+        None => eprintln!("wb-null: queues are down, stopping {bdev}"),
+    }
+    if let Err(e) = c.kill_dev() {
+        eprintln!("wb-null: stopping {bdev} failed: {e}");
+    }
 }
 
 #[cfg(test)]

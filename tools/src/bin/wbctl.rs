@@ -520,14 +520,24 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
 
 fn human_status(s: &DeviceStatus) -> String {
     let mut out = String::new();
-    let w = &mut out;
-    let pct = |a: u64, b: u64| {
-        if b == 0 {
-            0.0
-        } else {
-            100.0 * a as f64 / b as f64
-        }
-    };
+    status_headline(&mut out, s);
+    status_devices(&mut out, s);
+    status_traffic(&mut out, s);
+    status_setup(&mut out, s);
+    out
+}
+
+/// `a` as a percentage of `b` (0 when `b` is).
+fn percent(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
+}
+
+/// The device, its mode, and what went wrong: a failure, a lost cache.
+fn status_headline(w: &mut String, s: &DeviceStatus) {
     let _ = writeln!(
         w,
         "{}: {} (pid {}), mode {}",
@@ -553,6 +563,10 @@ fn human_status(s: &DeviceStatus) -> String {
             "  CACHE LOST every leg failed; the backing device holds the state through segment {id}"
         );
     }
+}
+
+/// The backing device, the cache legs and how full the cache is.
+fn status_devices(w: &mut String, s: &DeviceStatus) {
     let _ = writeln!(
         w,
         "  backing    {} ({}, logical block {})",
@@ -572,9 +586,13 @@ fn human_status(s: &DeviceStatus) -> String {
         "  cache      {} used of {} ({:.1} %), {} dirty",
         bytes(s.used_bytes),
         bytes(s.capacity_bytes),
-        pct(s.used_bytes, s.capacity_bytes),
+        percent(s.used_bytes, s.capacity_bytes),
         bytes(s.dirty_bytes)
     );
+}
+
+/// The log's progress and the I/O through the device: reads, writes, writeback, stalls.
+fn status_traffic(w: &mut String, s: &DeviceStatus) {
     let _ = writeln!(
         w,
         "  segments   current {}, last flushed {}, last written back {} (epoch {})",
@@ -589,7 +607,7 @@ fn human_status(s: &DeviceStatus) -> String {
         s.reads.requests,
         s.reads.hits,
         s.reads.misses,
-        pct(s.reads.hits, s.reads.hits + s.reads.misses)
+        percent(s.reads.hits, s.reads.hits + s.reads.misses)
     );
     let _ = writeln!(
         w,
@@ -615,6 +633,10 @@ fn human_status(s: &DeviceStatus) -> String {
         );
     }
     let _ = writeln!(w, "  stalls     {} ms waiting for cache space", s.stall_ms);
+}
+
+/// The writeback knobs and the ublk setup.
+fn status_setup(w: &mut String, s: &DeviceStatus) {
     let knobs: Vec<String> = s.policy.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(w, "  policy     {}", knobs.join(" "));
     let _ = writeln!(
@@ -625,7 +647,6 @@ fn human_status(s: &DeviceStatus) -> String {
         s.uptime_secs,
         bytes(s.metadata_bytes)
     );
-    out
 }
 
 fn bytes(n: u64) -> String {
@@ -964,6 +985,36 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
             caches.len()
         );
     }
+    let (devices, legs) = open_legs_read_only(caches)?;
+    let superblocks = wb_target::read_superblocks(&devices)?;
+    let sb = superblocks[0].clone();
+    if sb.leg_count as usize != devices.len() && !json {
+        eprintln!(
+            "wbctl: note: the cache set has {} legs; {} given",
+            sb.leg_count,
+            devices.len()
+        );
+    }
+    let report = wb_target::scan(&CacheLegs::new(devices.clone()), &sb);
+    let faults = fault_report(&report, &sb.uuid)?;
+    let r = check_report(&sb, &report, faults, legs);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    print_check(&r);
+    if std::io::stdout().is_terminal() {
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
+
+/// The cache devices, opened, and what `check` reports of each.
+type OpenedLegs = (Vec<Arc<dyn Device>>, Vec<LegCheck>);
+
+/// Opens each cache device read-only and reads its own superblock, in the order given: the
+/// first that is missing or is not a writeboost cache is named in the error.
+fn open_legs_read_only(caches: &[PathBuf]) -> Result<OpenedLegs> {
     let mut devices: Vec<Arc<dyn Device>> = Vec::new();
     let mut legs = Vec::new();
     for path in caches {
@@ -988,21 +1039,18 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         });
         devices.push(device);
     }
-    let superblocks = wb_target::read_superblocks(&devices)?;
-    let sb = superblocks[0].clone();
-    if sb.leg_count as usize != devices.len() && !json {
-        eprintln!(
-            "wbctl: note: the cache set has {} legs; {} given",
-            sb.leg_count,
-            devices.len()
-        );
-    }
-    let report = wb_target::scan(&CacheLegs::new(devices.clone()), &sb);
-    let faults = fault_report(&report, &sb.uuid)?;
+    Ok((devices, legs))
+}
+
+/// What `check` reports: the superblock's fields, then what the scan found.
+fn check_report(
+    sb: &logfmt::Superblock,
+    report: &wb_target::ScanReport,
+    faults: FaultReport,
+    legs: Vec<LegCheck>,
+) -> CheckReport {
     let block = logfmt::BLOCK_SIZE_BYTES as u64;
-    let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block;
-    let leg_size: u64 = legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
-    let r = CheckReport {
+    CheckReport {
         uuid: wb_target::hex(&sb.uuid),
         format_version: logfmt::FORMAT_VERSION,
         created: daemon::format_unix_time(sb.created_unix_secs),
@@ -1012,7 +1060,7 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         backing_fingerprint: wb_target::hex(&sb.backing_fingerprint),
         logical_block_size: sb.logical_block_size,
         segment_count: sb.segment_count,
-        capacity_bytes: capacity,
+        capacity_bytes: sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
         checkpoint: report.checkpoint.map(|c| CheckpointReport {
             sequence: c.sequence,
             last_written_back_id: c.last_written_back_id,
@@ -1031,11 +1079,18 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
         checkpoint_error: report.checkpoint_error.clone(),
         faults,
         legs,
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
     }
+}
+
+/// `check` for people: the cache set, its faults, its log.
+fn print_check(r: &CheckReport) {
+    print_cache_set(r);
+    print_faults(&r.faults);
+    print_live_log(r);
+}
+
+/// The cache set: its legs, backing device, geometry and checkpoint.
+fn print_cache_set(r: &CheckReport) {
     println!(
         "cache set {} (format v{}), created {}, {} leg(s)",
         r.uuid, r.format_version, r.created, r.leg_count
@@ -1069,7 +1124,10 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
             r.checkpoint_error.as_deref().unwrap_or("none valid")
         ),
     }
-    print_faults(&r.faults);
+}
+
+/// The live log, how much the scan read, and the state: what a start would find.
+fn print_live_log(r: &CheckReport) {
     if r.live_segments == 0 {
         println!("  live log  empty");
     } else {
@@ -1089,34 +1147,33 @@ fn check(caches: &[PathBuf], json: bool) -> Result<()> {
             r.stale_segments_past_head
         );
     }
+    let leg_size: u64 = r.legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
     println!(
         "  read      {} bytes ({:.3} % of the cache), data of {} segment(s) verified",
         r.bytes_read,
         100.0 * r.bytes_read as f64 / leg_size as f64,
         r.segments_data_verified
     );
-    println!(
-        "  state     {}",
-        if let Some(l) = &r.faults.cache_lost {
-            format!(
-                "LOST: the backing device holds the state through segment {}; a start comes up \
-                 in passthrough",
-                l.backing_holds_id
-            )
-        } else if r.clean {
-            "clean: the backing device holds everything".to_string()
-        } else {
-            format!(
-                "DIRTY: {} to write back; attach it to its backing device (`wbctl create`) \
-                 and drain it",
-                bytes(r.dirty_bytes)
-            )
-        }
-    );
-    if std::io::stdout().is_terminal() {
-        let _ = std::io::stdout().flush();
+    println!("  state     {}", check_state(r));
+}
+
+/// The cache's state in a line: lost, clean (nothing to write back) or dirty.
+fn check_state(r: &CheckReport) -> String {
+    if let Some(l) = &r.faults.cache_lost {
+        format!(
+            "LOST: the backing device holds the state through segment {}; a start comes up \
+             in passthrough",
+            l.backing_holds_id
+        )
+    } else if r.clean {
+        "clean: the backing device holds everything".to_string()
+    } else {
+        format!(
+            "DIRTY: {} to write back; attach it to its backing device (`wbctl create`) \
+             and drain it",
+            bytes(r.dirty_bytes)
+        )
     }
-    Ok(())
 }
 
 #[cfg(test)]
