@@ -36,6 +36,10 @@ pub use log::writer::SEGMENTS_BETWEEN_LEG_FLUSHES;
 pub use open::create::{format, FormatOptions};
 pub use open::recover::{open, OpenOptions};
 
+/// The log target of the lines that need someone now (a lost cache): the journal gets them at
+/// priority crit (2), above the err (3) of other errors such as a failed leg.
+pub const CRITICAL_LOG_TARGET: &str = "writeboost::critical";
+
 /// Lower-case hex of `bytes` (uuids and fingerprints in file names, logs and `wbctl check`).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -383,6 +383,26 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("d0") && text.contains("DEAD"), "{text}");
+    // A health check sees a dead daemon as critical (its device holds I/O until a recover),
+    // for the device and over all devices; a device it cannot read at all is unknown.
+    for args in [vec!["status", "-x", "d0"], vec!["status", "--check"]] {
+        let out = rig.wbctl(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert!(
+            text.contains("d0: CRITICAL - daemon down") && text.contains("wbctl recover d0"),
+            "{text}"
+        );
+    }
+    let out = rig.wbctl(&["status", "-x", "nope"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nope: UNKNOWN - nope: no such device"));
+    let out = rig.wbctl(&["status", "-x", "--json", "d0"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["health"], "CRITICAL");
+    assert_eq!(v[0]["code"], 2);
+    // Plain status still says what is wrong and fails as before (it could not read the status).
+    assert_eq!(rig.wbctl(&["status", "d0"]).status.code(), Some(1));
 }
 
 #[test]
@@ -401,6 +421,9 @@ fn unknown_device_names() {
     let out = rig.wbctl(&["list"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("no writeboost devices"));
+    let out = rig.wbctl(&["status", "-x"]);
+    assert_eq!(out.status.code(), Some(0), "no device, nothing wrong");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK - no devices"));
 }
 
 #[test]

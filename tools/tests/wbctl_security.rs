@@ -528,3 +528,32 @@ fn a_second_daemon_of_a_name_leaves_the_first_ones_socket_alone() {
     );
     assert!(before == [&c0, &c1].map(|c| std::fs::read(c).unwrap()));
 }
+
+/// A user other than root is told to run as root, never that a device is down (which would
+/// send them to `wbctl recover`), and a health check from such a user is UNKNOWN, not OK.
+#[test]
+fn a_non_root_user_is_told_to_run_as_root() {
+    if !can_test("a_non_root_user_is_told_to_run_as_root") {
+        return;
+    }
+    let rig = Rig::new();
+    let run = rig.run();
+    std::fs::create_dir_all(&run.path).unwrap();
+    set_mode(&run.path, 0o700);
+    let (backing, c0, _) = rig.devices();
+    rig.dead_daemon_state("d0", &backing, &c0)
+        .store(&run.state("d0"))
+        .unwrap();
+    for args in [
+        vec!["--run-dir", p(&run.path), "status"],
+        vec!["--run-dir", p(&run.path), "list"],
+        vec!["--run-dir", p(&run.path), "status", "d0"],
+    ] {
+        let out = rig.wbctl(true, &args);
+        assert_fails_with(&out, &["permission denied", "root"]);
+        assert!(!text(&out).contains("not running"), "{}", text(&out));
+    }
+    let out = rig.wbctl(true, &["--run-dir", p(&run.path), "status", "-x"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("UNKNOWN") && text(&out).contains("run as root"));
+}

@@ -33,6 +33,7 @@ use crate::control::{
     SegmentReport,
 };
 use crate::device::{self, Device, DeviceNode, FileDevice};
+use crate::engine::status::EngineStatus;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
@@ -569,6 +570,7 @@ fn shut_down(
         Ok(()) => log::info!("{name}: log sealed and flushed"),
         Err(e) => log::error!("{name}: sealing and flushing the log failed: {e}"),
     }
+    let deleted = deleted_message(&name, &device, &daemon.engine.status());
     if let Err(e) = ctrl.del_dev() {
         log::warn!("{name}: deleting {device}: {}", ublk::describe(&e));
     }
@@ -588,9 +590,7 @@ fn shut_down(
         .and(flushed.map_err(DaemonError::from));
     if let Some(mut stream) = client {
         let reply = match &outcome {
-            Ok(()) => Reply::Done {
-                message: format!("{name}: {device} deleted; the cache holds its data"),
-            },
+            Ok(()) => Reply::Done { message: deleted },
             Err(e) => Reply::Error {
                 error: format!("{name}: {e}"),
             },
@@ -598,6 +598,27 @@ fn shut_down(
         let _ = control::send_line(&mut stream, &reply);
     }
     outcome
+}
+
+/// What `wbctl delete` answers: where the device's data is now — on the backing device alone
+/// (clean, or drained), still in the cache (dirty: re-attached by `create`), or partly gone (the
+/// cache was lost).
+fn deleted_message(name: &str, device: &str, st: &EngineStatus) -> String {
+    match &st.cache_lost {
+        Some(lost) => format!(
+            "{name}: {device} deleted; its cache was lost: the backing device holds the data up to \
+             log segment {} (an older state)",
+            lost.backing_holds_id
+        ),
+        None if st.dirty_bytes == 0 => format!(
+            "{name}: {device} deleted; the cache is clean: the backing device holds all of its data"
+        ),
+        None => format!(
+            "{name}: {device} deleted; the cache holds {} bytes not yet written back (`wbctl \
+             create` with the same devices re-attaches it; `delete --drain` writes them back first)",
+            st.dirty_bytes
+        ),
+    }
 }
 
 /// Opens (after formatting, for a new cache) the engine; returns it with the exclusive holds
@@ -962,6 +983,33 @@ mod tests {
         notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
         let n = receiver.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[test]
+    fn a_delete_says_where_the_data_is() {
+        let mut st = EngineStatus::default();
+        let clean = deleted_message("d", "/dev/ublkb0", &st);
+        assert!(
+            clean.contains("the cache is clean: the backing device holds all"),
+            "{clean}"
+        );
+        st.dirty_bytes = 4096;
+        let dirty = deleted_message("d", "/dev/ublkb0", &st);
+        assert!(
+            dirty.contains("holds 4096 bytes not yet written back"),
+            "{dirty}"
+        );
+        st.cache_lost = Some(crate::engine::status::CacheLostStatus {
+            backing_holds_id: 7,
+            lost_from_id: 8,
+            lost_through_id: 9,
+            lost_dirty_bytes: None,
+        });
+        let lost = deleted_message("d", "/dev/ublkb0", &st);
+        assert!(
+            lost.contains("cache was lost") && lost.contains("segment 7"),
+            "{lost}"
+        );
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl Shared {
         let open_entries = state.open.as_ref().is_some_and(|o| !o.entries.is_empty());
         let dirty_blocks = state.map.len() as u64;
         log::error!(
+            target: crate::CRITICAL_LOG_TARGET,
             "CRITICAL: every cache leg has failed; the cache's dirty data is lost: {} \
              acknowledged blocks ({} KiB) not yet written back, in log segments {}..={}{}. The \
              backing device holds every segment up to id {} (a consistent older state: the disk \

@@ -6,7 +6,7 @@ use writeback::Policy;
 
 use crate::engine::{Engine, Slot};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SegmentIds {
     pub current_id: u64,
     pub last_flushed_id: u64,
@@ -34,7 +34,7 @@ pub struct LegStatus {
     pub repairs: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineStatus {
     pub capacity_bytes: u64,
     pub used_bytes: u64,

@@ -23,6 +23,8 @@ use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
 use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
 use wb_target::device::{Device, FileDevice};
 use wb_target::log::legs::CacheLegs;
+use wb_tools::health::{self, Health};
+use wb_tools::journal;
 use writeback::Policy;
 
 /// Set in the environment of a detached daemon: after it reports its device on stdout, it
@@ -49,12 +51,18 @@ enum Cmd {
     /// Create a device: format new caches, or re-attach a cache already formatted for this
     /// backing device. Prints the /dev/ublkbN it made.
     Create(Box<CreateArgs>),
-    /// Show devices: a table for people, JSON (--json) for scripts.
+    /// Show devices: a table for people, JSON (--json) for scripts. With -x, one verdict line
+    /// per device and the Nagios exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Status {
         /// One device (default: all).
         name: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Health check: exit 0 healthy, 1 warning (a failed leg, dirty above the pressure
+        /// point, backing errors), 2 critical (cache lost, no usable leg, daemon down),
+        /// 3 unknown (status unreadable).
+        #[arg(short = 'x', long = "check")]
+        check: bool,
     },
     /// List devices and whether their daemons run.
     List {
@@ -254,10 +262,13 @@ fn toml_text(v: &toml::Value) -> String {
 fn main() {
     let cli = Cli::parse();
     let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
-    env_logger::Builder::from_env(
+    let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
-    )
-    .init();
+    );
+    if journal::stderr_is_journal() {
+        logger.format(|out, record| journal::write_line(out, record));
+    }
+    logger.init();
     let run_dir = cli
         .run_dir
         .clone()
@@ -270,7 +281,12 @@ fn main() {
     };
     let result = trusted.and_then(|()| match cli.command {
         Cmd::Create(args) => create(&run_dir, *args),
-        Cmd::Status { name, json } => status(&run_dir, name.as_deref(), json),
+        Cmd::Status {
+            name,
+            json,
+            check: true,
+        } => std::process::exit(status_check(&run_dir, name.as_deref(), json)),
+        Cmd::Status { name, json, .. } => status(&run_dir, name.as_deref(), json),
         Cmd::List { json } => list(&run_dir, json),
         Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
         Cmd::Drain { name } => drain(&run_dir, &name),
@@ -442,6 +458,20 @@ fn recover(run_dir: &RunDir, name: &str, foreground: bool) -> Result<()> {
 // ------------------------------------------------------------------------------ talking to daemons
 
 /// The socket of a running daemon, or an error saying why there is none.
+/// The devices of the run folder; only root may list them.
+fn device_names(run_dir: &RunDir) -> Result<Vec<String>> {
+    run_dir.names().map_err(|e| {
+        let shown = run_dir.path.display();
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => anyhow!(
+                "{shown}: permission denied: run as root (only root may see or control \
+                 writeboost devices)"
+            ),
+            _ => anyhow!("{shown}: cannot list the devices: {e}"),
+        }
+    })
+}
+
 fn daemon_socket(run_dir: &RunDir, name: &str) -> Result<PathBuf> {
     control::validate_name(name).map_err(|e| anyhow!(e))?;
     let socket = run_dir.socket(name);
@@ -494,7 +524,7 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
     }
     let mut all = Vec::new();
     let mut text = String::new();
-    for name in run_dir.names()? {
+    for name in device_names(run_dir)? {
         match fetch_status(run_dir, &name) {
             Ok(s) => {
                 text.push_str(&human_status(&s));
@@ -516,6 +546,56 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
         print!("{text}");
     }
     Ok(())
+}
+
+/// `status -x`: a verdict line per device (JSON objects with --json); returns the exit status,
+/// the worst verdict.
+fn status_check(run_dir: &RunDir, name: Option<&str>, json: bool) -> i32 {
+    let names = match name {
+        Some(n) => Ok(vec![n.to_string()]),
+        None => device_names(run_dir),
+    };
+    let verdicts: Vec<(String, Health, String)> = match names {
+        Ok(names) => names
+            .into_iter()
+            .map(|n| {
+                let (h, why) = device_health(run_dir, &n);
+                (n, h, why)
+            })
+            .collect(),
+        Err(e) => vec![("writeboost".into(), Health::Unknown, format!("{e:#}"))],
+    };
+    let worst = verdicts
+        .iter()
+        .fold(Health::Ok, |worst, (_, h, _)| worst.worst(*h));
+    if json {
+        let all: Vec<_> = verdicts
+            .iter()
+            .map(|(n, h, why)| {
+                serde_json::json!({ "name": n, "health": h.label(), "code": h.exit_code(), "reason": why })
+            })
+            .collect();
+        println!("{}", serde_json::Value::from(all));
+    } else if verdicts.is_empty() {
+        println!("writeboost: OK - no devices");
+    }
+    for (n, h, why) in verdicts.iter().filter(|_| !json) {
+        println!("{n}: {} - {why}", h.label());
+    }
+    worst.exit_code()
+}
+
+/// The verdict on one device: from its status, or from why the status could not be read.
+fn device_health(run_dir: &RunDir, name: &str) -> (Health, String) {
+    match fetch_status(run_dir, name) {
+        Ok(s) => health::of_status(&s),
+        Err(e) => {
+            let down = run_dir
+                .load_state(name)
+                .is_ok_and(|state| !daemon::daemon_running(&state, run_dir));
+            health::of_error(down, &format!("{e:#}"))
+        }
+    }
 }
 
 fn human_status(s: &DeviceStatus) -> String {
@@ -676,7 +756,7 @@ struct ListEntry {
 
 fn list(run_dir: &RunDir, json: bool) -> Result<()> {
     let mut entries = Vec::new();
-    for name in run_dir.names()? {
+    for name in device_names(run_dir)? {
         let state = match run_dir.load_state(&name) {
             Ok(s) => s,
             Err(e) => {
