@@ -266,7 +266,7 @@ fn main() {
         env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
     );
     if journal::stderr_is_journal() {
-        logger.format(|out, record| journal::write_line(out, record));
+        logger.format(journal::write_line);
     }
     logger.init();
     let run_dir = cli
