@@ -13,7 +13,7 @@ use crate::log::scan::ScanReport;
 use crate::map::block_map::{BlockMap, Location};
 use crate::map::zero_ranges::ZeroRanges;
 
-use super::{remove_map_range, Slot, State};
+use super::{remove_map_range, Geometry, Slot, State};
 
 /// The engine's view of the log, rebuilt by recovery.
 pub(crate) struct Recovered {
@@ -58,7 +58,7 @@ impl Recovered {
         headers: &[SegmentHeader],
         report: &ScanReport,
     ) -> Recovered {
-        let n = sb.segment_count;
+        let (n, geometry) = (sb.segment_count, Geometry::of(sb));
         let checkpoint = report.checkpoint;
         let mut r = Recovered::empty(sb, report.written_back_id());
         r.written_back_epoch = checkpoint.map_or(0, |c| c.last_written_back_epoch);
@@ -77,17 +77,16 @@ impl Recovered {
             r.epoch_id = r.epoch_id.max(h.epoch_id);
             r.head = h.segment_id;
             for e in &h.entries {
-                r.apply(e, h.segment_id, slot);
+                r.apply(&geometry, e, h.segment_id, slot);
             }
         }
         r
     }
 
-    fn apply(&mut self, e: &logfmt::Entry, segment_id: u64, slot: u64) {
+    fn apply(&mut self, geometry: &Geometry, e: &logfmt::Entry, segment_id: u64, slot: u64) {
         match e.kind {
             EntryKind::Data => {
-                let location = (slot * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 + e.data_slot as u64)
-                    as Location;
+                let location = geometry.location(slot, e.data_slot as usize);
                 if let Some(old) = self.map.insert(e.block(), location) {
                     self.partial.remove(&old);
                 }
