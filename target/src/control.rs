@@ -267,6 +267,9 @@ pub struct DeviceState {
     pub policy: BTreeMap<String, String>,
     pub pid: u32,
     pub started_unix_secs: u64,
+    /// The program run on every mode change and leg event (`daemon::events`).
+    #[serde(default)]
+    pub event_hook: Option<PathBuf>,
 }
 
 impl DeviceState {
@@ -839,6 +842,7 @@ mod tests {
             policy: [("low_watermark".to_string(), "0.1".to_string())].into(),
             pid: 42,
             started_unix_secs: 1,
+            event_hook: Some("/usr/local/bin/hook".into()),
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);

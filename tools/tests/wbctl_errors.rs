@@ -235,6 +235,18 @@ fn bad_names_and_knobs() {
     assert_refused(&run(a), &["unknown knob 'speed'"]);
     let out = rig.wbctl(&["set", "d0", "low_watermark"]);
     assert_refused(&out, &["expected KNOB=VALUE"]);
+    // An event hook the daemon could not run is refused before anything is written.
+    let before = digests(&[&d.c0, &d.c1]);
+    let not_executable = rig.file("hook.txt", 10);
+    for (hook, why) in [
+        (rig.path("no-such-hook"), "event hook: No such file"),
+        (not_executable, "event hook: not an executable file"),
+    ] {
+        let mut a = args("d0");
+        a.extend(["--event-hook".into(), p(&hook).into()]);
+        assert_refused(&run(a), &[p(&hook), why]);
+    }
+    assert_eq!(digests(&[&d.c0, &d.c1]), before, "nothing written");
 }
 
 #[test]
@@ -327,6 +339,7 @@ fn name_in_use_by_a_running_daemon() {
         policy: Default::default(),
         pid: std::process::id(),
         started_unix_secs: 0,
+        event_hook: None,
     };
     state.store(&run.state("d0")).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
@@ -361,6 +374,7 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
         policy: Default::default(),
         pid: 0, // no such process
         started_unix_secs: 0,
+        event_hook: None,
     };
     state.store(&run.state("d0")).unwrap();
     let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);

@@ -91,6 +91,7 @@ impl Rig {
             policy: Default::default(),
             pid: 0,
             started_unix_secs: 0,
+            event_hook: None,
         }
     }
 }
@@ -171,6 +172,7 @@ fn spec(run: &RunDir, backing: &Path, caches: &[&Path]) -> DaemonSpec {
         io_buf_bytes: 524288,
         run_dir: run.clone(),
         nodes,
+        event_hook: None,
     }
 }
 

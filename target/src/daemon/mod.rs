@@ -38,6 +38,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
 
+mod events;
 mod preflight;
 
 use preflight::{absolute, hold_checked, same_file};
@@ -103,6 +104,8 @@ pub struct CreateRequest {
     /// ublk device id to ask for; -1: the kernel's choice.
     pub dev_id: i32,
     pub run_dir: RunDir,
+    /// Run on every mode change and leg event (`events`); must be an executable file.
+    pub event_hook: Option<PathBuf>,
 }
 
 /// Everything a daemon needs to run (also what a successor rebuilds from the state file).
@@ -120,6 +123,8 @@ pub struct DaemonSpec {
     /// The devices the checks looked at, backing first, then the caches in leg order: the
     /// daemon starts on these and nothing else (a path that now leads elsewhere is refused).
     pub nodes: Vec<DeviceNode>,
+    /// Run on every mode change and leg event (`events`).
+    pub event_hook: Option<PathBuf>,
 }
 
 /// How the daemon gets its cache and device.
@@ -177,6 +182,7 @@ impl Daemon {
             policy: knob_map(&self.policy.lock()),
             pid: self.pid,
             started_unix_secs: self.started_unix_secs,
+            event_hook: self.spec.event_hook.clone(),
         }
     }
 
@@ -768,10 +774,24 @@ fn spawn_stats_thread(daemon: Arc<Daemon>) {
                     ((now.write_bytes - last.write_bytes) as f64 / secs) as u64,
                     ((now.written_back_bytes - last.written_back_bytes) as f64 / secs) as u64,
                 );
+                report_events(&daemon, &last, &now);
                 last = now;
             }
         })
         .expect("spawn wb-stats");
+}
+
+/// Hands what changed since the last sample to the event hook, if one is configured.
+fn report_events(daemon: &Daemon, prev: &EngineStatus, now: &EngineStatus) {
+    let Some(hook) = &daemon.spec.event_hook else {
+        return;
+    };
+    for event in events::between(prev, now) {
+        let (name, device) = (&daemon.spec.name, &daemon.device);
+        if let Err(e) = events::run_hook(hook, name, device, prev, now, &event) {
+            log::warn!("{name}: event hook {}: {e}", hook.display());
+        }
+    }
 }
 
 fn spawn_control_thread(daemon: Arc<Daemon>, listener: UnixListener) {

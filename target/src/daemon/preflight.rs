@@ -261,6 +261,9 @@ fn check_options(req: &CreateRequest) -> Result<()> {
             ),
         ));
     }
+    if let Some(hook) = &req.event_hook {
+        check_event_hook(hook)?;
+    }
     if let Some(lbs) = req.logical_block_size.filter(|&l| l != 512 && l != 4096) {
         return Err(refused(
             "--logical-block-size",
@@ -268,6 +271,22 @@ fn check_options(req: &CreateRequest) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The event hook is a program the daemon can run: a regular file with an execute bit.
+fn check_event_hook(hook: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(hook) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(refused(
+            hook.display().to_string(),
+            "event hook: not an executable file",
+        )),
+        Err(e) => Err(refused(
+            hook.display().to_string(),
+            format!("event hook: {e}"),
+        )),
+    }
 }
 
 /// One cache device, or two (a mirror); one only with `--single-leg`.
@@ -394,6 +413,7 @@ impl Devices {
             io_buf_bytes: ublk::DEFAULT_IO_BUF_BYTES,
             run_dir: req.run_dir.clone(),
             nodes,
+            event_hook: req.event_hook.as_deref().map(absolute),
         }
     }
 }
@@ -665,6 +685,7 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
             io_buf_bytes: state.io_buf_bytes,
             run_dir: run_dir.clone(),
             nodes,
+            event_hook: state.event_hook.clone(),
         },
         Start::Recover {
             dev_id: state.dev_id,
@@ -714,6 +735,7 @@ mod tests {
             depth: 64,
             dev_id: -1,
             run_dir: RunDir::new("/nonexistent"),
+            event_hook: None,
         }
     }
 

@@ -25,7 +25,7 @@ pub struct CacheLostStatus {
     pub lost_dirty_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LegStatus {
     pub path: String,
     pub healthy: bool,

@@ -29,7 +29,14 @@ log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING (throttled), leg A over
 
 LEG0="$(dm_linear wbleg0 "$RAW0")"
 log "leg A: $LEG0 = $(dm_table wbleg0)"
-dev="$(wb_create d1 --backing "$BACKING" --cache "$LEG0" --cache "$CACHE1")"
+# The event hook appends each event's WRITEBOOST_* facts, one line per event; the daemon's log
+# is written as for the journal (JOURNAL_STREAM set: sd-daemon <N> priority prefixes).
+HOOK="$WB_OUT/hook.sh" EVENTS="$WB_OUT/events.txt"
+printf '#!/bin/sh\nenv | grep "^WRITEBOOST_" | sort | tr "\\n" " " >>"%s"\necho >>"%s"\n' \
+    "$EVENTS" "$EVENTS" >"$HOOK"
+chmod 755 "$HOOK"
+dev="$(JOURNAL_STREAM=8:1 wb_create d1 --backing "$BACKING" --cache "$LEG0" --cache "$CACHE1" \
+    --event-hook "$HOOK")"
 log "wbctl create d1 -> $dev"
 [[ "$(wb_field d1 mode)" == mirrored ]] || fail "mode is $(wb_field d1 mode), not mirrored"
 mode_sampler d1 "$WB_OUT/modes.txt"
@@ -127,6 +134,29 @@ if deg:
 else:
     print("degraded not sampled (status samples were too far apart); the daemon log shows it")
 PY
+# The hook heard the leg fail and each mode change, in order, with the documented facts; the
+# failed leg reached the daemon's log at journal priority err (<3>).
+log "event hook calls: $(wc -l <"$EVENTS")"
+sed 's/^/  hook: /' "$EVENTS"
+event_with() { # every WORD on one line of the events file
+    local rest=("$@") f="$EVENTS" line
+    while IFS= read -r line; do
+        local w ok=1
+        for w in "${rest[@]}"; do [[ " $line " == *" $w "* ]] || ok=0; done
+        ((ok)) && return 0
+    done <"$f"
+    return 1
+}
+event_with WRITEBOOST_EVENT=leg_failed WRITEBOOST_LEG=0 "WRITEBOOST_LEG_PATH=$LEG0" \
+    WRITEBOOST_SEVERITY=err WRITEBOOST_NAME=d1 "WRITEBOOST_DEVICE=$dev" ||
+    fail "the event hook did not get leg A's failure (leg_failed, leg 0, $LEG0, severity err)"
+event_with WRITEBOOST_EVENT=mode_changed WRITEBOOST_PREVIOUS_MODE=mirrored WRITEBOOST_MODE=degraded ||
+    fail "the event hook did not get the change to degraded"
+event_with WRITEBOOST_EVENT=mode_changed WRITEBOOST_MODE=passthrough WRITEBOOST_SEVERITY=warning ||
+    fail "the event hook did not get the change to passthrough"
+grep -E '^<3>[a-z_:]+: cache leg 0 \(.*\) failed' "$(daemon_log d1)" | head -1 | sed 's/^/  journal: /' | grep . ||
+    fail "the failed leg's log line is not at journal priority err (<3>)"
+
 status_excerpt() {
     wb_status "$1" | python3 -c '
 import json, sys

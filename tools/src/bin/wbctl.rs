@@ -152,6 +152,10 @@ struct CreateArgs {
     /// ublk device id to ask for (default: the kernel's choice).
     #[arg(long)]
     dev_id: Option<i32>,
+    /// Program run on every mode change and leg event, with the facts in WRITEBOOST_*
+    /// environment variables (README "Operating it").
+    #[arg(long, value_name = "PROGRAM")]
+    event_hook: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -241,6 +245,9 @@ struct DeviceConfig {
     logical_block_size: Option<u32>,
     /// The ublk device id (`/dev/ublkb<dev_id>`).
     dev_id: Option<i32>,
+    /// Program run on every mode change and leg event, with the facts in `WRITEBOOST_*`
+    /// environment variables (README "Operating it").
+    event_hook: Option<PathBuf>,
     /// Writeback knobs, by the names `wbctl set` takes.
     #[serde(default)]
     policy: BTreeMap<String, toml::Value>,
@@ -352,6 +359,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
             .unwrap_or(wb_target::ublk::DEFAULT_QUEUE_DEPTH),
         dev_id: args.dev_id.or(config.dev_id).unwrap_or(-1),
         run_dir: run_dir.clone(),
+        event_hook: args.event_hook.clone().or(config.event_hook.clone()),
     };
     let (spec, start) = daemon::check_create(&request)?;
     if let Start::Recover { dev_id } = start {
