@@ -178,6 +178,14 @@ job_pt="$(fio_job mirror-one-leg-pt 8M "$((WRITE_MIB + 64))M" "")"
 wb_fio d1 "$job_pt"
 (($(wb_field d1 passthrough_writes) > 0)) || fail "passthrough_writes is 0 after writing in passthrough"
 
+# ---- the health check: a dead leg is a WARNING (exit 1) naming it
+set +e
+check="$("$WBCTL" status -x d1)"
+code=$?
+set -e
+log "status -x with leg A dead: exit $code: $check"
+((code == 1)) && [[ "$check" == "d1: WARNING - "*"$LEG0"* ]] || fail "status -x: exit $code, '$check'"
+
 # ---- replace leg A by the spare: mirrored again
 t0=$EPOCHREALTIME
 "$WBCTL" replace d1 --old "$LEG0" --new "$SPARE" || fail "wbctl replace d1 --old $LEG0 --new $SPARE failed"
@@ -185,6 +193,8 @@ log "wbctl replace took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.
 wait_mode d1 mirrored 30
 [[ "$(leg_field d1 0 path)" == "$SPARE" && "$(leg_field d1 0 health)" == ok ]] || fail "leg 0 is $(leg_field d1 0 path) $(leg_field d1 0 health)"
 log "status after replace: $(status_excerpt d1)"
+check="$("$WBCTL" status -x d1)" || fail "status -x after replace exits $?: $check"
+[[ "$check" == "d1: OK - mirrored"* ]] || fail "status -x after replace: '$check'"
 
 read -r pt0 w0 <<<"$(wb_field d1 passthrough_writes write_bytes)"
 JOB2_MIB=32
