@@ -270,6 +270,9 @@ pub struct DeviceState {
     /// The program run on every mode change and leg event (`daemon::events`).
     #[serde(default)]
     pub event_hook: Option<PathBuf>,
+    /// The configuration file SIGHUP re-reads (`daemon::config`).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
 impl DeviceState {
@@ -843,6 +846,7 @@ mod tests {
             pid: 42,
             started_unix_secs: 1,
             event_hook: Some("/usr/local/bin/hook".into()),
+            config: Some("/etc/writeboost/d0.toml".into()),
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);

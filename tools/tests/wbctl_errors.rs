@@ -340,6 +340,7 @@ fn name_in_use_by_a_running_daemon() {
         pid: std::process::id(),
         started_unix_secs: 0,
         event_hook: None,
+        config: None,
     };
     state.store(&run.state("d0")).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
@@ -375,6 +376,7 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
         pid: 0, // no such process
         started_unix_secs: 0,
         event_hook: None,
+        config: None,
     };
     state.store(&run.state("d0")).unwrap();
     let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);

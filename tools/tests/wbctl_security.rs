@@ -92,6 +92,7 @@ impl Rig {
             pid: 0,
             started_unix_secs: 0,
             event_hook: None,
+            config: None,
         }
     }
 }
@@ -173,6 +174,7 @@ fn spec(run: &RunDir, backing: &Path, caches: &[&Path]) -> DaemonSpec {
         run_dir: run.clone(),
         nodes,
         event_hook: None,
+        config: None,
     }
 }
 

@@ -10,8 +10,9 @@
 //!
 //! Invariant: every way out of `run` after the engine opened goes through `Engine::shutdown`
 //! (seal and flush the log), except a kill -9, which the RAM buffer file and user recovery cover.
-//! Threads: `wb-signal` (SIGTERM/SIGINT/SIGHUP), `wb-ctl` (accepts control connections),
-//! `wb-ctl-conn` (one per connection), `wb-stats` (throughput sampling).
+//! Threads: `wb-signal` (SIGTERM/SIGINT stop; SIGHUP re-reads the configuration), `wb-ctl`
+//! (accepts control connections), `wb-ctl-conn` (one per connection), `wb-stats` (throughput
+//! sampling and the event hook).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -38,6 +39,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
 
+pub mod config;
 mod events;
 mod preflight;
 
@@ -106,6 +108,8 @@ pub struct CreateRequest {
     pub run_dir: RunDir,
     /// Run on every mode change and leg event (`events`); must be an executable file.
     pub event_hook: Option<PathBuf>,
+    /// The configuration file SIGHUP re-reads (`config`), if it was created from one.
+    pub config: Option<PathBuf>,
 }
 
 /// Everything a daemon needs to run (also what a successor rebuilds from the state file).
@@ -125,6 +129,8 @@ pub struct DaemonSpec {
     pub nodes: Vec<DeviceNode>,
     /// Run on every mode change and leg event (`events`).
     pub event_hook: Option<PathBuf>,
+    /// The configuration file SIGHUP re-reads (`config`), if it was created from one.
+    pub config: Option<PathBuf>,
 }
 
 /// How the daemon gets its cache and device.
@@ -183,6 +189,7 @@ impl Daemon {
             pid: self.pid,
             started_unix_secs: self.started_unix_secs,
             event_hook: self.spec.event_hook.clone(),
+            config: self.spec.config.clone(),
         }
     }
 
@@ -353,21 +360,81 @@ fn block_stop_signals() -> libc::sigset_t {
     }
 }
 
-fn spawn_signal_thread(set: libc::sigset_t, events: Sender<Stop>) {
+fn spawn_signal_thread(set: libc::sigset_t, daemon: Arc<Daemon>) {
     std::thread::Builder::new()
         .name("wb-signal".into())
         .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid, initialised signal set and `sig` a live c_int.
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                log::info!("signal {sig}: stopping");
-                if events.send(Stop::Signal(sig)).is_err() {
-                    return;
-                }
+            if rc != 0 {
+                continue;
+            }
+            if sig == libc::SIGHUP {
+                reload(&daemon);
+                continue;
+            }
+            log::info!("signal {sig}: stopping");
+            if daemon.events.send(Stop::Signal(sig)).is_err() {
+                return;
             }
         })
         .expect("spawn wb-signal");
+}
+
+/// SIGHUP (`systemctl reload`): re-reads the device's configuration file and applies its
+/// writeback knobs (knobs it does not name return to their defaults: the file is the truth).
+/// Device paths are not changed on a running device: a file that names others is refused, with
+/// the reason in the log, and nothing changes. I/O goes on throughout.
+fn reload(daemon: &Daemon) {
+    let name = &daemon.spec.name;
+    let Some(path) = &daemon.spec.config else {
+        log::warn!("{name}: SIGHUP: no configuration file to re-read (created without --config)");
+        return;
+    };
+    let reloaded = config::DeviceConfig::load(path).and_then(|c| {
+        check_same_devices(&daemon.spec.backing, &daemon.caches.lock(), &c, path)?;
+        apply_knobs(&Policy::default(), &c.knobs()).map_err(|e| format!("{}: {e}", path.display()))
+    });
+    match reloaded {
+        Ok(policy) => {
+            let knobs = knob_map(&policy);
+            daemon.engine.set_policy(policy.clone());
+            *daemon.policy.lock() = policy;
+            if let Err(e) = daemon.store_state() {
+                log::error!("writing the state file: {e}");
+            }
+            log::info!("{name}: reloaded {}: {knobs:?}", path.display());
+        }
+        Err(e) => log::error!("{name}: SIGHUP: {e}; nothing changed"),
+    }
+}
+
+/// A reload may not move the device: the backing device and caches the file names (if any)
+/// must be the ones it runs on now (after a `wbctl replace`, the replacement).
+fn check_same_devices(
+    backing: &Path,
+    caches: &[PathBuf],
+    c: &config::DeviceConfig,
+    path: &Path,
+) -> std::result::Result<(), String> {
+    let backing_moved = c.backing.as_ref().is_some_and(|b| !same_file(b, backing));
+    let caches_moved = !c.caches.is_empty()
+        && (c.caches.len() != caches.len()
+            || !c
+                .caches
+                .iter()
+                .all(|n| caches.iter().any(|o| same_file(n, o))));
+    if backing_moved || caches_moved {
+        return Err(format!(
+            "{}: names other devices than the running device's (backing {}, cache {}); device \
+             paths change only with a restart, or a leg with `wbctl replace`",
+            path.display(),
+            backing.display(),
+            display_paths(caches)
+        ));
+    }
+    Ok(())
 }
 
 /// Claims `name` in the run folder (created 0700 and checked first): takes its lock, which
@@ -419,8 +486,8 @@ pub fn run(
         }
     };
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    spawn_signal_thread(signals, events_tx.clone());
     let daemon = Arc::new(Daemon::new(spec, engine, &ctrl, events_tx));
+    spawn_signal_thread(signals, daemon.clone());
     let (served, stop) = serve(&daemon, &ctrl, listener, events_rx, ready);
     notify_systemd("STOPPING=1");
     shut_down(daemon, &ctrl, stop, served, holds)
@@ -1030,6 +1097,37 @@ mod tests {
             lost.contains("cache was lost") && lost.contains("segment 7"),
             "{lost}"
         );
+    }
+
+    #[test]
+    fn a_reload_may_not_move_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, b"").unwrap();
+            p
+        };
+        let (b, c0, c1, other) = (file("b"), file("c0"), file("c1"), file("other"));
+        let toml = dir.path().join("d0.toml");
+        let config = |backing: Option<&Path>, caches: &[&Path]| config::DeviceConfig {
+            backing: backing.map(Path::to_path_buf),
+            caches: caches.iter().map(|p| p.to_path_buf()).collect(),
+            ..Default::default()
+        };
+        let check =
+            |c: &config::DeviceConfig| check_same_devices(&b, &[c0.clone(), c1.clone()], c, &toml);
+        assert!(
+            check(&config(Some(&b), &[&c1, &c0])).is_ok(),
+            "same devices, any order"
+        );
+        assert!(check(&config(None, &[])).is_ok(), "a file of knobs only");
+        let e = check(&config(Some(&other), &[])).unwrap_err();
+        assert!(
+            e.contains("d0.toml: names other devices") && e.contains("restart"),
+            "{e}"
+        );
+        assert!(check(&config(None, &[&c0, &other])).is_err());
+        assert!(check(&config(None, &[&c0])).is_err(), "a leg fewer");
     }
 
     #[test]

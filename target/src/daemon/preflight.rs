@@ -414,6 +414,7 @@ impl Devices {
             run_dir: req.run_dir.clone(),
             nodes,
             event_hook: req.event_hook.as_deref().map(absolute),
+            config: req.config.as_deref().map(absolute),
         }
     }
 }
@@ -686,6 +687,7 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
             run_dir: run_dir.clone(),
             nodes,
             event_hook: state.event_hook.clone(),
+            config: state.config.clone(),
         },
         Start::Recover {
             dev_id: state.dev_id,
@@ -736,6 +738,7 @@ mod tests {
             dev_id: -1,
             run_dir: RunDir::new("/nonexistent"),
             event_hook: None,
+            config: None,
         }
     }
 

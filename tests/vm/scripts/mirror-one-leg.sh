@@ -35,8 +35,11 @@ HOOK="$WB_OUT/hook.sh" EVENTS="$WB_OUT/events.txt"
 printf '#!/bin/sh\nenv | grep "^WRITEBOOST_" | sort | tr "\\n" " " >>"%s"\necho >>"%s"\n' \
     "$EVENTS" "$EVENTS" >"$HOOK"
 chmod 755 "$HOOK"
-dev="$(JOURNAL_STREAM=8:1 wb_create d1 --backing "$BACKING" --cache "$LEG0" --cache "$CACHE1" \
-    --event-hook "$HOOK")"
+# Created from a configuration file, which SIGHUP re-reads (checked during the second fio job).
+CONF="$WB_OUT/d1.toml"
+printf 'backing = "%s"\ncaches = ["%s", "%s"]\nevent_hook = "%s"\n[policy]\nlow_watermark = "0.1"\n' \
+    "$BACKING" "$LEG0" "$CACHE1" "$HOOK" >"$CONF"
+dev="$(JOURNAL_STREAM=8:1 wb_create d1 --config "$CONF")"
 log "wbctl create d1 -> $dev"
 [[ "$(wb_field d1 mode)" == mirrored ]] || fail "mode is $(wb_field d1 mode), not mirrored"
 mode_sampler d1 "$WB_OUT/modes.txt"
@@ -198,8 +201,19 @@ check="$("$WBCTL" status -x d1)" || fail "status -x after replace exits $?: $che
 
 read -r pt0 w0 <<<"$(wb_field d1 passthrough_writes write_bytes)"
 JOB2_MIB=32
-job2="$(fio_job mirror-one-leg-2 "${JOB2_MIB}M" "$((WRITE_MIB + 128))M" "")"
-wb_fio d1 "$job2"
+job2="$(fio_job mirror-one-leg-2 "${JOB2_MIB}M" "$((WRITE_MIB + 128))M" "4m")"
+(wb_fio d1 "$job2") &
+fio2_pid=$!
+# ---- SIGHUP (systemctl reload) while fio writes: the changed knob applies, nothing stops
+sed -i -e 's/^low_watermark = .*/low_watermark = "0.25"/' -e "s#\"$LEG0\"#\"$SPARE\"#" "$CONF"
+kill -HUP "$(wb_field d1 pid)"
+for ((i = 0; ; i++)); do
+    [[ "$(wb_field d1 policy.low_watermark)" == 0.25 ]] && break
+    ((i < 100)) || fail "SIGHUP: low_watermark is $(wb_field d1 policy.low_watermark), not 0.25"
+    sleep 0.1
+done
+log "SIGHUP applied low_watermark=0.25 with fio running; mode $(wb_field d1 mode)"
+wait "$fio2_pid" || fail "the fio job running across SIGHUP failed"
 read -r mode pt1 w1 <<<"$(wb_field d1 mode passthrough_writes write_bytes)"
 [[ "$mode" == mirrored ]] || fail "mode $mode after the second fio job"
 [[ "$(leg_field d1 0 errors)" == 0 && "$(leg_field d1 1 errors)" == 0 ]] || fail "errors on the legs after replace"

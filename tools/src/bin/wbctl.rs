@@ -7,7 +7,6 @@
 //!
 //! Errors name the device or argument and the reason; `anyhow` is used only here, at the edge.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write as _};
 use std::os::unix::process::CommandExt;
@@ -18,8 +17,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
+use wb_target::daemon::config::DeviceConfig;
 use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
 use wb_target::device::{Device, FileDevice};
 use wb_target::log::legs::CacheLegs;
@@ -231,41 +231,6 @@ fn parse_knob(s: &str) -> Result<(String, String)> {
     Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
-/// The per-device configuration file (`/etc/writeboost/NAME.toml`).
-#[derive(Debug, Deserialize, Serialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DeviceConfig {
-    backing: Option<PathBuf>,
-    #[serde(default)]
-    caches: Vec<PathBuf>,
-    #[serde(default)]
-    single_leg: bool,
-    queues: Option<u16>,
-    depth: Option<u16>,
-    logical_block_size: Option<u32>,
-    /// The ublk device id (`/dev/ublkb<dev_id>`).
-    dev_id: Option<i32>,
-    /// Program run on every mode change and leg event, with the facts in `WRITEBOOST_*`
-    /// environment variables (README "Operating it").
-    event_hook: Option<PathBuf>,
-    /// Writeback knobs, by the names `wbctl set` takes.
-    #[serde(default)]
-    policy: BTreeMap<String, toml::Value>,
-}
-
-fn load_config(path: &Path) -> Result<DeviceConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the configuration", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
-fn toml_text(v: &toml::Value) -> String {
-    match v {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
@@ -312,7 +277,7 @@ fn main() {
 
 fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
     let config = match &args.config {
-        Some(path) => load_config(path)?,
+        Some(path) => DeviceConfig::load(path).map_err(|e| anyhow!(e))?,
         None => DeviceConfig::default(),
     };
     let backing = args
@@ -327,11 +292,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
     } else {
         args.caches.clone()
     };
-    let mut knobs: Vec<(String, String)> = config
-        .policy
-        .iter()
-        .map(|(k, v)| (k.clone(), toml_text(v)))
-        .collect();
+    let mut knobs = config.knobs();
     knobs.extend(args.policy.pairs()?);
     let policy = daemon::apply_knobs(&Policy::default(), &knobs).map_err(|e| {
         anyhow!(
@@ -360,6 +321,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
         dev_id: args.dev_id.or(config.dev_id).unwrap_or(-1),
         run_dir: run_dir.clone(),
         event_hook: args.event_hook.clone().or(config.event_hook.clone()),
+        config: args.config.clone(),
     };
     let (spec, start) = daemon::check_create(&request)?;
     if let Start::Recover { dev_id } = start {
@@ -1311,12 +1273,7 @@ mod tests {
         assert!(c.backing.is_some());
         assert_eq!(c.caches.len(), 2);
         assert_eq!(c.dev_id, Some(0));
-        let knobs: Vec<(String, String)> = c
-            .policy
-            .iter()
-            .map(|(k, v)| (k.clone(), toml_text(v)))
-            .collect();
-        daemon::apply_knobs(&Policy::default(), &knobs).unwrap();
+        daemon::apply_knobs(&Policy::default(), &c.knobs()).unwrap();
     }
 
     impl Cli {
