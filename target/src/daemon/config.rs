@@ -52,6 +52,40 @@ impl DeviceConfig {
     }
 }
 
+/// `text` (a device's TOML) with `knobs` set in its `[policy]` table, for `wbctl set` to keep
+/// what was tuned across a restart: comments, order and layout stay as they were; a knob's
+/// trailing comment stays with it; values are written as TOML booleans or numbers when they
+/// read as such, else as strings.
+pub fn with_knobs(text: &str, knobs: &[(String, String)]) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{e}"))?;
+    if doc.get("policy").is_none() {
+        doc["policy"] = toml_edit::table();
+    }
+    let policy = doc["policy"]
+        .as_table_mut()
+        .ok_or("`policy` is not a table")?;
+    for (k, v) in knobs {
+        let mut value = typed(v);
+        if let Some(old) = policy.get(k).and_then(|i| i.as_value()) {
+            *value.decor_mut() = old.decor().clone();
+        }
+        policy[k.as_str()] = toml_edit::Item::Value(value);
+    }
+    Ok(doc.to_string())
+}
+
+fn typed(text: &str) -> toml_edit::Value {
+    if let Ok(b) = text.parse::<bool>() {
+        b.into()
+    } else if let Ok(i) = text.parse::<i64>() {
+        i.into()
+    } else if let Ok(f) = text.parse::<f64>() {
+        f.into()
+    } else {
+        text.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +115,46 @@ mod tests {
             e.contains("none.toml: cannot read the configuration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn knobs_are_written_into_the_file_keeping_its_comments() {
+        let text = "# tank0\nbacking = \"/dev/sda\"\n\n[policy]\nlow_watermark = \"10%\" # background writeback\nidle_aware = true\n";
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let out = with_knobs(
+            text,
+            &pairs(&[
+                ("low_watermark", "0.3"),
+                ("idle_aware", "false"),
+                ("pressure_curve", "step"),
+            ]),
+        )
+        .unwrap();
+        assert!(
+            out.starts_with("# tank0\nbacking = \"/dev/sda\"\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("low_watermark = 0.3 # background writeback"),
+            "{out}"
+        );
+        assert!(out.contains("idle_aware = false"), "{out}");
+        assert!(out.contains("pressure_curve = \"step\""), "{out}");
+        let c: DeviceConfig = toml::from_str(&out).unwrap();
+        assert_eq!(c.knobs().len(), 3);
+        let fresh = with_knobs(
+            "backing = \"/dev/sda\"\n",
+            &pairs(&[("low_watermark", "0.2")]),
+        )
+        .unwrap();
+        assert!(
+            fresh.contains("[policy]") && fresh.contains("low_watermark = 0.2"),
+            "{fresh}"
+        );
+        assert!(with_knobs("policy = 3\n", &pairs(&[("low_watermark", "0.2")])).is_err());
     }
 }

@@ -214,6 +214,11 @@ for ((i = 0; ; i++)); do
 done
 log "SIGHUP applied low_watermark=0.25 with fio running; mode $(wb_field d1 mode)"
 wait "$fio2_pid" || fail "the fio job running across SIGHUP failed"
+# ---- wbctl set is kept in the configuration file (a restart keeps it), its comments too
+sed -i 's/^low_watermark = .*/& # tuned/' "$CONF"
+"$WBCTL" set d1 low_watermark=0.3 || fail "wbctl set d1 low_watermark=0.3 failed"
+grep -qx 'low_watermark = 0.3 # tuned' "$CONF" || fail "wbctl set did not keep low_watermark=0.3 in $CONF: $(cat "$CONF")"
+[[ "$(wb_field d1 policy.low_watermark)" == 0.3 ]] || fail "wbctl set: low_watermark is $(wb_field d1 policy.low_watermark)"
 read -r mode pt1 w1 <<<"$(wb_field d1 mode passthrough_writes write_bytes)"
 [[ "$mode" == mirrored ]] || fail "mode $mode after the second fio job"
 [[ "$(leg_field d1 0 errors)" == 0 && "$(leg_field d1 1 errors)" == 0 ]] || fail "errors on the legs after replace"

@@ -88,6 +88,10 @@ enum Cmd {
         name: String,
         #[arg(required = true, value_name = "KNOB=VALUE")]
         knobs: Vec<String>,
+        /// Change the running device only; do not write the knobs into its configuration file
+        /// (by default they are, so that a restart keeps them).
+        #[arg(long)]
+        runtime_only: bool,
     },
     /// Replace a cache leg online (a failed SSD, or one to retire): the cache is written back
     /// and runs in passthrough meanwhile, then the new device becomes the leg.
@@ -262,7 +266,11 @@ fn main() {
         Cmd::List { json } => list(&run_dir, json),
         Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
         Cmd::Drain { name } => drain(&run_dir, &name),
-        Cmd::Set { name, knobs } => set(&run_dir, &name, &knobs),
+        Cmd::Set {
+            name,
+            knobs,
+            runtime_only,
+        } => set(&run_dir, &name, &knobs, runtime_only),
         Cmd::Replace { name, old, new } => replace(&run_dir, &name, old, new),
         Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
         Cmd::Check { caches, json } => check(&caches, json),
@@ -770,7 +778,7 @@ fn list(run_dir: &RunDir, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn set(run_dir: &RunDir, name: &str, knobs: &[String]) -> Result<()> {
+fn set(run_dir: &RunDir, name: &str, knobs: &[String], runtime_only: bool) -> Result<()> {
     let pairs: Vec<(String, String)> =
         knobs.iter().map(|k| parse_knob(k)).collect::<Result<_>>()?;
     // Catch typos before talking to the daemon (it checks again against its own knobs).
@@ -780,14 +788,45 @@ fn set(run_dir: &RunDir, name: &str, knobs: &[String]) -> Result<()> {
         }
     }
     let socket = daemon_socket(run_dir, name)?;
-    match call(&socket, &Request::Set { knobs: pairs }, |_| {})? {
+    match call(
+        &socket,
+        &Request::Set {
+            knobs: pairs.clone(),
+        },
+        |_| {},
+    )? {
         Reply::Done { message } => {
             println!("{message}");
+            if !runtime_only {
+                save_knobs(run_dir, name, &pairs)?;
+            }
             Ok(())
         }
         Reply::Error { error } => bail!("{error}"),
         other => bail!("{name}: unexpected reply {other:?}"),
     }
+}
+
+/// Writes knobs just applied into the device's configuration file (the one it was created
+/// from), keeping the file's comments and layout; replaced atomically (temporary + rename).
+fn save_knobs(run_dir: &RunDir, name: &str, pairs: &[(String, String)]) -> Result<()> {
+    let Some(path) = run_dir.load_state(name).ok().and_then(|s| s.config) else {
+        println!("{name}: not saved: the device was not created from a configuration file");
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: set, but not saved", path.display()))?;
+    let edited = daemon::config::with_knobs(&text, pairs)
+        .map_err(|e| anyhow!("{}: set, but not saved: {e}", path.display()))?;
+    let tmp = path.with_extension("toml.tmp");
+    let mode = std::fs::metadata(&path)?.permissions();
+    std::fs::write(&tmp, edited)
+        .and_then(|()| std::fs::set_permissions(&tmp, mode))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("{}: set, but not saved", path.display()))?;
+    println!("{name}: saved in {}", path.display());
+    Ok(())
 }
 
 fn progress_bar() -> ProgressBar {
