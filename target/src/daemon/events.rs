@@ -2,8 +2,8 @@
 //! --event-hook`): a mode change, a cache leg failing or coming back, a cache loss. They are
 //! found by comparing the engine's status once a second (the `wb-stats` thread) and handed to
 //! the hook as a separate process with the facts in its environment — the way ZED zedlets and
-//! `mdadm --monitor --program` work. Nothing on the I/O path waits for it: the hook is spawned,
-//! and reaped by a thread of its own.
+//! `mdadm --monitor --program` work. Nothing on the I/O path waits for it: a thread of its own
+//! runs the hook once per event, one after the other, in the order the events happened.
 //!
 //! The hook's environment:
 //! - `WRITEBOOST_EVENT`: `mode_changed`, `leg_failed`, `leg_restored` or `cache_lost`;
@@ -13,7 +13,6 @@
 //! - for leg events, `WRITEBOOST_LEG` (its index) and `WRITEBOOST_LEG_PATH`;
 //! - for a cache loss, `WRITEBOOST_BACKING_HOLDS_ID` (the backing device holds the log up to it).
 
-use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -82,16 +81,50 @@ pub fn between(prev: &EngineStatus, now: &EngineStatus) -> Vec<Event> {
     events
 }
 
-/// Starts `hook` for `event` and returns; a thread waits for it to end (no zombie) and logs a
-/// failure. The hook inherits no stdin; its output goes to the daemon's log.
-pub fn run_hook(
+/// Runs `hook` once per event, one after the other in their order, on a thread of its own:
+/// returns at once, so the caller never waits for the hook. A hook that cannot start or fails
+/// is logged.
+pub fn run_hooks(
+    hook: &Path,
+    name: &str,
+    device: &str,
+    prev: &EngineStatus,
+    now: &EngineStatus,
+    events: Vec<Event>,
+) {
+    if events.is_empty() {
+        return;
+    }
+    let commands: Vec<(Command, &'static str)> = events
+        .iter()
+        .map(|e| (command(hook, name, device, prev, now, e), e.kind))
+        .collect();
+    let shown = hook.display().to_string();
+    let spawned = std::thread::Builder::new()
+        .name("wb-hook".into())
+        .spawn(move || {
+            for (mut cmd, kind) in commands {
+                match cmd.status() {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => log::warn!("event hook {shown} ({kind}) exited with {status}"),
+                    Err(e) => log::warn!("event hook {shown} ({kind}): {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("event hook {}: {e}", hook.display());
+    }
+}
+
+/// The hook's command and environment for one event.
+fn command(
     hook: &Path,
     name: &str,
     device: &str,
     prev: &EngineStatus,
     now: &EngineStatus,
     event: &Event,
-) -> io::Result<()> {
+) -> Command {
     let mut cmd = Command::new(hook);
     cmd.stdin(Stdio::null())
         .env("WRITEBOOST_EVENT", event.kind)
@@ -104,16 +137,7 @@ pub fn run_hook(
     for (k, v) in &event.vars {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn()?;
-    let (hook, kind) = (hook.display().to_string(), event.kind);
-    std::thread::Builder::new()
-        .name("wb-hook".into())
-        .spawn(move || match child.wait() {
-            Ok(status) if status.success() => {}
-            Ok(status) => log::warn!("event hook {hook} ({kind}) exited with {status}"),
-            Err(e) => log::warn!("event hook {hook} ({kind}): {e}"),
-        })?;
-    Ok(())
+    cmd
 }
 
 #[cfg(test)]
@@ -192,30 +216,43 @@ mod tests {
     }
 
     #[test]
-    fn the_hook_gets_the_facts_in_its_environment() {
+    fn the_hook_gets_the_facts_in_its_environment_one_event_after_the_other() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("env");
+        let out = dir.path().join("events");
         let hook = dir.path().join("hook");
-        std::fs::write(
-            &hook,
-            format!("#!/bin/sh\nenv > {}.tmp\nmv {0}.tmp {0}\n", out.display()),
-        )
-        .unwrap();
+        // One line per event, appended in one write; a second hook at once would interleave.
+        let script = format!(
+            "#!/bin/sh\nline=$(env | grep ^WRITEBOOST_ | sort | tr '\\n' ' ')\n\
+             [ -e {0}.busy ] && echo OVERLAP >> {0}\ntouch {0}.busy\nsleep 0.2\n\
+             echo \"$line\" >> {0}\nrm {0}.busy\n",
+            out.display()
+        );
+        std::fs::write(&hook, script).unwrap();
         std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let (prev, now) = (
             status("mirrored", &[true, true]),
             status("degraded", &[false, true]),
         );
-        let event = &between(&prev, &now)[0];
-        run_hook(&hook, "d0", "/dev/ublkb3", &prev, &now, event).unwrap();
+        let events = between(&prev, &now);
+        assert_eq!(events.len(), 2, "leg_failed, then mode_changed");
+        run_hooks(&hook, "d0", "/dev/ublkb3", &prev, &now, events);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !out.exists() {
-            assert!(std::time::Instant::now() < deadline, "the hook did not run");
+        let lines = loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.lines().count() >= 2 {
+                break text.lines().map(str::to_string).collect::<Vec<_>>();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook did not run twice: {text}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let env = std::fs::read_to_string(&out).unwrap();
-        for line in [
+        };
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let first = words(&lines[0]);
+        for w in [
             "WRITEBOOST_EVENT=leg_failed",
             "WRITEBOOST_SEVERITY=err",
             "WRITEBOOST_NAME=d0",
@@ -226,7 +263,12 @@ mod tests {
             "WRITEBOOST_LEG=0",
             "WRITEBOOST_LEG_PATH=/dev/leg0",
         ] {
-            assert!(env.lines().any(|l| l == line), "{line} not in:\n{env}");
+            assert!(first.iter().any(|x| x == w), "{w} not in {first:?}");
         }
+        let second = words(&lines[1]);
+        assert!(
+            second.iter().any(|x| x == "WRITEBOOST_EVENT=mode_changed"),
+            "{second:?}"
+        );
     }
 }

@@ -853,12 +853,8 @@ fn report_events(daemon: &Daemon, prev: &EngineStatus, now: &EngineStatus) {
     let Some(hook) = &daemon.spec.event_hook else {
         return;
     };
-    for event in events::between(prev, now) {
-        let (name, device) = (&daemon.spec.name, &daemon.device);
-        if let Err(e) = events::run_hook(hook, name, device, prev, now, &event) {
-            log::warn!("{name}: event hook {}: {e}", hook.display());
-        }
-    }
+    let events = events::between(prev, now);
+    events::run_hooks(hook, &daemon.spec.name, &daemon.device, prev, now, events);
 }
 
 fn spawn_control_thread(daemon: Arc<Daemon>, listener: UnixListener) {

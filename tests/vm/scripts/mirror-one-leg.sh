@@ -32,8 +32,7 @@ log "leg A: $LEG0 = $(dm_table wbleg0)"
 # The event hook appends each event's WRITEBOOST_* facts, one line per event; the daemon's log
 # is written as for the journal (JOURNAL_STREAM set: sd-daemon <N> priority prefixes).
 HOOK="$WB_OUT/hook.sh" EVENTS="$WB_OUT/events.txt"
-printf '#!/bin/sh\nenv | grep "^WRITEBOOST_" | sort | tr "\\n" " " >>"%s"\necho >>"%s"\n' \
-    "$EVENTS" "$EVENTS" >"$HOOK"
+printf '#!/bin/sh\necho "$(env | grep "^WRITEBOOST_" | sort | tr "\\n" " ")" >>"%s"\n' "$EVENTS" >"$HOOK"
 chmod 755 "$HOOK"
 # Created from a configuration file, which SIGHUP re-reads (checked during the second fio job).
 CONF="$WB_OUT/d1.toml"
