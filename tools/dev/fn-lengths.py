@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Prints the functions longer than N lines (default 70) in the given source folders, longest
-first: `tools/dev/fn-lengths.py 100 target/src writeback/src logfmt/src tools/src`. Counts braces
+"""Prints the functions longer than N lines (default 70) in the given source folders (default:
+the four crates): `tools/dev/fn-lengths.py 100 | sort -rn`. Counts braces
 from each `fn` to its end; stops reading a file at its `#[cfg(test)]` module (tests may be long)."""
 import re,sys,os
 N=int(sys.argv[1]) if len(sys.argv) > 1 else 70; paths=sys.argv[2:] or ["target/src", "writeback/src", "logfmt/src", "tools/src"]
