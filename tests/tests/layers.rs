@@ -1,7 +1,8 @@
 //! The target crate's dependencies point one way (README "How it is built"):
 //!
 //! ```text
-//! daemon → ublk → open → engine → {log, map} → {control?} → device, private_file, error
+//! daemon → ublk → open → engine → {log, map} → control → device, private_file, error (and the
+//! crate root's `hex` and `CRITICAL_LOG_TARGET`)
 //! ```
 //!
 //! Every `crate::X` path in `target/src` (tests modules aside: a test may build anything) is
@@ -25,6 +26,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("private_file", 0),
     ("error", 0),
     ("hex", 0),
+    ("CRITICAL_LOG_TARGET", 0),
     ("lib", 7),
 ];
 
