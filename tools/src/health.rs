@@ -125,7 +125,8 @@ pub fn of_error(daemon_down: bool, error: &str) -> (Health, String) {
     }
 }
 
-fn percent(a: u64, b: u64) -> f64 {
+/// `a` as a percentage of `b` (0 when `b` is).
+pub fn percent(a: u64, b: u64) -> f64 {
     if b == 0 {
         0.0
     } else {

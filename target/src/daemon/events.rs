@@ -26,15 +26,6 @@ pub struct Event {
     pub vars: Vec<(&'static str, String)>,
 }
 
-/// The mode as `status` shows it.
-fn mode(s: &EngineStatus) -> &str {
-    if s.failure.is_some() {
-        "failed"
-    } else {
-        &s.mode
-    }
-}
-
 /// What changed from `prev` to `now`: leg events first, then a loss, then the mode change.
 pub fn between(prev: &EngineStatus, now: &EngineStatus) -> Vec<Event> {
     let mut events = Vec::new();
@@ -66,8 +57,8 @@ pub fn between(prev: &EngineStatus, now: &EngineStatus) -> Vec<Event> {
             )],
         });
     }
-    if mode(prev) != mode(now) {
-        let severity = match mode(now) {
+    if prev.shown_mode() != now.shown_mode() {
+        let severity = match now.shown_mode() {
             "mirrored" | "single" => "info",
             "failed" => "crit",
             _ => "warning",
@@ -131,8 +122,8 @@ fn command(
         .env("WRITEBOOST_SEVERITY", event.severity)
         .env("WRITEBOOST_NAME", name)
         .env("WRITEBOOST_DEVICE", device)
-        .env("WRITEBOOST_MODE", mode(now))
-        .env("WRITEBOOST_PREVIOUS_MODE", mode(prev))
+        .env("WRITEBOOST_MODE", now.shown_mode())
+        .env("WRITEBOOST_PREVIOUS_MODE", prev.shown_mode())
         .env("WRITEBOOST_DIRTY_BYTES", now.dirty_bytes.to_string());
     for (k, v) in &event.vars {
         cmd.env(k, v);

@@ -213,11 +213,7 @@ impl Daemon {
                 repairs: l.repairs,
             })
             .collect();
-        let mode = if s.failure.is_some() {
-            "failed".to_string()
-        } else {
-            s.mode.clone()
-        };
+        let mode = s.shown_mode().to_string();
         DeviceStatus {
             name: self.spec.name.clone(),
             device: self.device.clone(),

@@ -69,6 +69,17 @@ pub struct EngineStatus {
     pub policy: Option<Policy>,
 }
 
+impl EngineStatus {
+    /// The mode as `status` and the event hook show it: "failed" once the engine failed.
+    pub fn shown_mode(&self) -> &str {
+        if self.failure.is_some() {
+            "failed"
+        } else {
+            &self.mode
+        }
+    }
+}
+
 impl Engine {
     pub fn status(&self) -> EngineStatus {
         let s = &self.shared;

@@ -23,7 +23,7 @@ use wb_target::daemon::config::DeviceConfig;
 use wb_target::daemon::{self, CreateRequest, DaemonSpec, Start};
 use wb_target::device::{Device, FileDevice};
 use wb_target::log::legs::CacheLegs;
-use wb_tools::health::{self, Health};
+use wb_tools::health::{self, percent, Health};
 use wb_tools::journal;
 use writeback::Policy;
 
@@ -583,15 +583,6 @@ fn human_status(s: &DeviceStatus) -> String {
     status_traffic(&mut out, s);
     status_setup(&mut out, s);
     out
-}
-
-/// `a` as a percentage of `b` (0 when `b` is).
-fn percent(a: u64, b: u64) -> f64 {
-    if b == 0 {
-        0.0
-    } else {
-        100.0 * a as f64 / b as f64
-    }
 }
 
 /// The device, its mode, and what went wrong: a failure, a lost cache.
