@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use wb_target::{Device, Engine, EngineStatus, FileDevice, FormatOptions, OpenOptions};
+use wb_target::{Device, Engine, EngineStatus, FileDevice, OpenOptions};
 
 use super::files::{self, CountingDevice, Xorshift};
 
@@ -128,18 +128,7 @@ impl Images {
 
     /// Formats the cache image for the backing image.
     fn format(&self) -> Result<()> {
-        let cache: Arc<dyn Device> = Arc::new(FileDevice::open(&self.cache)?);
-        let backing = FileDevice::open(&self.backing)?;
-        wb_target::format(
-            &[cache],
-            &backing,
-            &backing.identity(),
-            &FormatOptions {
-                logical_block_size: 4096,
-                force: true,
-            },
-        )?;
-        Ok(())
+        files::format_single_leg(&self.cache, &self.backing)
     }
 
     /// An engine on `cache` (the cache image, maybe wrapped) and the backing image; writeback

@@ -10,7 +10,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use wb_target::{AlignedBuf, Device};
+use wb_target::{AlignedBuf, Device, FileDevice, FormatOptions};
+
+/// Formats the image at `cache` as a one-leg cache set for the image at `backing` (4 KiB blocks,
+/// over whatever was there: benchmark images only).
+pub fn format_single_leg(cache: &Path, backing: &Path) -> Result<()> {
+    let cache: Arc<dyn Device> = Arc::new(FileDevice::open(cache)?);
+    let backing = FileDevice::open(backing)?;
+    wb_target::format(
+        &[cache],
+        &backing,
+        &backing.identity(),
+        &FormatOptions {
+            logical_block_size: 4096,
+            force: true,
+        },
+    )?;
+    Ok(())
+}
 
 /// Creates (or truncates) a sparse file of `bytes`.
 pub fn create_image(path: &Path, bytes: u64) -> Result<()> {

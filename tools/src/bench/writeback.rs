@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
-use wb_target::{AlignedBuf, Engine, FileDevice, FormatOptions, OpenOptions};
+use wb_target::{AlignedBuf, Engine, FileDevice, OpenOptions};
 use writeback::Policy;
 
 use super::files::{self, Xorshift};
@@ -233,19 +233,7 @@ impl Setup {
     /// Formats the cache file for the backing file and opens an engine on them, writeback held
     /// off.
     fn format_and_open(&self) -> Result<Engine> {
-        {
-            let cache = FileDevice::open(&self.cache_path)?;
-            let backing = FileDevice::open(&self.backing_path)?;
-            wb_target::format(
-                &[Arc::new(cache)],
-                &backing,
-                &backing.identity(),
-                &FormatOptions {
-                    logical_block_size: 4096,
-                    force: true,
-                },
-            )?;
-        }
+        files::format_single_leg(&self.cache_path, &self.backing_path)?;
         let backing = FileDevice::open(&self.backing_path)?;
         let identity = backing.identity();
         let mut options = OpenOptions::new(self.buffer_path.clone());
