@@ -17,9 +17,14 @@
 //! - READ and WRITE complete with their full byte count or a negative errno, never a short count.
 //! - A request is completed only after the engine call for it returned (the engine decides when
 //!   data is acknowledged: RAM for a plain write, durable for FUA and FLUSH).
+//! - Once the `RequestGate` holds, no request reaches the engine or completes: the daemon can
+//!   shut the engine down under a live device and leave, and the kernel re-issues the held
+//!   requests to the next daemon (a stop that leaves the device to the kernel, CONTRACT §6).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
@@ -277,6 +282,7 @@ pub fn state_name(state: u16) -> &'static str {
 pub fn serve<W>(
     ctrl: &UblkCtrl,
     engine: Arc<Engine>,
+    gate: Arc<RequestGate>,
     queues_down: Arc<AtomicBool>,
     on_live: W,
 ) -> Result<(), UblkSetupError>
@@ -294,7 +300,7 @@ where
     let q_down = queues_down.clone();
     let q_handler = move |qid: u16, dev: &UblkDev| {
         let _down_when_done = SetOnDrop(q_down.clone());
-        serve_queue(qid, dev, &q_engine);
+        serve_queue(qid, dev, &q_engine, &gate);
     };
     let r = ctrl
         .run_target(tgt_init, q_handler, on_live)
@@ -309,7 +315,7 @@ where
 }
 
 /// One queue thread: fetch requests, run each through the engine, complete it.
-fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
+fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, gate: &RequestGate) {
     let mut bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -323,6 +329,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
     queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _io: &UblkIOCtx| {
         let iod = q.get_iod(tag);
         let buf = &mut bufs[tag as usize];
+        let _admitted = gate.admit();
         let res = handle_request(
             engine,
             iod.op_flags,
@@ -388,6 +395,57 @@ pub fn handle_request(
     }
 }
 
+/// Between the kernel's requests and the engine: lets them through until `hold`, then keeps
+/// every later one out for good — the queue thread that picked it up waits here and never
+/// completes it, so the kernel still owns it and (with `UBLK_F_USER_RECOVERY_REISSUE`) re-issues
+/// it to the next daemon. `hold` returns once the requests already let through have completed:
+/// from then on nothing touches the engine through the device.
+#[derive(Default)]
+pub struct RequestGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    holding: bool,
+    /// Requests let through and not yet completed.
+    inside: usize,
+}
+
+/// A request let through the gate; leaving (drop) counts it out after its completion.
+pub struct Admitted<'a>(&'a RequestGate);
+
+impl RequestGate {
+    /// Lets a request through, or, once the gate holds, waits for ever.
+    pub fn admit(&self) -> Admitted<'_> {
+        let mut state = self.state.lock();
+        while state.holding {
+            self.changed.wait(&mut state);
+        }
+        state.inside += 1;
+        Admitted(self)
+    }
+
+    /// Closes the gate and waits until every request let through has completed.
+    pub fn hold(&self) {
+        let mut state = self.state.lock();
+        state.holding = true;
+        while state.inside > 0 {
+            self.changed.wait(&mut state);
+        }
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        debug_assert!(state.inside > 0, "a request left the gate twice");
+        state.inside -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
 /// Sets an `AtomicBool` when dropped, so a queue thread that unwinds still reports it is down.
 struct SetOnDrop(Arc<AtomicBool>);
 
@@ -400,6 +458,41 @@ impl Drop for SetOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `hold` waits for the requests inside; once it returned, no request gets through.
+    #[test]
+    fn a_held_gate_lets_nothing_through() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let gate = Arc::new(RequestGate::default());
+        let inside = gate.admit();
+        let (held_tx, held_rx) = mpsc::channel();
+        let holder = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                gate.hold();
+                held_tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            held_rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "hold returned while a request was inside"
+        );
+        drop(inside);
+        held_rx.recv().unwrap();
+        holder.join().unwrap();
+        let (passed_tx, passed_rx) = mpsc::channel();
+        let late = gate.clone();
+        // Never joined: a request after the hold waits for ever, like the queue thread would.
+        std::thread::spawn(move || {
+            let _admitted = late.admit();
+            let _ = passed_tx.send(());
+        });
+        assert!(
+            passed_rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a request got through a held gate"
+        );
+    }
 
     #[test]
     fn params_follow_the_cache() {

@@ -84,6 +84,29 @@ fn vm_ublk_xfs_then_backing_alone() {
     .run();
 }
 
+/// Stop, start and upgrade under a mounted xfs with fio verify writing on it (CONTRACT §6):
+/// SIGTERM leaves the in-use device to the kernel, `wbctl create` (the unit's start) and, after
+/// a binary installed by rename, `wbctl recover` from the new file take it over; fio sees no
+/// error and verifies, `xfs_repair -n` is clean. A `delete` of the mounted device is refused
+/// naming the mount; SIGTERM with nobody using the device removes it.
+#[test]
+fn vm_ublk_stop_start_upgrade_under_mounted_xfs() {
+    VmTest {
+        test: "vm_ublk_stop_start_upgrade_under_mounted_xfs",
+        bins: &["wbctl"],
+        disks: &[
+            disk("backing", "2G", false),
+            disk("cache0", "512M", false),
+            disk("cache1", "512M", false),
+        ],
+        script: "tests/vm/scripts/ublk-restart.sh",
+        args: &[],
+        timeout_secs: 1200,
+        pass_line: "ublk-restart: PASS",
+    }
+    .run();
+}
+
 /// kill -9 of the daemon during fio (twice: in the write and the verify phase), `wbctl
 /// recover` each time: fio carries on without an I/O error and its verify passes; unflushed
 /// writes acknowledged just before a kill read back after recovery. Then `wbctl replace` swaps a

@@ -10,6 +10,8 @@
 //!
 //! Invariant: every way out of `run` after the engine opened goes through `Engine::shutdown`
 //! (seal and flush the log), except a kill -9, which the RAM buffer file and user recovery cover.
+//! A stop signal while the device is in use ends the process in `hand_over` — after that
+//! shutdown, with the device left to the kernel for the next start.
 //! Threads: `wb-signal` (SIGTERM/SIGINT stop; SIGHUP re-reads the configuration), `wb-ctl`
 //! (accepts control connections), `wb-ctl-conn` (one per connection), `wb-stats` (throughput
 //! sampling and the event hook).
@@ -33,14 +35,16 @@ use crate::control::{
     self, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply, Request, RunDir,
     SegmentReport,
 };
-use crate::device::{self, Device, DeviceNode, FileDevice};
+use crate::device::{Device, DeviceNode, FileDevice};
 use crate::engine::status::EngineStatus;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::ublk::{self, Attach, UblkOptions, UblkSetupError};
+use crate::ublk::{self, Attach, RequestGate, UblkOptions, UblkSetupError};
 
 pub mod config;
 mod events;
+mod hand_over;
+pub mod holders;
 mod preflight;
 
 use preflight::{absolute, hold_checked, same_file};
@@ -578,10 +582,15 @@ fn serve(
     ready: impl FnOnce(&str) + Send + Sync + 'static,
 ) -> (std::result::Result<(), UblkSetupError>, Option<Stop>) {
     let queues_down = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(RequestGate::default());
     let stop_slot: Arc<Mutex<Option<Stop>>> = Arc::new(Mutex::new(None));
     let live = {
-        let (daemon, queues_down, stop_slot) =
-            (daemon.clone(), queues_down.clone(), stop_slot.clone());
+        let (daemon, gate, queues_down, stop_slot) = (
+            daemon.clone(),
+            gate.clone(),
+            queues_down.clone(),
+            stop_slot.clone(),
+        );
         move |ctrl: &UblkCtrl| {
             if let Err(e) = daemon.store_state() {
                 log::error!(
@@ -595,13 +604,17 @@ fn serve(
             notify_systemd(&format!("READY=1\nSTATUS=serving {}", daemon.device));
             let stop = wait_for_stop(&events, &queues_down);
             daemon.stopping.store(true, Ordering::SeqCst);
+            if matches!(stop, Stop::Signal(_)) {
+                // In use: this may leave the device to the kernel and end the process here.
+                hand_over::on_stop_signal(&daemon, &gate, &queues_down);
+            }
             *stop_slot.lock() = Some(stop);
             if let Err(e) = ctrl.kill_dev() {
                 log::error!("stopping {}: {}", daemon.device, ublk::describe(&e));
             }
         }
     };
-    let served = ublk::serve(ctrl, daemon.engine.clone(), queues_down, live);
+    let served = ublk::serve(ctrl, daemon.engine.clone(), gate, queues_down, live);
     daemon.stopping.store(true, Ordering::SeqCst);
     let stop = stop_slot.lock().take();
     (served, stop)
@@ -770,7 +783,7 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
 /// Tells systemd (a `Type=notify` unit) how the daemon is doing: `READY=1` once the device is
 /// live, so that units ordered after it (the iSCSI target, Samba) find `/dev/ublkbN`. Does
 /// nothing outside systemd.
-fn notify_systemd(message: &str) {
+pub(super) fn notify_systemd(message: &str) {
     if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
         if let Err(e) = notify_socket(&socket, message) {
             log::warn!("telling systemd '{message}': {e}");
@@ -890,22 +903,13 @@ fn serve_request(daemon: &Daemon, request: Request, mut stream: UnixStream) {
             },
         },
         Request::Delete { drain, force } => {
-            if !force {
-                if let Err(e) = device::open_node(Path::new(&daemon.device), true) {
-                    if e.raw_os_error() == Some(libc::EBUSY) {
-                        let _ = control::send_line(
-                            &mut stream,
-                            &Reply::Error {
-                                error: format!(
-                                    "{}: in use (mounted, or claimed by device mapper or a \
-                                     target); unmount it first, or pass --force",
-                                    daemon.device
-                                ),
-                            },
-                        );
-                        return;
-                    }
-                }
+            let users = match force {
+                true => Vec::new(),
+                false => holders::users(Path::new(&daemon.device)),
+            };
+            if !users.is_empty() {
+                let _ = control::send_line(&mut stream, &in_use(daemon, &users));
+                return;
             }
             // The main thread stops the device, drains, shuts down and answers.
             let _ = daemon.events.send(Stop::Delete {
@@ -916,6 +920,20 @@ fn serve_request(daemon: &Daemon, request: Request, mut stream: UnixStream) {
         }
     };
     let _ = control::send_line(&mut stream, &reply);
+}
+
+/// The refusal of a `wbctl delete` of a device in use: nothing changed, and who uses it.
+fn in_use(daemon: &Daemon, users: &[String]) -> Reply {
+    Reply::Error {
+        error: format!(
+            "{}: refused: {} is in use: {}. Nothing was changed. Unmount it, log the initiators \
+             out, stop what has it open, then delete; --force deletes it anyway (its users' I/O \
+             then fails)",
+            daemon.spec.name,
+            daemon.device,
+            users.join("; ")
+        ),
+    }
 }
 
 /// How long `wbctl replace` waits for the cache to be written back (it goes to passthrough
