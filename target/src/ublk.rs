@@ -17,12 +17,13 @@
 //! - READ and WRITE complete with their full byte count or a negative errno, never a short count.
 //! - A request is completed only after the engine call for it returned (the engine decides when
 //!   data is acknowledged: RAM for a plain write, durable for FUA and FLUSH).
-//! - Once the `RequestGate` holds, no request reaches the engine or completes: the daemon can
-//!   shut the engine down under a live device and leave, and the kernel re-issues the held
-//!   requests to the next daemon (a stop that leaves the device to the kernel, CONTRACT §6).
+//! - Once the `RequestGate` holds, no request reaches the engine: the daemon can shut the engine
+//!   down under a live device and leave, and the kernel re-issues the requests it still holds
+//!   to the next daemon (a stop that leaves the device to the kernel, CONTRACT §6).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -251,6 +252,21 @@ pub fn attach(options: &UblkOptions) -> Result<UblkCtrl, UblkSetupError> {
     }
 }
 
+/// The block layer's request timeout set on every device: while the daemon lives the ublk
+/// driver only re-arms it, but once the daemon is gone it is what notices a queue whose every
+/// request the daemon held (no fetch command left to cancel): the kernel then re-queues them
+/// and the device can be taken over. The default 30 s would stall a takeover that long.
+pub const IO_TIMEOUT_MS: u32 = 5000;
+
+/// Sets `IO_TIMEOUT_MS` on `device` (/dev/ublkbN); a failure only costs a slower takeover.
+pub fn shorten_io_timeout(device: &str) {
+    let name = device.trim_start_matches("/dev/");
+    let path = format!("/sys/block/{name}/queue/io_timeout");
+    if let Err(e) = std::fs::write(&path, IO_TIMEOUT_MS.to_string()) {
+        log::warn!("{path}: cannot set {IO_TIMEOUT_MS} ms: {e} (a takeover may wait 30 s)");
+    }
+}
+
 /// Removes ublk device `dev_id` whose daemon is gone (`wbctl delete --force` of a dead device).
 /// Returns the state it was in.
 pub fn delete_device(dev_id: u32) -> Result<&'static str, UblkSetupError> {
@@ -398,51 +414,72 @@ pub fn handle_request(
 /// Between the kernel's requests and the engine: lets them through until `hold`, then keeps
 /// every later one out for good — the queue thread that picked it up waits here and never
 /// completes it, so the kernel still owns it and (with `UBLK_F_USER_RECOVERY_REISSUE`) re-issues
-/// it to the next daemon. `hold` returns once the requests already let through have completed:
-/// from then on nothing touches the engine through the device.
+/// it to the next daemon. `hold` returns once every request let through has left the engine:
+/// from then on nothing touches the engine through the device. (libublk sends completions in
+/// batches: one queued before the hold may reach the kernel after it — its engine call is
+/// done — and one queued by a thread that then blocks here never does: the kernel re-issues
+/// that request, which is harmless, as it was never acknowledged and every request is
+/// idempotent.)
+///
+/// The open gate costs two atomic operations per request (no lock on the I/O path): `admit`
+/// counts itself in and then looks at `holding`, `hold` raises `holding` and then looks at the
+/// count — with sequentially consistent order one of the two sees the other.
 #[derive(Default)]
 pub struct RequestGate {
-    state: Mutex<GateState>,
+    holding: AtomicBool,
+    inside: AtomicUsize,
+    lock: Mutex<()>,
     changed: Condvar,
-}
-
-#[derive(Default)]
-struct GateState {
-    holding: bool,
-    /// Requests let through and not yet completed.
-    inside: usize,
 }
 
 /// A request let through the gate; leaving (drop) counts it out after its completion.
 pub struct Admitted<'a>(&'a RequestGate);
 
+/// How often `hold` looks at the count again (a wake-up may race with its wait).
+const GATE_POLL: Duration = Duration::from_millis(10);
+
 impl RequestGate {
     /// Lets a request through, or, once the gate holds, waits for ever.
     pub fn admit(&self) -> Admitted<'_> {
-        let mut state = self.state.lock();
-        while state.holding {
-            self.changed.wait(&mut state);
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.holding.load(Ordering::SeqCst) {
+            self.leave();
+            let mut guard = self.lock.lock();
+            loop {
+                self.changed.wait(&mut guard);
+            }
         }
-        state.inside += 1;
         Admitted(self)
     }
 
-    /// Closes the gate and waits until every request let through has completed.
-    pub fn hold(&self) {
-        let mut state = self.state.lock();
-        state.holding = true;
-        while state.inside > 0 {
-            self.changed.wait(&mut state);
+    /// Closes the gate and waits until every request let through has left, or `limit` passed;
+    /// says whether they all left.
+    pub fn hold(&self, limit: Duration) -> bool {
+        self.holding.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        let mut guard = self.lock.lock();
+        while self.inside.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.changed.wait_for(&mut guard, GATE_POLL);
+        }
+        true
+    }
+
+    fn leave(&self) {
+        let before = self.inside.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(before > 0, "a request left the gate twice");
+        if self.holding.load(Ordering::SeqCst) {
+            let _guard = self.lock.lock();
+            self.changed.notify_all();
         }
     }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        debug_assert!(state.inside > 0, "a request left the gate twice");
-        state.inside -= 1;
-        self.0.changed.notify_all();
+        self.0.leave();
     }
 }
 
@@ -463,23 +500,27 @@ mod tests {
     #[test]
     fn a_held_gate_lets_nothing_through() {
         use std::sync::mpsc;
-        use std::time::Duration;
         let gate = Arc::new(RequestGate::default());
-        let inside = gate.admit();
+        let first = gate.admit();
+        let second = gate.admit();
+        assert!(
+            !gate.hold(Duration::from_millis(50)),
+            "hold said every request left while two were inside"
+        );
         let (held_tx, held_rx) = mpsc::channel();
         let holder = {
             let gate = gate.clone();
             std::thread::spawn(move || {
-                gate.hold();
-                held_tx.send(()).unwrap();
+                held_tx.send(gate.hold(Duration::from_secs(600))).unwrap();
             })
         };
+        drop(first);
         assert!(
             held_rx.recv_timeout(Duration::from_millis(200)).is_err(),
             "hold returned while a request was inside"
         );
-        drop(inside);
-        held_rx.recv().unwrap();
+        drop(second);
+        assert!(held_rx.recv().unwrap(), "hold gave up although both left");
         holder.join().unwrap();
         let (passed_tx, passed_rx) = mpsc::channel();
         let late = gate.clone();

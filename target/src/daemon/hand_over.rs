@@ -8,7 +8,7 @@
 //!
 //! At system shutdown nobody would take it over, so the daemon instead serves the device until
 //! its users let go (units ordered after this one stop first; a mount needs
-//! `x-systemd.requires=writeboost@NAME.service`), then removes it; systemd's stop timeout
+//! `x-systemd.after=writeboost@NAME.service`), then removes it; systemd's stop timeout
 //! bounds the wait.
 
 use std::path::Path;
@@ -21,6 +21,13 @@ use crate::ublk::RequestGate;
 
 /// How often a shutdown-time stop looks whether the device's users let go.
 const USERS_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a process that is the device's only user must stay to count: udev workers and
+/// blkid open a device for a moment after every change event.
+const PASSING_OPENER: Duration = Duration::from_secs(1);
+/// How long the hand-over waits for the requests inside the engine (a writer waiting for cache
+/// space, a FLUSH on a slow backing device). Past it the daemon leaves without the flush, as a
+/// kill -9 would: the RAM buffer file keeps what the log does not.
+const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 /// What a stop signal does with the device.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,7 +52,7 @@ pub(super) fn plan(users: &[String], system_shutting_down: bool) -> StopPlan {
 /// removed; leaving it to the kernel ends the process here.
 pub(super) fn on_stop_signal(daemon: &Daemon, gate: &RequestGate, queues_down: &AtomicBool) {
     let device = Path::new(&daemon.device);
-    let users = holders::users(device);
+    let users = lasting_users(device);
     match plan(&users, !users.is_empty() && system_shutting_down()) {
         StopPlan::Remove => {}
         StopPlan::LeaveToKernel => leave_to_kernel(daemon, gate, &users),
@@ -53,7 +60,7 @@ pub(super) fn on_stop_signal(daemon: &Daemon, gate: &RequestGate, queues_down: &
             log::warn!(
                 "{}: the system is shutting down and {} is still in use ({}); serving it until \
                  they let go (order them after writeboost@{}.service; for a mount: \
-                 x-systemd.requires=writeboost@{}.service)",
+                 x-systemd.after=writeboost@{}.service)",
                 daemon.spec.name,
                 daemon.device,
                 users.join("; "),
@@ -67,9 +74,24 @@ pub(super) fn on_stop_signal(daemon: &Daemon, gate: &RequestGate, queues_down: &
     }
 }
 
+/// The device's users; a process that is the only user counts only if it is still there a
+/// moment later.
+fn lasting_users(device: &Path) -> Vec<String> {
+    let users = holders::users(device);
+    if users.is_empty() || !users.iter().all(|u| u.starts_with(holders::PROCESS_PREFIX)) {
+        return users;
+    }
+    std::thread::sleep(PASSING_OPENER);
+    let again = holders::users(device);
+    users.into_iter().filter(|u| again.contains(u)).collect()
+}
+
 /// Holds the device's I/O in the kernel, seals and flushes the log, and exits: 0 when the log
-/// holds everything acknowledged, 1 when the flush failed (the RAM buffer file keeps it for the
-/// next start, and systemd's `Restart=on-failure` starts that at once).
+/// holds everything acknowledged, 1 when it could not be flushed (the RAM buffer file keeps
+/// what the log does not, for the next start). The RAM buffer file is never removed here: a
+/// flush that "succeeded" without writing (a cache loss not yet on record keeps its segments
+/// there) must not take the last copy with it, and after a real flush the next daemon finds
+/// nothing in it to adopt.
 fn leave_to_kernel(daemon: &Daemon, gate: &RequestGate, users: &[String]) -> ! {
     let name = &daemon.spec.name;
     log::info!(
@@ -78,28 +100,35 @@ fn leave_to_kernel(daemon: &Daemon, gate: &RequestGate, users: &[String]) -> ! {
         daemon.device,
         users.join("; ")
     );
-    notify_systemd("STATUS=leaving the device to the kernel");
-    gate.hold();
-    let run_dir = &daemon.spec.run_dir;
-    let code = match daemon.engine.shutdown() {
-        Ok(()) => {
-            // Everything acknowledged is in the log: the next daemon needs no RAM buffer.
-            let _ = std::fs::remove_file(run_dir.buffer(name));
-            log::info!("{name}: log sealed and flushed; the device waits for the next start");
-            0
-        }
-        Err(e) => {
-            log::error!(
-                "{name}: sealing and flushing the log failed: {e}; {} keeps what it held for \
-                 the next start",
-                run_dir.buffer(name).display()
-            );
-            1
+    notify_systemd("STOPPING=1\nSTATUS=leaving the device to the kernel");
+    let code = if !gate.hold(HOLD_LIMIT) {
+        log::error!(
+            "{name}: requests still inside after {HOLD_LIMIT:?}; leaving without flushing the log \
+             (the RAM buffer file keeps what it holds for the next start)"
+        );
+        1
+    } else {
+        match daemon.engine.shutdown() {
+            Ok(()) => {
+                log::info!("{name}: log sealed and flushed; the device waits for the next start");
+                0
+            }
+            Err(e) => {
+                log::error!(
+                    "{name}: sealing and flushing the log failed: {e}; the RAM buffer file \
+                     keeps what it held for the next start"
+                );
+                1
+            }
         }
     };
     // The state file stays: it is how the next start finds the device to take over.
-    let _ = std::fs::remove_file(run_dir.socket(name));
-    std::process::exit(code)
+    let _ = std::fs::remove_file(daemon.spec.run_dir.socket(name));
+    log::logger().flush();
+    // SAFETY: _exit ends the process at once, without running atexit handlers or destructors
+    // while the queue threads still wait in the gate; the log was flushed just above, and every
+    // file the successor needs (state file, RAM buffer, cache legs) is already written.
+    unsafe { libc::_exit(code) }
 }
 
 /// Whether systemd is taking the system down (only asked when run by systemd).

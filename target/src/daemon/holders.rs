@@ -5,8 +5,13 @@
 //! other exclusive opener (a filesystem in another mount namespace, a SCSI target) by refusing
 //! an `O_EXCL` open with EBUSY.
 //!
-//! Everything here only reads; a file it cannot read (a process gone meanwhile, no configfs)
-//! names nobody.
+//! Its partitions count as the device (a mount of /dev/ublkb0p1 uses /dev/ublkb0), and so do a
+//! loop device over it and an NVMe-oF namespace exporting it (neither leaves a holder).
+//!
+//! Everything here only reads, and never waits on another filesystem: a process's open files
+//! are looked at by link name (`/proc/PID/fd/N` → `/dev/...`), and only device nodes are
+//! stat()ed — a file on a hung NFS server must not hang a stop. A file it cannot read (a
+//! process gone meanwhile, no configfs) names nobody.
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -19,6 +24,7 @@ pub struct Sources {
     pub sys_block: PathBuf,
     pub mountinfo: PathBuf,
     pub lio_core: PathBuf,
+    pub nvmet_subsystems: PathBuf,
     pub proc: PathBuf,
 }
 
@@ -28,10 +34,14 @@ impl Sources {
             sys_block: "/sys/block".into(),
             mountinfo: "/proc/self/mountinfo".into(),
             lio_core: "/sys/kernel/config/target/core".into(),
+            nvmet_subsystems: "/sys/kernel/config/nvmet/subsystems".into(),
             proc: "/proc".into(),
         }
     }
 }
+
+/// How a process user is named (a stop looks twice at users that are only processes).
+pub const PROCESS_PREFIX: &str = "open by pid ";
 
 /// Every user of `device` the kernel tells of, one phrase each ("mounted on /srv (xfs)");
 /// empty when nobody uses it (or it is gone).
@@ -43,16 +53,23 @@ pub fn users_in(sources: &Sources, device: &Path) -> Vec<String> {
     let Ok(meta) = fs::metadata(device) else {
         return Vec::new();
     };
-    let mut users = Vec::new();
-    if let Some(name) = device.file_name() {
-        users.extend(stacked(&sources.sys_block.join(name).join("holders")));
+    let name = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sys = sources.sys_block.join(&name);
+    let mut nodes = vec![Node::of(&meta)];
+    nodes.extend(partitions(&sys, &name));
+    let mut users = stacked(&sys.join("holders"));
+    for part in partition_names(&sys, &name) {
+        users.extend(stacked(&sys.join(&part).join("holders")));
     }
-    if meta.file_type().is_block_device() {
-        let mountinfo = fs::read_to_string(&sources.mountinfo).unwrap_or_default();
-        users.extend(mounts(&mountinfo, meta.rdev()));
-    }
-    users.extend(lio_backstores(&sources.lio_core, &meta));
-    users.extend(processes(&sources.proc, &meta));
+    let mountinfo = fs::read_to_string(&sources.mountinfo).unwrap_or_default();
+    users.extend(mounts(&mountinfo, &nodes));
+    users.extend(loop_devices(&sources.sys_block, &nodes));
+    users.extend(lio_backstores(&sources.lio_core, &nodes));
+    users.extend(nvmet_namespaces(&sources.nvmet_subsystems, &nodes));
+    users.extend(processes(&sources.proc, &nodes));
     if users.is_empty() && held_exclusively(device) {
         users.push(
             "held exclusively (by a filesystem, device mapper, md or a SCSI target the kernel \
@@ -82,14 +99,20 @@ fn stacked(holders: &Path) -> Vec<String> {
     names
 }
 
-/// Mount points of the device `rdev` in a `/proc/PID/mountinfo` text.
-fn mounts(mountinfo: &str, rdev: u64) -> Vec<String> {
-    let wanted = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+/// Mount points of any of `nodes` in a `/proc/PID/mountinfo` text.
+fn mounts(mountinfo: &str, nodes: &[Node]) -> Vec<String> {
+    let wanted: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| match n {
+            Node::Block(rdev) => Some(format!("{}:{}", libc::major(*rdev), libc::minor(*rdev))),
+            Node::Inode(..) => None,
+        })
+        .collect();
     mountinfo
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
-            if fields.get(2) != Some(&wanted.as_str()) {
+            if !wanted.iter().any(|w| fields.get(2) == Some(&w.as_str())) {
                 return None;
             }
             let point = unescape_octal(fields.get(4)?);
@@ -124,21 +147,91 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// LIO backstores (`core/HBA/OBJECT/udev_path`) whose device is this one.
-fn lio_backstores(core: &Path, device: &fs::Metadata) -> Vec<String> {
+/// What a device-file argument names: a block device by number (two nodes may name it),
+/// anything else (tests' plain files) by inode.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Node {
+    Block(u64),
+    Inode(u64, u64),
+}
+
+impl Node {
+    fn of(meta: &fs::Metadata) -> Node {
+        if meta.file_type().is_block_device() {
+            Node::Block(meta.rdev())
+        } else {
+            Node::Inode(meta.dev(), meta.ino())
+        }
+    }
+
+    /// The node a path names, stat()ed only when it is under /dev (or is a test's file under
+    /// the same folder as the device): never a path on some other, maybe hung, filesystem.
+    fn at(path: &Path, nodes: &[Node]) -> Option<Node> {
+        let local = path.starts_with("/dev/") || nodes.iter().any(|n| matches!(n, Node::Inode(..)));
+        local
+            .then(|| fs::metadata(path).ok().map(|m| Node::of(&m)))
+            .flatten()
+    }
+}
+
+/// Partitions of the device (`/sys/block/NAME/NAMEpN`), by their device numbers.
+fn partitions(sys: &Path, name: &str) -> Vec<Node> {
+    partition_names(sys, name)
+        .iter()
+        .filter_map(|p| {
+            let dev = fs::read_to_string(sys.join(p).join("dev")).ok()?;
+            let (major, minor) = dev.trim().split_once(':')?;
+            Some(Node::Block(libc::makedev(
+                major.parse().ok()?,
+                minor.parse().ok()?,
+            )))
+        })
+        .collect()
+}
+
+fn partition_names(sys: &Path, name: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(sys)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(name) && n.len() > name.len())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Loop devices whose backing file is the device (or a partition of it).
+fn loop_devices(sys_block: &Path, nodes: &[Node]) -> Vec<String> {
     let mut found = Vec::new();
-    for hba in fs::read_dir(core).into_iter().flatten().flatten() {
-        for object in fs::read_dir(hba.path()).into_iter().flatten().flatten() {
-            let Ok(path) = fs::read_to_string(object.path().join("udev_path")) else {
+    for entry in fs::read_dir(sys_block).into_iter().flatten().flatten() {
+        let Ok(file) = fs::read_to_string(entry.path().join("loop").join("backing_file")) else {
+            continue;
+        };
+        if Node::at(Path::new(file.trim()), nodes).is_some_and(|n| nodes.contains(&n)) {
+            found.push(format!(
+                "backs loop device {}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// configfs objects `ROOT/GROUP/OBJECT/ATTR` whose device path is one of `nodes`: LIO
+/// backstores (`core/HBA/OBJECT/udev_path`) and NVMe-oF namespaces
+/// (`subsystems/NQN/namespaces/NSID/device_path`, with ROOT a subsystem's folder).
+fn configfs_exports(root: &Path, attr: &str, nodes: &[Node]) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for group in fs::read_dir(root).into_iter().flatten().flatten() {
+        for object in fs::read_dir(group.path()).into_iter().flatten().flatten() {
+            let Ok(path) = fs::read_to_string(object.path().join(attr)) else {
                 continue;
             };
-            let path = path.trim();
-            if !path.is_empty() && fs::metadata(path).is_ok_and(|m| same_node(&m, device)) {
-                found.push(format!(
-                    "exported by the LIO backstore {}/{}",
-                    hba.file_name().to_string_lossy(),
-                    object.file_name().to_string_lossy()
-                ));
+            if Node::at(Path::new(path.trim()), nodes).is_some_and(|n| nodes.contains(&n)) {
+                let name = |e: &fs::DirEntry| e.file_name().to_string_lossy().into_owned();
+                found.push((name(&group), name(&object)));
             }
         }
     }
@@ -146,8 +239,29 @@ fn lio_backstores(core: &Path, device: &fs::Metadata) -> Vec<String> {
     found
 }
 
-/// Processes (other than this one) with the device open.
-fn processes(proc: &Path, device: &fs::Metadata) -> Vec<String> {
+fn lio_backstores(core: &Path, nodes: &[Node]) -> Vec<String> {
+    configfs_exports(core, "udev_path", nodes)
+        .into_iter()
+        .map(|(hba, object)| format!("exported by the LIO backstore {hba}/{object}"))
+        .collect()
+}
+
+fn nvmet_namespaces(subsystems: &Path, nodes: &[Node]) -> Vec<String> {
+    let mut found = Vec::new();
+    for subsystem in fs::read_dir(subsystems).into_iter().flatten().flatten() {
+        let nqn = subsystem.file_name().to_string_lossy().into_owned();
+        for (_, nsid) in configfs_exports(&subsystem.path(), "device_path", nodes) {
+            found.push(format!(
+                "exported by NVMe-oF subsystem {nqn} namespace {nsid}"
+            ));
+        }
+    }
+    found
+}
+
+/// Processes (other than this one) with the device (or a partition) open, judged by where
+/// their descriptors link.
+fn processes(proc: &Path, nodes: &[Node]) -> Vec<String> {
     let me = std::process::id().to_string();
     let mut found = Vec::new();
     for entry in fs::read_dir(proc).into_iter().flatten().flatten() {
@@ -159,24 +273,15 @@ fn processes(proc: &Path, device: &fs::Metadata) -> Vec<String> {
             .into_iter()
             .flatten()
             .flatten()
-            .any(|fd| fs::metadata(fd.path()).is_ok_and(|m| same_node(&m, device)));
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .any(|target| Node::at(&target, nodes).is_some_and(|n| nodes.contains(&n)));
         if holds {
             let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            found.push(format!("open by pid {pid} ({})", comm.trim()));
+            found.push(format!("{PROCESS_PREFIX}{pid} ({})", comm.trim()));
         }
     }
     found.sort();
     found
-}
-
-/// The same device: for block devices the same device number (two nodes may name it), for
-/// anything else the same inode.
-fn same_node(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    if a.file_type().is_block_device() && b.file_type().is_block_device() {
-        a.rdev() == b.rdev()
-    } else {
-        (a.dev(), a.ino()) == (b.dev(), b.ino())
-    }
 }
 
 fn held_exclusively(device: &Path) -> bool {
@@ -195,12 +300,18 @@ mod tests {
 90 22 259:7 / /srv/my\\040share rw,relatime shared:40 - xfs /dev/ublkb0 rw,attr2
 91 22 259:7 /sub /export rw master:3 - xfs /dev/ublkb0 rw
 92 22 259:70 / /other rw - xfs /dev/ublkb9 rw";
-        let rdev = libc::makedev(259, 7);
+        let disk = Node::Block(libc::makedev(259, 7));
         assert_eq!(
-            mounts(text, rdev),
+            mounts(text, &[disk]),
             ["mounted on /srv/my share (xfs)", "mounted on /export (xfs)"]
         );
-        assert!(mounts(text, libc::makedev(8, 0)).is_empty());
+        let part = Node::Block(libc::makedev(259, 70));
+        assert_eq!(
+            mounts(text, &[disk, part]).len(),
+            3,
+            "a partition's mount counts"
+        );
+        assert!(mounts(text, &[Node::Block(libc::makedev(8, 0))]).is_empty());
     }
 
     #[test]
@@ -212,6 +323,7 @@ mod tests {
             sys_block: dir.path().join("sys"),
             mountinfo: dir.path().join("mountinfo"),
             lio_core: dir.path().join("core"),
+            nvmet_subsystems: dir.path().join("nvmet"),
             proc: "/proc".into(),
         };
         assert!(users_in(&sources, &device).is_empty(), "nobody yet");
@@ -225,6 +337,12 @@ mod tests {
         let other = sources.lio_core.join("iblock_1/else");
         fs::create_dir_all(&other).unwrap();
         fs::write(other.join("udev_path"), "/dev/null\n").unwrap();
+        let ns = sources.nvmet_subsystems.join("nqn.x/namespaces/1");
+        fs::create_dir_all(&ns).unwrap();
+        fs::write(ns.join("device_path"), format!("{}\n", device.display())).unwrap();
+        let lo = sources.sys_block.join("loop7/loop");
+        fs::create_dir_all(&lo).unwrap();
+        fs::write(lo.join("backing_file"), format!("{}\n", device.display())).unwrap();
         let mut child = Command::new("sleep")
             .arg("60")
             .stdin(fs::File::open(&device).unwrap())
@@ -234,10 +352,16 @@ mod tests {
         let users = users_in(&sources, &device);
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(users.len(), 3, "{users:?}");
-        assert_eq!(users[0], "held by dm-4 (device mapper vg-data)");
-        assert_eq!(users[1], "exported by the LIO backstore iblock_0/tank");
-        assert_eq!(users[2], format!("open by pid {} (sleep)", child.id()));
+        assert_eq!(
+            users,
+            [
+                "held by dm-4 (device mapper vg-data)".to_string(),
+                "backs loop device loop7".into(),
+                "exported by the LIO backstore iblock_0/tank".into(),
+                "exported by NVMe-oF subsystem nqn.x namespace 1".into(),
+                format!("open by pid {} (sleep)", child.id()),
+            ]
+        );
         assert!(users_in(&sources, &dir.path().join("gone")).is_empty());
     }
 }

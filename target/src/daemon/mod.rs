@@ -597,6 +597,7 @@ fn serve(
                     "writing the state file: {e}; `wbctl recover` will not find this device"
                 );
             }
+            ublk::shorten_io_timeout(&daemon.device);
             spawn_control_thread(daemon.clone(), listener);
             spawn_stats_thread(daemon.clone());
             log::info!("{}: live as {}", daemon.spec.name, daemon.device);

@@ -83,24 +83,28 @@ handed_over() {
     kill -0 "$fio_pid" 2>/dev/null || { cat "$out" >&2; fail "fio exited while the daemon was gone"; }
 }
 
+# The installed binary, as a package would place it; the takeovers run the daemon from it.
+sbin=/tmp/wb-install/sbin
+mkdir -p "$sbin"
+cp "$WBCTL" "$sbin/wbctl"
+
 sleep 6
 before="$(wb_field u0 writes)"
 stop_daemon u0
 handed_over u0
 t0=$EPOCHREALTIME
-again="$("$WBCTL" create u0 "${devices[@]}")" || fail "create (the unit's start) failed to take over"
+again="$("$sbin/wbctl" create u0 "${devices[@]}")" || fail "create (the unit's start) failed to take over"
 [[ "$again" == "$dev" ]] || fail "the start made $again, expected the same $dev"
 log "stop + start under fio: taken over in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s (writes before the stop: $before; new pid $(wb_pid u0))"
 [[ "$(wb_field u0 mode)" == mirrored ]] || fail "mode after the start: $(wb_field u0 mode)"
 
 # ---- upgrade: a new binary installed by rename while the old daemon runs from the old file
 sleep 5
-sbin=/tmp/wb-install/sbin
-mkdir -p "$sbin"
-cp "$WBCTL" "$sbin/wbctl"
 old_pid="$(wb_pid u0)"
-[[ -n "$(wb_field u0 pid)" ]] || fail "no status before the upgrade"
+[[ "$(readlink "/proc/$old_pid/exe")" == "$sbin/wbctl" ]] || fail "the daemon does not run $sbin/wbctl"
 cp "$WBCTL" "$sbin/wbctl.new" && mv -f "$sbin/wbctl.new" "$sbin/wbctl"
+[[ "$(readlink "/proc/$old_pid/exe")" == "$sbin/wbctl (deleted)" ]] ||
+    fail "the install did not replace the running daemon's file: $(readlink "/proc/$old_pid/exe")"
 stop_daemon u0
 handed_over u0
 "$sbin/wbctl" recover u0 >/dev/null || fail "recover with the new binary failed"
