@@ -452,6 +452,14 @@ pub struct DeviceStatus {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub dirty_bytes: u64,
+    /// `dirty_bytes` as a percentage of `capacity_bytes`.
+    #[serde(default)]
+    pub dirty_percent: f64,
+    /// Writeback lag: how long the oldest data not yet written back has been in the cache, in
+    /// seconds (0 when nothing waits). Data found in the log at start-up counts from the
+    /// daemon's start, so after a restart this is a lower bound.
+    #[serde(default)]
+    pub oldest_dirty_age_secs: u64,
     pub segments: SegmentReport,
     pub epoch_id: u64,
     pub reads: ReadReport,
@@ -470,13 +478,22 @@ pub struct DeviceStatus {
     pub written_back_bytes_per_sec: u64,
     /// Time writers spent waiting for cache space (back-pressure).
     pub stall_ms: u64,
+    /// How much `stall_ms` grew over the last minute (sampled every second; a wait counts when
+    /// it ends).
+    #[serde(default)]
+    pub stall_ms_last_minute: u64,
+    /// Writers waited for cache space within the last minute (`stall_ms_last_minute` > 0).
+    #[serde(default)]
+    pub stalled_recently: bool,
     pub map_bytes: u64,
     /// All in-memory metadata of the cache (map, partial masks, zeroed ranges).
     pub metadata_bytes: u64,
     pub queues: u16,
     pub depth: u16,
     pub uptime_secs: u64,
-    pub policy: BTreeMap<String, String>,
+    /// The writeback knobs, typed: numbers as JSON numbers, booleans as booleans, the pressure
+    /// curve as a string (`daemon::typed_knob_map`).
+    pub policy: BTreeMap<String, serde_json::Value>,
 }
 
 /// Writes one JSON line.

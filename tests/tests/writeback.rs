@@ -541,6 +541,33 @@ fn paused_policy_holds_and_set_policy_resumes() {
     assert_eq!(written_back(&engine), engine.status().segments.current_id);
 }
 
+/// `status` has a writeback lag while data waits for writeback (in the open segment, then
+/// sealed) and none once writeback passed it.
+#[test]
+fn the_writeback_lag_lasts_until_writeback_passes_the_data() {
+    let rig = Rig::new(2, 16, 8 << 20, 4096);
+    let engine = open_over(&rig, rig.leg_devices(), rig.backing.clone(), paused());
+    assert_eq!(
+        engine.status().oldest_dirty_age,
+        None,
+        "a new cache is clean"
+    );
+    engine.write(0, &[7u8; 4096], false).unwrap();
+    assert!(
+        engine.status().oldest_dirty_age.is_some(),
+        "in the open segment"
+    );
+    engine.flush().unwrap();
+    let sealed = engine.status();
+    assert!(sealed.segments.last_flushed_id > sealed.segments.last_written_back_id);
+    assert!(
+        sealed.oldest_dirty_age.is_some(),
+        "sealed, not written back"
+    );
+    engine.drain(Duration::from_millis(20), |_| {}).unwrap();
+    assert_eq!(engine.status().oldest_dirty_age, None, "written back");
+}
+
 #[test]
 fn age_threshold_writes_back_below_the_watermark() {
     let rig = Rig::new(2, 16, 8 << 20, 4096);

@@ -3,7 +3,8 @@
 //!
 //! - 0 OK — mirrored (or single, as created), the cache in use;
 //! - 1 WARNING — a leg failed (degraded, or passthrough until `wbctl replace`), dirty data
-//!   above the writeback pressure point, backing-device errors;
+//!   above the writeback pressure point, writers stalled recently (they waited for cache space
+//!   within the last minute: `stall_ms_last_minute`), backing-device errors;
 //! - 2 CRITICAL — the cache was lost, no cache leg is usable, the engine failed, the daemon is
 //!   down (its device waits for `wbctl recover`);
 //! - 3 UNKNOWN — the status could not be read (e.g. not root).
@@ -92,15 +93,25 @@ pub fn of_status(s: &DeviceStatus) -> (Health, String) {
             ),
         );
     }
+    // A number; a string from a daemon older than typed knobs.
     let pressure = s
         .policy
         .get("pressure_start")
-        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
         .map_or(100.0, |f| f * 100.0);
     if dirty >= pressure {
         return (
             Health::Warning,
             format!("{dirty:.0}% dirty, above the writeback pressure point ({pressure:.0}%)"),
+        );
+    }
+    if s.stalled_recently || s.stall_ms_last_minute > 0 {
+        return (
+            Health::Warning,
+            format!(
+                "writers waited {} ms for cache space in the last minute (writeback is behind)",
+                s.stall_ms_last_minute
+            ),
         );
     }
     if s.backing_errors > 0 {
@@ -162,7 +173,7 @@ mod tests {
             "backing_write_ios": 0, "backing_errors": 0, "passthrough_writes": 0,
             "write_bytes_per_sec": 0, "written_back_bytes_per_sec": 0, "stall_ms": 0,
             "map_bytes": 0, "metadata_bytes": 0, "queues": 1, "depth": 64,
-            "uptime_secs": 1, "policy": {"pressure_start": "0.8"}
+            "uptime_secs": 1, "policy": {"pressure_start": 0.8}
         }))
         .expect("a status");
         s.legs = legs;
@@ -198,6 +209,25 @@ mod tests {
                 status("mirrored", both(), 850),
                 Health::Warning,
                 "85% dirty, above",
+            ),
+            (
+                {
+                    let mut s = status("mirrored", both(), 100);
+                    (s.stall_ms, s.stall_ms_last_minute, s.stalled_recently) = (9000, 1500, true);
+                    s
+                },
+                Health::Warning,
+                "writers waited 1500 ms for cache space in the last minute",
+            ),
+            (
+                {
+                    // Stalls long ago: the total alone is no warning.
+                    let mut s = status("mirrored", both(), 100);
+                    s.stall_ms = 9000;
+                    s
+                },
+                Health::Ok,
+                "mirrored, 10% dirty",
             ),
             (
                 status(
@@ -239,6 +269,12 @@ mod tests {
         let mut s = status("mirrored", vec![leg("/dev/a", "ok")], 0);
         s.backing_errors = 3;
         assert_eq!(of_status(&s).0, Health::Warning);
+
+        // A daemon older than typed knobs sends the pressure point as a string.
+        let mut s = status("mirrored", vec![leg("/dev/a", "ok")], 850);
+        s.policy
+            .insert("pressure_start".into(), serde_json::json!("0.9"));
+        assert_eq!(of_status(&s).0, Health::Ok, "85% is below 90%");
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Shared code of the command-line tools: the benchmark driver's subcommands (`wbbench`) and
-//! the health verdicts of `wbctl status -x`, the journal's log format.
+//! Shared code of the command-line tools: the benchmark driver's subcommands (`wbbench`), the
+//! health verdicts of `wbctl status -x`, the shape and `--watch` lines of `wbctl status`, the
+//! journal's log format.
 
 pub mod bench;
 pub mod health;
 pub mod journal;
+pub mod status_view;

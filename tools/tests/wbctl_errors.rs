@@ -415,8 +415,10 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nope: UNKNOWN - nope: no such device"));
     let out = rig.wbctl(&["status", "-x", "--json", "d0"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v[0]["health"], "CRITICAL");
-    assert_eq!(v[0]["code"], 2);
+    assert_eq!(v["output_version"], 1);
+    assert_eq!(v["devices"][0]["health"], "CRITICAL");
+    assert_eq!(v["devices"][0]["code"], 2);
+    assert_eq!(v["code"], 2, "the worst verdict");
     // Plain status still says what is wrong and fails as before (it could not read the status).
     assert_eq!(rig.wbctl(&["status", "d0"]).status.code(), Some(1));
 }

@@ -46,9 +46,11 @@ mod events;
 mod hand_over;
 pub mod holders;
 mod preflight;
+mod samples;
 
 use preflight::{absolute, hold_checked, same_file};
 pub use preflight::{check_create, check_recover, daemon_running};
+use samples::Samples;
 
 /// Control connections served at once; more get a "busy" reply (a stuck client cannot pile up
 /// threads in the daemon).
@@ -173,7 +175,8 @@ struct Daemon {
     caches: Mutex<Vec<PathBuf>>,
     /// Exclusive holds on legs attached by `wbctl replace`.
     replaced_holds: Mutex<Vec<File>>,
-    rates: Mutex<(u64, u64)>,
+    /// Throughput and recent stalls, sampled by `wb-stats`.
+    samples: Mutex<Samples>,
     stopping: AtomicBool,
     events: Sender<Stop>,
 }
@@ -204,19 +207,8 @@ impl Daemon {
 
     fn status(&self) -> DeviceStatus {
         let s = self.engine.status();
-        let (write_rate, writeback_rate) = *self.rates.lock();
-        let legs: Vec<LegReport> = s
-            .legs
-            .iter()
-            .map(|l| LegReport {
-                path: l.path.clone(),
-                health: if l.healthy { "ok" } else { "failed" }.into(),
-                errors: l.read_errors + l.write_errors,
-                read_errors: l.read_errors,
-                write_errors: l.write_errors,
-                repairs: l.repairs,
-            })
-            .collect();
+        let (write_rate, writeback_rate, stall_ms_last_minute) = self.samples.lock().now(&s);
+        let legs = leg_reports(&s);
         let mode = s.shown_mode().to_string();
         DeviceStatus {
             name: self.spec.name.clone(),
@@ -244,6 +236,11 @@ impl Daemon {
             capacity_bytes: s.capacity_bytes,
             used_bytes: s.used_bytes,
             dirty_bytes: s.dirty_bytes,
+            dirty_percent: percent(s.dirty_bytes, s.capacity_bytes),
+            // Rounded up: data that waits at all shows as at least a second of lag.
+            oldest_dirty_age_secs: s
+                .oldest_dirty_age
+                .map_or(0, |age| age.as_secs() + u64::from(age.subsec_nanos() > 0)),
             segments: SegmentReport {
                 current_id: s.segments.current_id,
                 last_flushed_id: s.segments.last_flushed_id,
@@ -265,14 +262,30 @@ impl Daemon {
             write_bytes_per_sec: write_rate,
             written_back_bytes_per_sec: writeback_rate,
             stall_ms: s.stall_ms,
+            stall_ms_last_minute,
+            stalled_recently: stall_ms_last_minute > 0,
             map_bytes: s.map_bytes,
             metadata_bytes: s.metadata_bytes,
             queues: self.spec.queues,
             depth: self.spec.depth,
             uptime_secs: self.started.elapsed().as_secs(),
-            policy: knob_map(&self.policy.lock()),
+            policy: typed_knob_map(&self.policy.lock()),
         }
     }
+}
+
+fn leg_reports(s: &EngineStatus) -> Vec<LegReport> {
+    s.legs
+        .iter()
+        .map(|l| LegReport {
+            path: l.path.clone(),
+            health: if l.healthy { "ok" } else { "failed" }.into(),
+            errors: l.read_errors + l.write_errors,
+            read_errors: l.read_errors,
+            write_errors: l.write_errors,
+            repairs: l.repairs,
+        })
+        .collect()
 }
 
 /// Applies knobs to a copy of `base`, all or none. Knobs that depend on each other
@@ -306,6 +319,35 @@ pub fn knob_map(policy: &Policy) -> BTreeMap<String, String> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+}
+
+/// The knobs for `status`: numbers as JSON numbers and booleans as booleans, so that a script
+/// compares them without parsing strings; anything else (the pressure curve) stays a string.
+pub fn typed_knob_map(policy: &Policy) -> BTreeMap<String, serde_json::Value> {
+    knob_map(policy)
+        .into_iter()
+        .map(|(k, v)| {
+            let typed = if let Ok(b) = v.parse::<bool>() {
+                b.into()
+            } else if let Ok(n) = v.parse::<u64>() {
+                n.into()
+            } else {
+                match v.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+                    Some(n) => serde_json::Value::Number(n),
+                    None => v.into(),
+                }
+            };
+            (k, typed)
+        })
+        .collect()
+}
+
+/// `a` as a percentage of `b`, to two decimals (0 when `b` is).
+fn percent(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        return 0.0;
+    }
+    (10_000.0 * a as f64 / b as f64).round() / 100.0
 }
 
 fn unix_now() -> u64 {
@@ -564,7 +606,7 @@ impl Daemon {
             pid: std::process::id(),
             started: Instant::now(),
             started_unix_secs: unix_now(),
-            rates: Mutex::new((0, 0)),
+            samples: Mutex::new(Samples::default()),
             stopping: AtomicBool::new(false),
             events,
         }
@@ -842,15 +884,13 @@ fn spawn_stats_thread(daemon: Arc<Daemon>) {
         .spawn(move || {
             let mut last = daemon.engine.status();
             let mut at = Instant::now();
+            daemon.samples.lock().note_stall(at, last.stall_ms);
             while !daemon.stopping.load(Ordering::SeqCst) {
                 std::thread::sleep(STATS_SAMPLE_INTERVAL);
                 let now = daemon.engine.status();
-                let secs = at.elapsed().as_secs_f64().max(1e-3);
+                let secs = at.elapsed().as_secs_f64();
                 at = Instant::now();
-                *daemon.rates.lock() = (
-                    ((now.write_bytes - last.write_bytes) as f64 / secs) as u64,
-                    ((now.written_back_bytes - last.written_back_bytes) as f64 / secs) as u64,
-                );
+                daemon.samples.lock().record(at, &last, &now, secs);
                 report_events(&daemon, &last, &now);
                 last = now;
             }
@@ -1061,6 +1101,25 @@ mod tests {
         .unwrap_err();
         assert!(e.0.contains("unknown knob"), "{e}");
         assert!(apply_knobs(&Policy::default(), &pairs(&[("pressure_start", "0.95")])).is_err());
+    }
+
+    #[test]
+    fn status_knobs_are_typed() {
+        let policy = Policy {
+            idle_aware: false,
+            max_bandwidth_bytes_per_sec: Some(200 << 20),
+            ..Policy::default()
+        };
+        let knobs = typed_knob_map(&policy);
+        assert_eq!(knobs["idle_aware"], serde_json::json!(false));
+        assert_eq!(knobs["max_bandwidth_mib"], serde_json::json!(200));
+        assert_eq!(
+            knobs["pressure_start"],
+            serde_json::json!(policy.pressure_start)
+        );
+        assert_eq!(knobs["pressure_curve"], serde_json::json!("linear"));
+        assert_eq!(knobs.len(), knob_map(&policy).len(), "every knob");
+        assert_eq!((percent(1, 3), percent(5, 0)), (33.33, 0.0));
     }
 
     #[test]

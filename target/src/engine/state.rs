@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use logfmt::{Entry, DATA_BLOCKS_PER_SEGMENT, MAX_ENTRIES_PER_SEGMENT};
+use logfmt::{slot_of, Entry, DATA_BLOCKS_PER_SEGMENT, MAX_ENTRIES_PER_SEGMENT};
 
 use crate::error::{EngineError, Result};
 use crate::map::block_map::{BlockMap, Location};
@@ -231,6 +231,36 @@ impl State {
     pub fn dirty_segments(&self) -> u64 {
         self.sealed_id - self.written_back_id + self.open.is_some() as u64
     }
+
+    /// When the oldest sealed segment that writeback has not passed was sealed, or `None` when
+    /// every sealed segment is written back. Writeback frees segments in id order, so that is
+    /// segment `written_back_id + 1`; its slot keeps the time (a segment found at start-up
+    /// counts from the engine's start, so its age is a lower bound).
+    pub fn oldest_sealed_at(&self) -> Option<Instant> {
+        let oldest = self.written_back_id + 1;
+        if oldest > self.sealed_id {
+            return None;
+        }
+        let slot = &self.slots[slot_of(oldest, self.slots.len() as u64) as usize];
+        debug_assert_eq!(
+            slot.segment_id, oldest,
+            "the oldest dirty segment holds its slot"
+        );
+        debug_assert!(slot.sealed_at.is_some(), "a sealed segment has a seal time");
+        slot.sealed_at
+    }
+
+    /// When the oldest data not yet written back entered the cache: the oldest sealed segment's
+    /// seal time, else the open segment's opening when it holds anything (a writer opens a
+    /// segment just before logging into it). `None` when nothing waits for writeback.
+    pub fn oldest_dirty_since(&self) -> Option<Instant> {
+        self.oldest_sealed_at().or_else(|| {
+            self.open
+                .as_ref()
+                .filter(|o| !o.entries.is_empty())
+                .map(|o| o.opened_at)
+        })
+    }
 }
 
 #[derive(Default)]
@@ -254,9 +284,11 @@ pub struct Stats {
 
 #[cfg(test)]
 mod tests {
-    use logfmt::Superblock;
+    use std::time::{Duration, Instant};
 
-    use super::State;
+    use logfmt::{slot_of, Entry, Superblock};
+
+    use super::{OpenSegment, RewriteIndex, Slot, State};
     use crate::engine::replay::Recovered;
 
     fn state() -> State {
@@ -291,6 +323,55 @@ mod tests {
         let mut s = state();
         s.written_back_id = s.written_id + 1;
         s.check_invariants();
+    }
+
+    /// The oldest dirty data is the oldest sealed segment writeback has not passed, else the
+    /// open segment once it holds something; nothing once writeback passed everything.
+    #[test]
+    fn the_oldest_dirty_data_is_the_oldest_segment_not_written_back() {
+        let mut s = state();
+        assert_eq!(s.oldest_dirty_since(), None, "a clean cache");
+        let opened = Instant::now();
+        s.open = Some(OpenSegment {
+            id: 6,
+            slot: slot_of(6, 16),
+            buffer: 0,
+            epoch_id: s.epoch_id,
+            entries: Vec::new(),
+            rewritable: RewriteIndex::new(),
+            used_data_slots: 0,
+            opened_at: opened,
+        });
+        s.next_segment_id = 7;
+        assert_eq!(
+            s.oldest_dirty_since(),
+            None,
+            "an empty open segment holds nothing"
+        );
+        s.open
+            .as_mut()
+            .unwrap()
+            .entries
+            .push(Entry::data(9, 0, 0xff, 0));
+        assert_eq!(s.oldest_dirty_since(), Some(opened));
+
+        // Sealed: the seal time counts from now on, and a later open segment does not.
+        let sealed = opened + Duration::from_secs(1);
+        s.open = None;
+        s.slots[slot_of(6, 16) as usize] = Slot {
+            segment_id: 6,
+            sealed_at: Some(sealed),
+            ..Slot::default()
+        };
+        (s.sealed_id, s.written_id, s.durable_id) = (6, 6, 6);
+        s.check_invariants();
+        assert_eq!(s.oldest_sealed_at(), Some(sealed));
+        assert_eq!(s.oldest_dirty_since(), Some(sealed));
+
+        s.written_back_id = 6;
+        s.slots[slot_of(6, 16) as usize] = Slot::default();
+        s.check_invariants();
+        assert_eq!(s.oldest_dirty_since(), None, "written back");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What `wbctl status` reports of an engine: ids, counters, mode, legs, a recorded loss.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use writeback::Policy;
 
@@ -40,6 +41,9 @@ pub struct EngineStatus {
     pub used_bytes: u64,
     pub dirty_bytes: u64,
     pub segments: SegmentIds,
+    /// How long the oldest data not yet written back has been in the cache (`None`: nothing
+    /// waits for writeback). Segments found at start-up count from the engine's start.
+    pub oldest_dirty_age: Option<Duration>,
     pub epoch_id: u64,
     pub legs: Vec<LegStatus>,
     pub failure: Option<String>,
@@ -96,6 +100,9 @@ impl Engine {
                 last_flushed_id: state.durable_id,
                 last_written_back_id: state.written_back_id,
             },
+            oldest_dirty_age: state
+                .oldest_dirty_since()
+                .map(|t| Instant::now().saturating_duration_since(t)),
             epoch_id: state.epoch_id,
             legs: s
                 .legs

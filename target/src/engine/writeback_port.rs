@@ -181,14 +181,9 @@ impl CacheLog for Shared {
     fn activity(&self, now: Instant) -> Activity {
         let state = self.state.lock();
         let n = self.geometry.segment_count;
-        let oldest = state.written_back_id + 1;
-        let oldest_dirty_age = if oldest <= state.sealed_id {
-            state.slots[slot_of(oldest, n) as usize]
-                .sealed_at
-                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
-        } else {
-            Duration::ZERO
-        };
+        let oldest_dirty_age = state
+            .oldest_sealed_at()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         Activity {
             dirty_segments: state.dirty_segments(),
             capacity_segments: n,

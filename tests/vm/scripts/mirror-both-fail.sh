@@ -88,7 +88,8 @@ keep["legs"] = [{k: l[k] for k in ("path", "health", "errors", "read_errors", "w
 keep["segments"] = s["segments"]
 print(json.dumps(keep))'
 }
-log "status before the injection: $(python3 -c 'import json,sys; s=json.load(sys.stdin); print({k: s[k] for k in ("mode","segments","dirty_bytes","written_back_bytes")})' <"$WB_OUT/status-before.json")"
+log "status before the injection: $(python3 -c 'import json,sys; s=json.load(sys.stdin)["devices"][0]; print({k: s[k] for k in ("mode","segments","dirty_bytes","written_back_bytes")})' <"$WB_OUT/status-before.json")"
+# (mirror-journal.py wrote the device's object of the status document, not the document)
 log "first status showing passthrough: $(python3 -c 'import json,sys; s=json.load(sys.stdin); print({k: s[k] for k in ("mode","cache_lost_at","segments","dirty_bytes")})' <"$WB_OUT/status-at-passthrough.json")"
 log "status after:  $(status_excerpt m2)"
 read -r mode lost <<<"$(wb_field m2 mode cache_lost_at)"

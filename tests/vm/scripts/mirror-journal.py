@@ -11,8 +11,9 @@ write of any later epoch (epoch = the writes between two FLUSHes).
       Every completed write and every fsync (ok or errno) goes to the journal, in order.
       With --inject-after SECS --inject-cmd CMD it runs CMD (fails the cache legs) between two
       writes after SECS, then keeps writing ("window" phase) while it polls --status-cmd (wbctl
-      status --json) until the mode is passthrough, then writes --post-writes more ("post"
-      phase, straight to the backing device) and a final fsync.
+      status NAME --json) until the mode is passthrough (saving that device's status object to
+      --status-out), then writes --post-writes more ("post" phase, straight to the backing
+      device) and a final fsync.
   check DEV --journal FILE
       Reads the region of DEV (the backing device) with O_DIRECT and applies the oracle:
         * a block written after passthrough was seen ("post") holds its newest post write;
@@ -263,10 +264,13 @@ def oracle(j, img, require_boundary=None):
 
 
 def status_mode(cmd):
+    """The mode and the device's status object (as JSON text) from `wbctl status NAME --json`,
+    whose document is {"output_version": 1, "devices": [{...}]}."""
     try:
         out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
-        return json.loads(out.stdout).get("mode", "?"), out.stdout
-    except (subprocess.SubprocessError, ValueError) as e:
+        device = json.loads(out.stdout)["devices"][0]
+        return device.get("mode", "?"), json.dumps(device, indent=2)
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError, TypeError) as e:
         return f"? ({e})", ""
 
 

@@ -93,7 +93,7 @@ mode_sampler() {
         while :; do
             "$WBCTL" status "$name" --json 2>/dev/null | python3 -c '
 import json, sys
-s = json.load(sys.stdin)
+s = json.load(sys.stdin)["devices"][0]
 legs = " ".join("%s %s" % (l["health"], l["errors"]) for l in s["legs"])
 print("%.1f %s %s %s" % (float(sys.argv[1]), s["mode"], legs, s["dirty_bytes"]))' \
                 "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')" >>"$file" 2>/dev/null || true

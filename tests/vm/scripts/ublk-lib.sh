@@ -9,9 +9,10 @@
 # Functions:
 #   wb_create NAME ARGS...   `wbctl create NAME ARGS...`; prints /dev/ublkbN; the device is
 #                            deleted at exit if still there
-#   wb_status NAME           `wbctl status NAME --json` (the JSON object)
-#   wb_field NAME PATH...    fields of the status JSON (e.g. reads.hits segments.current_id),
-#                            space-separated, from one status query
+#   wb_status NAME           NAME's object of `wbctl status NAME --json` (the document is
+#                            {"output_version": 1, "devices": [{...}]}), pretty-printed
+#   wb_field NAME PATH...    fields of that object (e.g. reads.hits segments.current_id),
+#                            space-separated, from one status query (booleans as true/false)
 #   wb_dev NAME              the device of NAME (from its state file)
 #   wb_pid NAME              the daemon's pid (from its state file)
 #   wb_fio NAME JOB [ARGS]   DEV=<device of NAME> fio JOB ARGS (output kept in $WB_OUT/NAME.fio.log);
@@ -47,7 +48,13 @@ _wb_cleanup() {
 }
 
 wb_status() {
-    "$WBCTL" status "$1" --json || fail "wbctl status $1 --json failed"
+    local out
+    out="$("$WBCTL" status "$1" --json)" || fail "wbctl status $1 --json failed"
+    python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+assert doc["output_version"] == 1, doc["output_version"]
+print(json.dumps(doc["devices"][0], indent=2))' <<<"$out" || fail "wbctl status $1 --json: not a status document: $out"
 }
 
 wb_field() {
@@ -61,7 +68,7 @@ for path in sys.argv[1:]:
     v = status
     for part in path.split("."):
         v = v[part]
-    out.append(str(v))
+    out.append(json.dumps(v) if isinstance(v, bool) else str(v))
 print(" ".join(out))' "$@"
 }
 

@@ -13,6 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +26,7 @@ use wb_target::device::{Device, FileDevice};
 use wb_target::log::legs::CacheLegs;
 use wb_tools::health::{self, percent, Health};
 use wb_tools::journal;
+use wb_tools::status_view::{self, human_duration};
 use writeback::Policy;
 
 /// Set in the environment of a detached daemon: after it reports its device on stdout, it
@@ -52,17 +54,28 @@ enum Cmd {
     /// backing device. Prints the /dev/ublkbN it made.
     Create(Box<CreateArgs>),
     /// Show devices: a table for people, JSON (--json) for scripts. With -x, one verdict line
-    /// per device and the Nagios exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    /// per device and the Nagios exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN. With
+    /// --watch N, a line per device every N seconds (like `zpool iostat N`).
     Status {
         /// One device (default: all).
         name: Option<String>,
+        /// One document, whether one device or all: {"output_version": 1, "devices": [...]}.
         #[arg(long)]
         json: bool,
         /// Health check: exit 0 healthy, 1 warning (a failed leg, dirty above the pressure
-        /// point, backing errors), 2 critical (cache lost, no usable leg, daemon down),
-        /// 3 unknown (status unreadable).
-        #[arg(short = 'x', long = "check")]
+        /// point, writers stalled in the last minute, backing errors), 2 critical (cache lost,
+        /// no usable leg, daemon down), 3 unknown (status unreadable).
+        #[arg(short = 'x', long = "check", conflicts_with = "watch")]
         check: bool,
+        /// Print a line per device every INTERVAL (seconds, or e.g. 500ms, 2s, 1m) until
+        /// interrupted: mode, dirty %, writeback lag, write and writeback MiB/s, read hits,
+        /// ms writers waited for cache space in the last minute.
+        #[arg(long, value_name = "INTERVAL", value_parser = status_view::parse_interval,
+              conflicts_with = "json")]
+        watch: Option<Duration>,
+        /// With --watch: stop after this many rounds.
+        #[arg(long, value_name = "K", requires = "watch")]
+        count: Option<u64>,
     },
     /// List devices and whether their daemons run.
     List {
@@ -261,7 +274,14 @@ fn main() {
             name,
             json,
             check: true,
+            ..
         } => std::process::exit(status_check(&run_dir, name.as_deref(), json)),
+        Cmd::Status {
+            name,
+            watch: Some(interval),
+            count,
+            ..
+        } => status_watch(&run_dir, name.as_deref(), interval, count),
         Cmd::Status { name, json, .. } => status(&run_dir, name.as_deref(), json),
         Cmd::List { json } => list(&run_dir, json),
         Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
@@ -490,11 +510,15 @@ fn fetch_status(run_dir: &RunDir, name: &str) -> Result<DeviceStatus> {
     }
 }
 
+/// `status [NAME]`: the table, or one JSON document of the same shape for one device or all
+/// (a device whose daemon does not answer is `{"name", "mode": "down", "error"}` in it when all
+/// are shown; asked for by name, it is an error, as in the table).
 fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
     if let Some(name) = name {
         let s = fetch_status(run_dir, name)?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&s)?);
+            let document = status_view::json_document(vec![serde_json::to_value(&s)?]);
+            println!("{}", serde_json::to_string_pretty(&document)?);
         } else {
             print!("{}", human_status(&s));
         }
@@ -517,7 +541,8 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        let document = status_view::json_document(all);
+        println!("{}", serde_json::to_string_pretty(&document)?);
     } else if all.is_empty() {
         println!("no writeboost devices");
     } else {
@@ -553,7 +578,10 @@ fn status_check(run_dir: &RunDir, name: Option<&str>, json: bool) -> i32 {
                 serde_json::json!({ "name": n, "health": h.label(), "code": h.exit_code(), "reason": why })
             })
             .collect();
-        println!("{}", serde_json::Value::from(all));
+        let mut document = status_view::json_document(all);
+        document["health"] = worst.label().into();
+        document["code"] = worst.exit_code().into();
+        println!("{document}");
     } else if verdicts.is_empty() {
         println!("writeboost: OK - no devices");
     }
@@ -561,6 +589,39 @@ fn status_check(run_dir: &RunDir, name: Option<&str>, json: bool) -> i32 {
         println!("{n}: {} - {why}", h.label());
     }
     worst.exit_code()
+}
+
+/// `status --watch`: a header, then a line per device every `interval` (`count` rounds, or
+/// until interrupted). The devices are listed again each round, so one created or deleted
+/// meanwhile appears or goes.
+fn status_watch(
+    run_dir: &RunDir,
+    name: Option<&str>,
+    interval: Duration,
+    count: Option<u64>,
+) -> Result<()> {
+    println!("{}", status_view::watch_header());
+    let mut next = Instant::now();
+    for round in 0.. {
+        if count.is_some_and(|k| round >= k) {
+            break;
+        }
+        if round > 0 {
+            next += interval;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        let names = match name {
+            Some(n) => vec![n.to_string()],
+            None => device_names(run_dir)?,
+        };
+        for n in names {
+            match fetch_status(run_dir, &n) {
+                Ok(s) => println!("{}", status_view::watch_line(&s)),
+                Err(e) => println!("{}", status_view::watch_line_down(&n, &format!("{e:#}"))),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The verdict on one device: from its status, or from why the status could not be read.
@@ -632,11 +693,13 @@ fn status_devices(w: &mut String, s: &DeviceStatus) {
     }
     let _ = writeln!(
         w,
-        "  cache      {} used of {} ({:.1} %), {} dirty",
+        "  cache      {} used of {} ({:.1} %), {} dirty ({:.1} %), writeback lag {}",
         bytes(s.used_bytes),
         bytes(s.capacity_bytes),
         percent(s.used_bytes, s.capacity_bytes),
-        bytes(s.dirty_bytes)
+        bytes(s.dirty_bytes),
+        s.dirty_percent,
+        human_duration(s.oldest_dirty_age_secs)
     );
 }
 
@@ -681,19 +744,30 @@ fn status_traffic(w: &mut String, s: &DeviceStatus) {
             s.passthrough_writes
         );
     }
-    let _ = writeln!(w, "  stalls     {} ms waiting for cache space", s.stall_ms);
+    let _ = writeln!(
+        w,
+        "  stalls     {} ms waiting for cache space ({} ms in the last minute)",
+        s.stall_ms, s.stall_ms_last_minute
+    );
 }
 
 /// The writeback knobs and the ublk setup.
 fn status_setup(w: &mut String, s: &DeviceStatus) {
-    let knobs: Vec<String> = s.policy.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let knobs: Vec<String> = s
+        .policy
+        .iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(text) => format!("{k}={text}"),
+            None => format!("{k}={v}"),
+        })
+        .collect();
     let _ = writeln!(w, "  policy     {}", knobs.join(" "));
     let _ = writeln!(
         w,
-        "  ublk       {} queues × depth {}, up {} s, metadata {}",
+        "  ublk       {} queues × depth {}, up {}, metadata {}",
         s.queues,
         s.depth,
-        s.uptime_secs,
+        human_duration(s.uptime_secs),
         bytes(s.metadata_bytes)
     );
 }
@@ -1294,6 +1368,19 @@ mod tests {
         assert!(Cli::try_parse_from(["wbctl", "check"]).is_err());
         Cli::try_parse_from(["wbctl", "delete", "d0", "--drain"]).unwrap();
         Cli::try_parse_from(["wbctl", "status", "--json"]).unwrap();
+        let cli = Cli::try_parse_from(["wbctl", "status", "--watch", "2s", "--count", "3"]);
+        let Cmd::Status { watch, count, .. } = cli.unwrap().command else {
+            panic!()
+        };
+        assert_eq!((watch, count), (Some(Duration::from_secs(2)), Some(3)));
+        for bad in [
+            vec!["wbctl", "status", "--count", "3"],
+            vec!["wbctl", "status", "--watch", "0"],
+            vec!["wbctl", "status", "--watch", "1", "-x"],
+            vec!["wbctl", "status", "--watch", "1", "--json"],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -1,0 +1,199 @@
+//! `wbctl status` against a stand-in daemon: a control socket in a run folder that answers
+//! every `Status` request with a fixed status (no ublk, no engine), so the JSON document's
+//! shape, the human table's additions, `-x` on stalled writers and `--watch` are checked on the
+//! real binary. Needs root (control sockets serve root alone); skipped otherwise.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use wb_target::control::{self, DeviceStatus, Reply, Request, RunDir};
+
+/// Root, or the stand-in daemon turns the client away (as a real one would).
+fn can_test(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() == 0 };
+    if !root {
+        eprintln!("SKIPPED {test}: needs root");
+    }
+    root
+}
+
+/// A device 12.5 % dirty, its oldest dirty data 75 s old, up 3d 4h 12m, whose writers waited
+/// 1500 ms for space in the last minute.
+fn canned_status() -> DeviceStatus {
+    serde_json::from_value(serde_json::json!({
+        "name": "d0", "device": "/dev/ublkb0", "dev_id": 0, "pid": 1, "mode": "mirrored",
+        "failure": null, "cache_lost_at": null, "backing": "/dev/sda",
+        "legs": [
+            {"path": "/dev/a", "health": "ok", "errors": 0, "read_errors": 0,
+             "write_errors": 0, "repairs": 0},
+            {"path": "/dev/b", "health": "ok", "errors": 0, "read_errors": 0,
+             "write_errors": 0, "repairs": 0}
+        ],
+        "device_size_bytes": 1u64 << 30, "logical_block_size": 4096,
+        "capacity_bytes": 8000, "used_bytes": 2000, "dirty_bytes": 1000, "dirty_percent": 12.5,
+        "oldest_dirty_age_secs": 75,
+        "segments": {"current_id": 9, "last_flushed_id": 8, "last_written_back_id": 3},
+        "epoch_id": 1, "reads": {"requests": 4, "hits": 3, "misses": 1},
+        "writes": 10, "write_bytes": 40960, "flushes": 1, "written_back_bytes": 0,
+        "backing_write_ios": 0, "backing_errors": 0, "passthrough_writes": 0,
+        "write_bytes_per_sec": 2u64 << 20, "written_back_bytes_per_sec": 1u64 << 20,
+        "stall_ms": 9000, "stall_ms_last_minute": 1500, "stalled_recently": true,
+        "map_bytes": 0, "metadata_bytes": 0, "queues": 1, "depth": 64,
+        "uptime_secs": 3 * 86_400 + 4 * 3600 + 12 * 60,
+        "policy": {"pressure_start": 0.8, "idle_aware": true, "pressure_curve": "linear"}
+    }))
+    .expect("a status")
+}
+
+/// A run folder with `d0`, served by a stand-in daemon for the life of the process, and `d1`,
+/// a state file without a daemon (it shows as down).
+fn run_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::new(dir.path().join("run"));
+    run.prepare().unwrap();
+    for name in ["d0", "d1"] {
+        std::fs::write(run.state(name), "{}").unwrap();
+    }
+    let listener = std::os::unix::net::UnixListener::bind(run.socket("d0")).unwrap();
+    std::thread::spawn(move || {
+        control::serve_socket(listener, 4, |request, mut stream| {
+            let reply = match request {
+                Request::Status => Reply::Status {
+                    status: Box::new(canned_status()),
+                },
+                _ => Reply::Error {
+                    error: "not in this test".into(),
+                },
+            };
+            let _ = control::send_line(&mut stream, &reply);
+        })
+    });
+    dir
+}
+
+fn wbctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wbctl"))
+        .args(args)
+        .env("WRITEBOOST_RUN_DIR", dir.join("run"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running wbctl")
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn json_has_one_shape_for_one_device_or_all() {
+    if !can_test("json_has_one_shape_for_one_device_or_all") {
+        return;
+    }
+    let dir = run_folder();
+    let one = json_of(&wbctl(dir.path(), &["status", "d0", "--json"]));
+    let all = json_of(&wbctl(dir.path(), &["status", "--json"]));
+    for doc in [&one, &all] {
+        assert_eq!(doc["output_version"], 1, "{doc}");
+        let d0 = &doc["devices"][0];
+        assert_eq!(d0["name"], "d0");
+        assert_eq!(d0["oldest_dirty_age_secs"], 75);
+        assert_eq!(d0["dirty_percent"], 12.5);
+        assert_eq!(d0["stall_ms_last_minute"], 1500);
+        assert_eq!(d0["stalled_recently"], true);
+        assert_eq!(d0["policy"]["pressure_start"], 0.8);
+        assert_eq!(d0["policy"]["idle_aware"], true);
+    }
+    assert_eq!(one["devices"].as_array().unwrap().len(), 1);
+    let devices = all["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{all}");
+    assert_eq!(
+        (&devices[1]["name"], &devices[1]["mode"]),
+        (&"d1".into(), &"down".into())
+    );
+}
+
+#[test]
+fn the_table_shows_lag_dirty_percent_uptime_and_recent_stalls() {
+    if !can_test("the_table_shows_lag_dirty_percent_uptime_and_recent_stalls") {
+        return;
+    }
+    let dir = run_folder();
+    let out = wbctl(dir.path(), &["status", "d0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for needle in [
+        "dirty (12.5 %), writeback lag 1m 15s",
+        "up 3d 4h 12m",
+        "9000 ms waiting for cache space (1500 ms in the last minute)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+    }
+}
+
+#[test]
+fn writers_stalled_recently_is_a_warning() {
+    if !can_test("writers_stalled_recently_is_a_warning") {
+        return;
+    }
+    let dir = run_folder();
+    let out = wbctl(dir.path(), &["status", "-x", "d0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("d0: WARNING - writers waited 1500 ms for cache space in the last minute"),
+        "{text}"
+    );
+    let out = wbctl(dir.path(), &["status", "-x", "--json", "d0"]);
+    let doc = json_of(&out);
+    assert_eq!(doc["output_version"], 1);
+    assert_eq!(
+        (&doc["health"], &doc["code"]),
+        (&"WARNING".into(), &1.into())
+    );
+    assert_eq!(doc["devices"][0]["name"], "d0");
+    assert_eq!(doc["devices"][0]["code"], 1);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn watch_prints_a_line_per_device_per_round() {
+    if !can_test("watch_prints_a_line_per_device_per_round") {
+        return;
+    }
+    let dir = run_folder();
+    let out = wbctl(
+        dir.path(),
+        &["status", "d0", "--watch", "100ms", "--count", "3"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three rounds:\n{text}");
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("WB_LAG"));
+    for line in &lines[1..] {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields,
+            ["d0", "mirrored", "12.5%", "1m", "15s", "2.0", "1.0", "75.0%", "1500"],
+            "{text}"
+        );
+    }
+
+    // Every device, each round: one that does not answer shows as down.
+    let out = wbctl(dir.path(), &["status", "--watch", "1", "--count", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["d0", "d1", "d0", "d1"], "{text}");
+    assert!(text.lines().nth(2).unwrap().contains("down"), "{text}");
+}
