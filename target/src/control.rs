@@ -273,6 +273,10 @@ pub struct DeviceState {
     /// The configuration file SIGHUP re-reads (`daemon::config`).
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// Set by a daemon that stopped with the device in use and left it to the kernel
+    /// (`daemon::hand_over`): its absence is a stop, not a crash.
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 impl DeviceState {
@@ -864,6 +868,7 @@ mod tests {
             started_unix_secs: 1,
             event_hook: Some("/usr/local/bin/hook".into()),
             config: Some("/etc/writeboost/d0.toml".into()),
+            handed_over: false,
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);

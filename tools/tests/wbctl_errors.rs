@@ -341,6 +341,7 @@ fn name_in_use_by_a_running_daemon() {
         started_unix_secs: 0,
         event_hook: None,
         config: None,
+        handed_over: false,
     };
     state.store(&run.state("d0")).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
@@ -377,6 +378,7 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
         started_unix_secs: 0,
         event_hook: None,
         config: None,
+        handed_over: false,
     };
     state.store(&run.state("d0")).unwrap();
     let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);

@@ -93,6 +93,7 @@ impl Rig {
             started_unix_secs: 0,
             event_hook: None,
             config: None,
+            handed_over: false,
         }
     }
 }

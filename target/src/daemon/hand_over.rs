@@ -122,7 +122,13 @@ fn leave_to_kernel(daemon: &Daemon, gate: &RequestGate, users: &[String]) -> ! {
             }
         }
     };
-    // The state file stays: it is how the next start finds the device to take over.
+    // The state file stays: it is how the next start finds the device to take over. It says
+    // the daemon left on purpose, so that status and the next start do not report a crash.
+    let mut state = daemon.state();
+    state.handed_over = true;
+    if let Err(e) = state.store(&daemon.spec.run_dir.state(name)) {
+        log::warn!("{name}: marking the state file as handed over: {e}");
+    }
     let _ = std::fs::remove_file(daemon.spec.run_dir.socket(name));
     log::logger().flush();
     // SAFETY: _exit ends the process at once, without running atexit handlers or destructors

@@ -197,6 +197,7 @@ impl Daemon {
             started_unix_secs: self.started_unix_secs,
             event_hook: self.spec.event_hook.clone(),
             config: self.spec.config.clone(),
+            handed_over: false,
         }
     }
 

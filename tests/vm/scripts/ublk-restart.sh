@@ -79,6 +79,10 @@ handed_over() {
         fail "the daemon did not seal and flush the log before leaving"
     [[ -b "$dev" ]] || fail "$dev went away with its daemon"
     [[ -e "$WRITEBOOST_RUN_DIR/$1.json" ]] || fail "the state file went away"
+    local said
+    if said="$("$WBCTL" status "$1" 2>&1)"; then fail "status answered without a daemon"; fi
+    [[ "$said" == *"stopped with $dev in use; the kernel holds its I/O until the next start"* ]] ||
+        fail "status of the handed-over device says: $said"
     sleep 1
     kill -0 "$fio_pid" 2>/dev/null || { cat "$out" >&2; fail "fio exited while the daemon was gone"; }
 }
@@ -93,7 +97,10 @@ before="$(wb_field u0 writes)"
 stop_daemon u0
 handed_over u0
 t0=$EPOCHREALTIME
-again="$("$sbin/wbctl" create u0 "${devices[@]}")" || fail "create (the unit's start) failed to take over"
+again="$("$sbin/wbctl" create u0 "${devices[@]}" 2>"$WB_OUT/takeover.err")" ||
+    { cat "$WB_OUT/takeover.err" >&2; fail "create (the unit's start) failed to take over"; }
+grep -q "its daemon stopped and left $dev to the kernel; taking it over" "$WB_OUT/takeover.err" ||
+    { cat "$WB_OUT/takeover.err" >&2; fail "create did not say it takes over a handed-over device"; }
 [[ "$again" == "$dev" ]] || fail "the start made $again, expected the same $dev"
 log "stop + start under fio: taken over in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s (writes before the stop: $before; new pid $(wb_pid u0))"
 [[ "$(wb_field u0 mode)" == mirrored ]] || fail "mode after the start: $(wb_field u0 mode)"

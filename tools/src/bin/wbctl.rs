@@ -353,10 +353,16 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
     };
     let (spec, start) = daemon::check_create(&request)?;
     if let Start::Recover { dev_id } = start {
-        log::warn!(
-            "{}: its daemon died and left /dev/ublkb{dev_id}; recovering it",
-            spec.name
-        );
+        match run_dir.load_state(&spec.name) {
+            Ok(state) if state.handed_over => log::info!(
+                "{}: its daemon stopped and left /dev/ublkb{dev_id} to the kernel; taking it over",
+                spec.name
+            ),
+            _ => log::warn!(
+                "{}: its daemon died and left /dev/ublkb{dev_id}; recovering it",
+                spec.name
+            ),
+        }
     }
     if args.foreground {
         run_foreground(spec, start)
@@ -482,6 +488,11 @@ fn daemon_socket(run_dir: &RunDir, name: &str) -> Result<PathBuf> {
         Err(_) => {}
     }
     match run_dir.load_state(name) {
+        Ok(state) if state.handed_over => bail!(
+            "{name}: stopped with {} in use; the kernel holds its I/O until the next start \
+             (`systemctl start writeboost@{name}` or `wbctl recover {name}`)",
+            state.device
+        ),
         Ok(state) => bail!(
             "{name}: its daemon (pid {}) is not running; {} waits for it: `wbctl recover {name}`",
             state.pid,
