@@ -84,8 +84,9 @@ no_kernel_errors_on() {
 }
 
 # copy_tree_fsync SRC DST PROGRESS   copy the files under SRC to DST one by one (folders
-# and symlinks too), each file fsynced before the next (what an SMB client's write-through or a
-# careful copier does); the number of files done so far is kept in PROGRESS.
+# too, symlinks not: an SMB3 mount without unix extensions or mfsymlinks cannot make them),
+# each file fsynced before the next (what an SMB client's write-through or a careful copier
+# does); the number of files done so far is kept in PROGRESS.
 copy_tree_fsync() {
     python3 - "$@" <<'PY'
 import os, shutil, sys
@@ -94,14 +95,9 @@ done = 0
 for top, dirs, files in os.walk(src):
     rel = os.path.relpath(top, src)
     os.makedirs(os.path.join(dst, rel), exist_ok=True)
-    for name in sorted(dirs):
-        s = os.path.join(top, name)
-        if os.path.islink(s):
-            os.symlink(os.readlink(s), os.path.join(dst, rel, name))
     for name in sorted(files):
         s, d = os.path.join(top, name), os.path.join(dst, rel, name)
         if os.path.islink(s):
-            os.symlink(os.readlink(s), d)
             continue
         with open(s, "rb") as fi, open(d, "wb") as fo:
             shutil.copyfileobj(fi, fo, 1 << 20)
