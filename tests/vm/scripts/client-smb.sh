@@ -16,7 +16,7 @@
 #   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img \
 #       tests/vm/scripts/client-smb.sh [DIRS]
 #
-# DIRS (default 8): folders in the copied tree (40 files each, ~8 MiB per folder).
+# DIRS (default 6): folders in the copied tree (40 files each, ~8 MiB per folder).
 # Needs samba, cifs-utils (tests/vm/setup.sh installs them).
 # Prints "client-smb: PASS" at the end.
 set -euo pipefail
@@ -25,7 +25,7 @@ source "$(dirname "$0")/ublk-lib.sh"
 source "$(dirname "$0")/client-lib.sh"
 need_vm
 need_ublk
-DIRS="${1:-8}"
+DIRS="${1:-6}"
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 SRV=/tmp/smb          # smb.conf and every folder smbd writes
 EXPORT=/tmp/smb-export # the xfs on /dev/ublkbN, shared as [share]
