@@ -120,9 +120,10 @@ log "flushes during the verify jobs: $f0 -> $f1"
 SYNCS=20
 f0="$(wb_field i0 flushes)"
 # SYNCS 4 KiB writes, each followed by an fsync of /dev/sdX (one process: under emulation
-# every exec costs a second)
+# every exec costs a second). fio's fsync=1 syncs before each next write, so none follows the
+# last one: end_fsync=1 adds it.
 fio --name=syncs --filename="$SD" --ioengine=psync --direct=1 --rw=write --bs=4k \
-    --size=$((SYNCS * 4))k --fsync=1 --eta=never >"$WB_OUT/iscsi-syncs-fio.log" 2>&1 || {
+    --size=$((SYNCS * 4))k --fsync=1 --end_fsync=1 --eta=never >"$WB_OUT/iscsi-syncs-fio.log" 2>&1 || {
     cat "$WB_OUT/iscsi-syncs-fio.log" >&2
     fail "fio write+fsync on $SD failed"
 }
