@@ -4,7 +4,10 @@
 # Idempotent; a re-run with everything in place touches neither apt nor the
 # network and takes well under a second.
 #   1. Debian packages: qemu-system-x86 busybox-static cpio fio kmod xz-utils
-#      libclang-dev xfsprogs e2fsprogs (only the missing ones are installed).
+#      libclang-dev xfsprogs e2fsprogs dmsetup, and for the client tests (the
+#      guest runs the host's binaries) targetcli-fb open-iscsi dbus iproute2
+#      samba cifs-utils (only the missing ones are installed; with
+#      --no-install-recommends; the guest starts the daemons it needs itself).
 #   2. Debian's newest linux-image-6.12.*+deb12-amd64-unsigned, downloaded with
 #      `apt-get download` and unpacked into $REPO/.vm-cache/kernel (git-ignored),
 #      with `depmod -b` run over it, so `modprobe -d <that folder> MODULE` works
@@ -23,7 +26,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${WB_VM_CACHE:-$REPO/.vm-cache}"
-PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup)
+PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup
+    targetcli-fb open-iscsi dbus iproute2 samba cifs-utils)
 
 log() { echo "setup.sh: $*" >&2; }
 die() {
@@ -68,7 +72,7 @@ if ((${#missing[@]})); then
         die "apt-get install of '${missing[*]}' failed (log: $CACHE/apt-install.log)"
     fi
 fi
-for tool in qemu-system-x86_64 busybox cpio fio depmod xz; do
+for tool in qemu-system-x86_64 busybox cpio fio depmod xz targetcli iscsiadm iscsid dbus-daemon ip smbd smbpasswd mount.cifs; do
     command -v "$tool" >/dev/null || die "'$tool' is still missing after installing packages"
 done
 
