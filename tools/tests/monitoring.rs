@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use wb_tools::metrics::{exposition, metric_names, Scrape};
+use wb_tools::metrics::{exposition, metric_names, Scrape, MODES};
 
 fn monitoring(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -142,4 +142,44 @@ fn promtool_checks_and_tests_the_alert_rules() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `promtool check metrics` on the exposition of a device in each mode, a lost cache with a
+/// failed leg, and a down device (the real binary's output is checked in wbctl_metrics.rs).
+#[test]
+fn promtool_accepts_every_mode() {
+    let Some(promtool) = common::promtool("promtool_accepts_every_mode") else {
+        return;
+    };
+    let mut devices: Vec<Scrape> = MODES
+        .iter()
+        .map(|mode| {
+            let mut s = common::canned_status();
+            (s.name, s.mode) = (format!("d_{mode}"), mode.to_string());
+            Scrape::Up(Box::new(s))
+        })
+        .collect();
+    let mut lost = common::canned_status();
+    lost.name = "lost".into();
+    lost.cache_lost_at = Some(3);
+    lost.legs[0].health = "failed".into();
+    devices.push(Scrape::Up(Box::new(lost)));
+    devices.push(Scrape::Down("down".into()));
+    let text = exposition(&devices);
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(r#"writeboost_mode{device="d_failed",mode="failed"} 1"#));
 }
