@@ -1437,6 +1437,28 @@ mod tests {
         daemon::apply_knobs(&Policy::default(), &c.knobs()).unwrap();
     }
 
+    /// The metrics unit's command line is one this wbctl takes, writing to the folder Debian's
+    /// node_exporter reads.
+    #[test]
+    fn metrics_unit_runs_a_valid_command() {
+        let unit = include_str!("../../systemd/writeboost-metrics.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart=/usr/sbin/wbctl "))
+            .expect("an ExecStart running /usr/sbin/wbctl");
+        let cli = Cli::try_parse_from(std::iter::once("wbctl").chain(exec.split_whitespace()));
+        let Cmd::Metrics { name, output } = cli.unwrap().command else {
+            panic!("{exec}: not `wbctl metrics`")
+        };
+        assert_eq!(name, None, "every device");
+        assert_eq!(
+            output,
+            Some(PathBuf::from(
+                "/var/lib/prometheus/node-exporter/writeboost.prom"
+            ))
+        );
+    }
+
     impl Cli {
         fn command_for_tests() -> clap::Command {
             <Cli as clap::CommandFactory>::command()
