@@ -4,10 +4,11 @@
 # Idempotent; a re-run with everything in place touches neither apt nor the
 # network and takes well under a second.
 #   1. Debian packages: qemu-system-x86 busybox-static cpio fio kmod xz-utils
-#      libclang-dev xfsprogs e2fsprogs dmsetup, and for the client tests (the
-#      guest runs the host's binaries) targetcli-fb open-iscsi dbus iproute2
-#      samba cifs-utils (only the missing ones are installed; with
-#      --no-install-recommends; the guest starts the daemons it needs itself).
+#      libclang-dev xfsprogs e2fsprogs dmsetup, prometheus (for promtool; its
+#      server is disabled), and for the client tests (the guest runs the host's
+#      binaries) targetcli-fb open-iscsi dbus iproute2 samba cifs-utils (only the
+#      missing ones are installed; with --no-install-recommends; the guest starts
+#      the daemons it needs itself).
 #   2. Debian's newest linux-image-6.12.*+deb12-amd64-unsigned, downloaded with
 #      `apt-get download` and unpacked into $REPO/.vm-cache/kernel (git-ignored),
 #      with `depmod -b` run over it, so `modprobe -d <that folder> MODULE` works
@@ -26,8 +27,10 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${WB_VM_CACHE:-$REPO/.vm-cache}"
+# prometheus: only for /usr/bin/promtool (`promtool check metrics|rules` in tools/tests); its
+# server is disabled again below if this script installed it.
 PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup
-    targetcli-fb open-iscsi dbus iproute2 samba cifs-utils)
+    prometheus targetcli-fb open-iscsi dbus iproute2 samba cifs-utils)
 
 log() { echo "setup.sh: $*" >&2; }
 die() {
@@ -72,7 +75,14 @@ if ((${#missing[@]})); then
         die "apt-get install of '${missing[*]}' failed (log: $CACHE/apt-install.log)"
     fi
 fi
-for tool in qemu-system-x86_64 busybox cpio fio depmod xz targetcli iscsiadm iscsid dbus-daemon ip smbd smbpasswd mount.cifs; do
+# Debian starts the Prometheus server (port 9090) it installs; the tests need only promtool, so
+# a server this script brought is stopped and disabled (one installed before is left alone).
+if [[ " ${missing[*]:-} " == *" prometheus "* ]] && command -v systemctl >/dev/null &&
+    [[ -d /run/systemd/system ]]; then
+    log "disabling the prometheus server that came with promtool"
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
+for tool in qemu-system-x86_64 busybox cpio fio depmod xz promtool targetcli iscsiadm iscsid dbus-daemon ip smbd smbpasswd mount.cifs; do
     command -v "$tool" >/dev/null || die "'$tool' is still missing after installing packages"
 done
 

@@ -1,8 +1,9 @@
 //! Shared code of the command-line tools: the benchmark driver's subcommands (`wbbench`), the
 //! health verdicts of `wbctl status -x`, the shape and `--watch` lines of `wbctl status`, the
-//! journal's log format.
+//! journal's log format, the Prometheus exposition of `wbctl metrics`.
 
 pub mod bench;
 pub mod health;
 pub mod journal;
+pub mod metrics;
 pub mod status_view;

@@ -1,95 +1,11 @@
-//! `wbctl status` against a stand-in daemon: a control socket in a run folder that answers
-//! every `Status` request with a fixed status (no ublk, no engine), so the JSON document's
-//! shape, the human table's additions, `-x` on stalled writers and `--watch` are checked on the
-//! real binary. Needs root (control sockets serve root alone); skipped otherwise.
+//! `wbctl status` against a stand-in daemon (`common`: a control socket in a run folder that
+//! answers every `Status` request with a fixed status, no ublk, no engine), so the JSON
+//! document's shape, the human table's additions, `-x` on stalled writers and `--watch` are
+//! checked on the real binary. Needs root (control sockets serve root alone); skipped otherwise.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-use wb_target::control::{self, DeviceStatus, Reply, Request, RunDir};
-
-/// Root, or the stand-in daemon turns the client away (as a real one would).
-fn can_test(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() == 0 };
-    if !root {
-        eprintln!("SKIPPED {test}: needs root");
-    }
-    root
-}
-
-/// A device 12.5 % dirty, its oldest dirty data 75 s old, up 3d 4h 12m, whose writers waited
-/// 1500 ms for space in the last minute.
-fn canned_status() -> DeviceStatus {
-    serde_json::from_value(serde_json::json!({
-        "name": "d0", "device": "/dev/ublkb0", "dev_id": 0, "pid": 1, "mode": "mirrored",
-        "failure": null, "cache_lost_at": null, "backing": "/dev/sda",
-        "legs": [
-            {"path": "/dev/a", "health": "ok", "errors": 0, "read_errors": 0,
-             "write_errors": 0, "repairs": 0},
-            {"path": "/dev/b", "health": "ok", "errors": 0, "read_errors": 0,
-             "write_errors": 0, "repairs": 0}
-        ],
-        "device_size_bytes": 1u64 << 30, "logical_block_size": 4096,
-        "capacity_bytes": 8000, "used_bytes": 2000, "dirty_bytes": 1000, "dirty_percent": 12.5,
-        "oldest_dirty_age_secs": 75,
-        "segments": {"current_id": 9, "last_flushed_id": 8, "last_written_back_id": 3},
-        "epoch_id": 1, "reads": {"requests": 4, "hits": 3, "misses": 1},
-        "writes": 10, "write_bytes": 40960, "flushes": 1, "written_back_bytes": 0,
-        "backing_write_ios": 0, "backing_errors": 0, "passthrough_writes": 0,
-        "write_bytes_per_sec": 2u64 << 20, "written_back_bytes_per_sec": 1u64 << 20,
-        "stall_ms": 9000, "stall_ms_last_minute": 1500, "stalled_recently": true,
-        "map_bytes": 0, "metadata_bytes": 0, "queues": 1, "depth": 64,
-        "uptime_secs": 3 * 86_400 + 4 * 3600 + 12 * 60,
-        "policy": {"pressure_start": 0.8, "idle_aware": true, "pressure_curve": "linear"}
-    }))
-    .expect("a status")
-}
-
-/// A run folder with `d0`, served by a stand-in daemon for the life of the process, and `d1`,
-/// a state file without a daemon (it shows as down).
-fn run_folder() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::new(dir.path().join("run"));
-    run.prepare().unwrap();
-    for name in ["d0", "d1"] {
-        std::fs::write(run.state(name), "{}").unwrap();
-    }
-    let listener = std::os::unix::net::UnixListener::bind(run.socket("d0")).unwrap();
-    std::thread::spawn(move || {
-        control::serve_socket(listener, 4, |request, mut stream| {
-            let reply = match request {
-                Request::Status => Reply::Status {
-                    status: Box::new(canned_status()),
-                },
-                _ => Reply::Error {
-                    error: "not in this test".into(),
-                },
-            };
-            let _ = control::send_line(&mut stream, &reply);
-        })
-    });
-    dir
-}
-
-fn wbctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wbctl"))
-        .args(args)
-        .env("WRITEBOOST_RUN_DIR", dir.join("run"))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running wbctl")
-}
-
-fn json_of(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use common::{can_test, json_of, run_folder, wbctl};
 
 #[test]
 fn json_has_one_shape_for_one_device_or_all() {

@@ -26,6 +26,7 @@ use wb_target::device::{Device, FileDevice};
 use wb_target::log::legs::CacheLegs;
 use wb_tools::health::{self, percent, Health};
 use wb_tools::journal;
+use wb_tools::metrics::Scrape;
 use wb_tools::status_view::{self, human_duration};
 use writeback::Policy;
 
@@ -76,6 +77,16 @@ enum Cmd {
         /// With --watch: stop after this many rounds.
         #[arg(long, value_name = "K", requires = "watch")]
         count: Option<u64>,
+    },
+    /// The devices' figures in the Prometheus text format (for node_exporter's textfile
+    /// collector: see tools/systemd/writeboost-metrics.timer). A device whose daemon does not
+    /// answer shows as writeboost_daemon_up 0. Counters restart from 0 with the daemon.
+    Metrics {
+        /// One device (default: all).
+        name: Option<String>,
+        /// Write to FILE atomically (FILE.tmp, then renamed over FILE) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// List devices and whether their daemons run.
     List {
@@ -283,6 +294,7 @@ fn main() {
             ..
         } => status_watch(&run_dir, name.as_deref(), interval, count),
         Cmd::Status { name, json, .. } => status(&run_dir, name.as_deref(), json),
+        Cmd::Metrics { name, output } => metrics(&run_dir, name.as_deref(), output.as_deref()),
         Cmd::List { json } => list(&run_dir, json),
         Cmd::Delete { name, drain, force } => delete(&run_dir, &name, drain, force),
         Cmd::Drain { name } => drain(&run_dir, &name),
@@ -633,6 +645,38 @@ fn status_watch(
         }
     }
     Ok(())
+}
+
+/// `metrics [NAME]`: the exposition of one device or all, on stdout or into a file that a
+/// reader never sees half-written. A device that has a state file but no answering daemon is
+/// `writeboost_daemon_up 0`; a name with neither is an error, as in `status`.
+fn metrics(run_dir: &RunDir, name: Option<&str>, output: Option<&Path>) -> Result<()> {
+    let names = match name {
+        Some(n) => vec![n.to_string()],
+        None => device_names(run_dir)?,
+    };
+    let mut scrapes = Vec::new();
+    for n in names {
+        match fetch_status(run_dir, &n) {
+            Ok(s) => scrapes.push(Scrape::Up(Box::new(s))),
+            // Listed from its state file, or one named that has a state file: down.
+            Err(_) if name.is_none() || has_state_file(run_dir, &n) => {
+                scrapes.push(Scrape::Down(n))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let text = wb_tools::metrics::exposition(&scrapes);
+    match output {
+        None => print!("{text}"),
+        Some(file) => wb_tools::metrics::write_atomically(file, text.as_bytes())
+            .with_context(|| format!("{}: writing the metrics", file.display()))?,
+    }
+    Ok(())
+}
+
+fn has_state_file(run_dir: &RunDir, name: &str) -> bool {
+    control::validate_name(name).is_ok() && run_dir.state(name).exists()
 }
 
 /// The verdict on one device: from its status, or from why the status could not be read.
@@ -1402,6 +1446,28 @@ mod tests {
         assert_eq!(c.caches.len(), 2);
         assert_eq!(c.dev_id, Some(0));
         daemon::apply_knobs(&Policy::default(), &c.knobs()).unwrap();
+    }
+
+    /// The metrics unit's command line is one this wbctl takes, writing to the folder Debian's
+    /// node_exporter reads.
+    #[test]
+    fn metrics_unit_runs_a_valid_command() {
+        let unit = include_str!("../../systemd/writeboost-metrics.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart=/usr/sbin/wbctl "))
+            .expect("an ExecStart running /usr/sbin/wbctl");
+        let cli = Cli::try_parse_from(std::iter::once("wbctl").chain(exec.split_whitespace()));
+        let Cmd::Metrics { name, output } = cli.unwrap().command else {
+            panic!("{exec}: not `wbctl metrics`")
+        };
+        assert_eq!(name, None, "every device");
+        assert_eq!(
+            output,
+            Some(PathBuf::from(
+                "/var/lib/prometheus/node-exporter/writeboost.prom"
+            ))
+        );
     }
 
     impl Cli {
