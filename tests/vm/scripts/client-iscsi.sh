@@ -8,6 +8,9 @@
 #      fsync of /dev/sdX (sd sees the LUN's volatile write cache and sends SYNCHRONIZE CACHE);
 #   3. kill -9 of the daemon while fio writes over iSCSI, `wbctl recover`: fio goes on without
 #      an error and its verify passes; no I/O or connection error in the kernel log;
+#   3b. SIGTERM of the daemon (a systemctl stop/restart) while fio writes over iSCSI: LIO holds
+#      the device, so it is left to the kernel, and `wbctl create` (the unit's start) takes it
+#      over: fio goes on without an error and its verify passes;
 #   4. mkfs.xfs on /dev/sdX, a tree of files, sync, umount, `xfs_repair -n` clean, mount again
 #      and the checksums match;
 #   5. logout, the LIO config removed, `wbctl delete --drain`: the backing device alone mounts
@@ -169,6 +172,45 @@ fi
 grep -E "^ +(write|read):" "$out" || true
 no_kernel_errors_on "$sd" "$(basename "$dev")"
 log "fio over iSCSI wrote and verified across kill -9 + recover; no error in the kernel log"
+
+# ---- 3b. a stop under the LUN (SIGTERM: what `systemctl stop|restart` sends): LIO holds the
+# device, so the daemon seals and flushes the log and leaves the device to the kernel; the
+# unit's start (`wbctl create` with the same devices) takes it over. fio sees no error.
+out="$WB_OUT/iscsi-stop-fio.log"
+fio --name=iscsi-stop --filename="$SD" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((4 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
+fio_pid=$!
+on_exit "kill $fio_pid 2>/dev/null || true"
+sleep 4
+kill -0 "$fio_pid" 2>/dev/null || { cat "$out" >&2; fail "fio finished before the stop; make FIO_MIB larger"; }
+pid="$(wb_pid i0)"
+from=$(($(wc -l <"$WRITEBOOST_RUN_DIR/i0.log") + 1))
+log "SIGTERM daemon pid $pid during fio over iSCSI"
+kill -TERM "$pid"
+for ((i = 0; i < 600; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+done
+! kill -0 "$pid" 2>/dev/null || fail "daemon $pid did not exit within 60 s of SIGTERM"
+tail -n +"$from" "$WRITEBOOST_RUN_DIR/i0.log" >"$WB_OUT/i0.stop.log"
+grep -q "is in use (exported by the LIO backstore .*leaving it to the kernel" "$WB_OUT/i0.stop.log" ||
+    { cat "$WB_OUT/i0.stop.log" >&2; fail "the daemon did not leave the LUN's device to the kernel"; }
+[[ -b "$dev" ]] || fail "$dev went away with its daemon although LIO exports it"
+kill -0 "$fio_pid" 2>/dev/null || { cat "$out" >&2; fail "fio exited while the daemon was stopped"; }
+dev_again="$("$WBCTL" create i0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1")" ||
+    fail "the start (wbctl create) did not take the device over"
+[[ "$dev_again" == "$dev" ]] || fail "the start made $dev_again, expected the same $dev"
+log "taken over by the start: $dev_again (new pid $(wb_pid i0))"
+if ! wait "$fio_pid"; then
+    cat "$out" >&2
+    fail "fio over iSCSI failed across a stop and start of the daemon"
+fi
+if grep -E "err= *[1-9]|verify: bad|verify failed|Input/output error|error=" "$out" >&2; then
+    fail "fio over iSCSI reported errors across a stop and start (log $out)"
+fi
+no_kernel_errors_on "$sd" "$(basename "$dev")"
+log "fio over iSCSI wrote and verified across a stop and start of the daemon"
 
 # ---- 4. xfs on the LUN
 mkfs.xfs -q -f "$SD" || fail "mkfs.xfs $SD failed"
