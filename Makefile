@@ -9,6 +9,11 @@
 #   make setup   only tests/vm/setup.sh (packages, VM kernel, initramfs)
 #   make build   cargo build --release --workspace
 #   make vm-smoke  the null-target smoke test in the VM (harness check)
+#   make demo-iscsi  the README's iSCSI recipe for real, in the VM: the device
+#                exported by LIO (targetcli), an initiator logged in over
+#                127.0.0.1, fio and xfs on the LUN, a daemon crash and a stop
+#                under it (always in the VM: it configures a target and an
+#                initiator, which a demo must not do to this machine)
 #
 # Cargo's output goes to build/ (.cargo/config.toml: target/ is a crate).
 # JOBS=N limits cargo's parallel jobs (default: cargo's own).
@@ -27,10 +32,10 @@ DEMO_DIR := $(REPO)/.vm-cache/demo
 DEMO_BACKING_SIZE ?= 2G
 DEMO_CACHE_SIZE ?= 1G
 
-.PHONY: help setup build test check demo vm-smoke
+.PHONY: help setup build test check demo demo-iscsi vm-smoke
 
 help:
-	@sed -n '3,14p' $(REPO)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,19p' $(REPO)/Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	bash $(REPO)/tests/vm/setup.sh
@@ -68,3 +73,12 @@ demo: setup build
 			--disk $(DEMO_DIR)/cache0.img --disk $(DEMO_DIR)/cache1.img \
 			$(REPO)/tests/vm/scripts/demo.sh; \
 	fi
+
+demo-iscsi: setup build
+	@mkdir -p $(DEMO_DIR)
+	@rm -f $(DEMO_DIR)/iscsi-backing.img $(DEMO_DIR)/iscsi-cache0.img $(DEMO_DIR)/iscsi-cache1.img
+	truncate -s 1G $(DEMO_DIR)/iscsi-backing.img
+	truncate -s 512M $(DEMO_DIR)/iscsi-cache0.img $(DEMO_DIR)/iscsi-cache1.img
+	bash $(REPO)/tests/vm/run.sh --timeout 1200 \
+		--disk $(DEMO_DIR)/iscsi-backing.img --disk $(DEMO_DIR)/iscsi-cache0.img \
+		--disk $(DEMO_DIR)/iscsi-cache1.img $(REPO)/tests/vm/scripts/client-iscsi.sh
