@@ -166,20 +166,6 @@ fn promtool_accepts_every_mode() {
     devices.push(Scrape::Up(Box::new(lost)));
     devices.push(Scrape::Down("down".into()));
     let text = exposition(&devices);
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running promtool");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics:\n{}{}\non:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_promtool_accepts(promtool, &text);
     assert!(text.contains(r#"writeboost_mode{device="d_failed",mode="failed"} 1"#));
 }

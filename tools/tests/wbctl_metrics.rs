@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::{Command, Stdio};
 
 use common::{can_test, canned_status, run_folder, wbctl};
 use wb_tools::metrics::{exposition, Scrape};
@@ -105,19 +104,5 @@ fn promtool_accepts_the_real_output() {
     };
     let dir = run_folder();
     let text = stdout(&wbctl(dir.path(), &["metrics"]));
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running promtool");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\non:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_promtool_accepts(promtool, &text);
 }
