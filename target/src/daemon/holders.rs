@@ -58,11 +58,12 @@ pub fn users_in(sources: &Sources, device: &Path) -> Vec<String> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let sys = sources.sys_block.join(&name);
+    let parts = partition_names(&sys, &name);
     let mut nodes = vec![Node::of(&meta)];
-    nodes.extend(partitions(&sys, &name));
+    nodes.extend(partition_nodes(&sys, &parts));
     let mut users = stacked(&sys.join("holders"));
-    for part in partition_names(&sys, &name) {
-        users.extend(stacked(&sys.join(&part).join("holders")));
+    for part in &parts {
+        users.extend(stacked(&sys.join(part).join("holders")));
     }
     let mountinfo = fs::read_to_string(&sources.mountinfo).unwrap_or_default();
     users.extend(mounts(&mountinfo, &nodes));
@@ -174,9 +175,9 @@ impl Node {
     }
 }
 
-/// Partitions of the device (`/sys/block/NAME/NAMEpN`), by their device numbers.
-fn partitions(sys: &Path, name: &str) -> Vec<Node> {
-    partition_names(sys, name)
+/// The device numbers of the partitions `parts` (`/sys/block/NAME/NAMEpN/dev`).
+fn partition_nodes(sys: &Path, parts: &[String]) -> Vec<Node> {
+    parts
         .iter()
         .filter_map(|p| {
             let dev = fs::read_to_string(sys.join(p).join("dev")).ok()?;
@@ -189,6 +190,7 @@ fn partitions(sys: &Path, name: &str) -> Vec<Node> {
         .collect()
 }
 
+/// The partitions of the device NAME: the `NAMEpN` folders of `/sys/block/NAME`.
 fn partition_names(sys: &Path, name: &str) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(sys)
         .into_iter()
