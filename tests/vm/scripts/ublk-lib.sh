@@ -58,18 +58,22 @@ print(json.dumps(doc["devices"][0], indent=2))' <<<"$out" || fail "wbctl status 
 }
 
 wb_field() {
-    local name="$1"
+    local name="$1" out
     shift
-    wb_status "$name" | python3 -c '
+    out="$("$WBCTL" status "$name" --json)" || fail "wbctl status $name --json failed"
+    # One interpreter start per call: under emulation each costs about a second.
+    python3 -c '
 import json, sys
-status = json.load(sys.stdin)
+doc = json.load(sys.stdin)
+assert doc["output_version"] == 1, doc["output_version"]
+status = doc["devices"][0]
 out = []
 for path in sys.argv[1:]:
     v = status
     for part in path.split("."):
         v = v[part]
     out.append(json.dumps(v) if isinstance(v, bool) else str(v))
-print(" ".join(out))' "$@"
+print(" ".join(out))' "$@" <<<"$out" || fail "wbctl status $name --json: no $* in: $out"
 }
 
 wb_dev() {
