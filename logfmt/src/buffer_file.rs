@@ -1,23 +1,24 @@
 //! The RAM buffer file: segments not yet durable on the cache legs, in a memory-mapped file on
 //! tmpfs that outlives the daemon (CONTRACT §2: a daemon crash loses nothing acknowledged).
 //!
-//! Layout: a 4 KiB file header, then `buffer_count` segment images of `SEGMENT_SIZE_BYTES`,
-//! each laid out exactly as it will be written to a leg (header block, then data blocks).
+//! Layout: a 4 KiB file header, then `buffer_count` slot images of `SEGMENT_SIZE_BYTES`, each
+//! laid out exactly as the ring slot it stands for (block `i` of the image is block `i` of the
+//! slot): the segments of that slot not yet on every leg, each at its start block.
 //!
 //! File header: magic (8) · version (4) · buffer_count (4) · cache-set UUID (16) ·
-//! `buffer_count` × u64 *owner words* from byte 64. An owner word is the id of the segment the
-//! buffer holds, or 0 when the buffer is free.
+//! `buffer_count` × u64 *owner words* from byte 64. An owner word is
+//! `first_segment_id << 8 | start_block` of the first segment the buffer holds (`owner_word`),
+//! or 0 when the buffer is free.
 //!
-//! Publication protocol (what a successor may rely on after a kill at any instant):
-//! 1. the writer fills the data block, then writes the entry, and only then stores the
-//!    segment header's entry count (release); an entry below the count is complete;
-//! 2. a rewrite of a block already in the buffer fills a *free* data slot and then switches the
-//!    entry's placement word (one aligned 32-bit store), so the entry always names a whole block;
-//! 3. the owner word is set before the first entry is published and cleared only after the
-//!    segment is written to every leg and every lower id is too.
+//! Publication protocol (what a successor may rely on after a kill at any instant), FORMAT.md
+//! §6.1: per segment, the header block at its start block gets entry count 0 and then its id
+//! before any entry is counted; data block, then entry, then count (release); a rewrite switches
+//! one placement word; the owner word is set after the first segment is begun and cleared only
+//! once the slot is closed and all of it is on every leg.
 //!
-//! A successor therefore takes every buffer with a non-zero owner word, in id order, rebuilds
-//! its header checksums from the published entries, and writes it to the log before serving I/O.
+//! A successor takes every buffer with a non-zero owner word, in id order, walks its segments
+//! (`walk_image`), rebuilds their headers from the published entries, and logs them before
+//! serving I/O.
 
 use crate::*;
 
@@ -35,7 +36,22 @@ pub fn owner_word_offset(index: usize) -> usize {
     OWNER_WORDS_OFFSET + index * 8
 }
 
-/// Byte offset of segment image `index` in the file.
+/// The owner word of a buffer whose first segment is `first_id`, starting at `start_block`.
+pub fn owner_word(first_id: u64, start_block: u32) -> u64 {
+    assert!(
+        first_id >= 1 && first_id < 1 << 56,
+        "segment id out of range"
+    );
+    assert!(start_block as usize <= MAX_START_BLOCK);
+    first_id << 8 | start_block as u64
+}
+
+/// (first segment id, its start block) of an owner word (0: a free buffer).
+pub fn owner_parts(word: u64) -> (u64, u32) {
+    (word >> 8, (word & 0xff) as u32)
+}
+
+/// Byte offset of slot image `index` in the file.
 pub fn buffer_offset(index: usize) -> usize {
     BUFFER_FILE_HEADER_BYTES + index * SEGMENT_SIZE_BYTES
 }
@@ -88,7 +104,7 @@ pub fn decode_header(bytes: &[u8], uuid: &[u8; 16]) -> Result<usize, FormatError
     Ok(count)
 }
 
-/// Who a buffer file belongs to and which segments it holds, read from its header without
+/// Who a buffer file belongs to and which segments it holds (the first of each buffer), read from its header without
 /// validating it against a cache set: `wbctl create` asks this of a file left under the name it
 /// is about to use (a crashed daemon's acknowledged writes must not be thrown away unnoticed).
 /// `None` if the bytes are not a buffer file header.
@@ -105,7 +121,7 @@ pub fn peek_owners(bytes: &[u8]) -> Option<Owners> {
     }
     let count = (get_u32(bytes, 12) as usize).min(MAX_BUFFERS);
     let segments = (0..count)
-        .map(|i| get_u64(bytes, owner_word_offset(i)))
+        .map(|i| owner_parts(get_u64(bytes, owner_word_offset(i))).0)
         .filter(|&id| id != 0)
         .collect();
     Some(Owners {
@@ -114,17 +130,70 @@ pub fn peek_owners(bytes: &[u8]) -> Option<Owners> {
     })
 }
 
-/// Reads the entries published in an unsealed segment image (its checksums are not trusted:
-/// they are recomputed by the successor). Entries past the first invalid one are dropped: they
-/// cannot have been published.
-pub fn published_entries(image: &[u8]) -> Vec<Entry> {
-    let count = (get_u32(image, ENTRY_COUNT_OFFSET) as usize).min(MAX_ENTRIES_PER_SEGMENT);
+/// Reads the entries published in the header block of an unsealed segment that starts at slot
+/// block `start_block` (`header` is that block; its checksums are not trusted: they are
+/// recomputed by the successor). Entries past the first invalid one, or the first whose data
+/// slot lies beyond the slot, are dropped: they cannot have been published.
+pub fn published_entries(header: &[u8], start_block: u32) -> Vec<Entry> {
+    let count = (get_u32(header, ENTRY_COUNT_OFFSET) as usize).min(MAX_ENTRIES_PER_SEGMENT);
     let mut entries = Vec::with_capacity(count);
     for i in 0..count {
-        match Entry::decode(&image[entry_offset(i)..entry_offset(i + 1)], i) {
+        match Entry::decode(&header[entry_offset(i)..entry_offset(i + 1)], i) {
+            Ok(e)
+                if e.kind == EntryKind::Data
+                    && e.data_slot as usize >= data_capacity(start_block) =>
+            {
+                break
+            }
             Ok(entry) => entries.push(entry),
             Err(_) => break,
         }
     }
     entries
+}
+
+/// One segment found in a slot image by `walk_image`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub segment_id: u64,
+    pub start_block: u32,
+    pub epoch_id: u64,
+    pub entries: Vec<Entry>,
+}
+
+/// The segments of a slot image whose owner word is `owner` (FORMAT.md §6.1): the first at the
+/// owner's start block with the owner's id, then each next one where `Position::next` puts it
+/// after the previous one's published entries, as long as the previous one is sealed (its header
+/// block carries the segment magic) and the next header block carries the next id. Stale header
+/// blocks of an earlier use of the buffer carry lower ids, so the walk stops there.
+pub fn walk_image(image: &[u8], owner: u64) -> Vec<Published> {
+    let (mut id, mut block) = owner_parts(owner);
+    let mut found = Vec::new();
+    if id == 0 || block as usize > MAX_START_BLOCK || image.len() < SEGMENT_SIZE_BYTES {
+        return found;
+    }
+    loop {
+        let at = block as usize * BLOCK_SIZE_BYTES;
+        let header = &image[at..at + SEGMENT_HEADER_SIZE_BYTES];
+        if get_u64(header, SEGMENT_ID_OFFSET) != id {
+            break;
+        }
+        let entries = published_entries(header, block);
+        let used = used_blocks(&entries);
+        found.push(Published {
+            segment_id: id,
+            start_block: block,
+            epoch_id: get_u64(header, EPOCH_ID_OFFSET),
+            entries,
+        });
+        // Only a sealed segment's entries are final (an open one's extent can still change, and
+        // the block behind it may hold a freed data slot: user data, which must never be read as
+        // a header). The slot's last segment: the next one starts in another slot (buffer).
+        let next = Position { slot: 0, block }.next(used, 2);
+        if &header[0..8] != SEGMENT_MAGIC || next.slot != 0 {
+            break;
+        }
+        (id, block) = (id + 1, next.block);
+    }
+    found
 }

@@ -19,6 +19,12 @@ pub struct Checkpoint {
     pub last_written_back_epoch: u64,
     /// The fault record in force when the checkpoint was written.
     pub faults: Faults,
+    /// Where segment `last_written_back_id + 1` starts (or will start): recovery walks the log
+    /// from here.
+    pub next_position: Position,
+    /// Record CRC of the header of segment `last_written_back_id` (0 before the first segment):
+    /// the `prev_crc` segment `last_written_back_id + 1` must carry. The anchor of the chain.
+    pub anchor_crc: u32,
 }
 
 /// What a later start must know about failures (FORMAT.md §4.1). Zero everywhere (what caches
@@ -82,6 +88,9 @@ impl Checkpoint {
         }
         put_u32(&mut out, 88, self.faults.leg_incarnations[0]);
         put_u32(&mut out, 92, self.faults.leg_incarnations[1]);
+        put_u64(&mut out, 96, self.next_position.slot);
+        put_u32(&mut out, 104, self.next_position.block);
+        put_u32(&mut out, 108, self.anchor_crc);
         seal_record(&mut out, CHECKPOINT_MAGIC);
         out
     }
@@ -98,6 +107,12 @@ impl Checkpoint {
                 record: "checkpoint",
             });
         }
+        let next_block = get_u32(bytes, 104);
+        if next_block as usize > MAX_START_BLOCK {
+            return Err(FormatError::BadCheckpoint {
+                reason: "next segment position beyond the last start block of a slot",
+            });
+        }
         Ok(Checkpoint {
             uuid: *uuid,
             sequence: get_u64(bytes, 32),
@@ -112,6 +127,11 @@ impl Checkpoint {
                 }),
                 leg_incarnations: [get_u32(bytes, 88), get_u32(bytes, 92)],
             },
+            next_position: Position {
+                slot: get_u64(bytes, 96),
+                block: next_block,
+            },
+            anchor_crc: get_u32(bytes, 108),
         })
     }
 

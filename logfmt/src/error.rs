@@ -13,7 +13,10 @@ pub enum FormatError {
     },
     #[error("{record}: bad magic (not a writeboost record)")]
     BadMagic { record: &'static str },
-    #[error("{record}: unsupported format version {version} (this build reads version 1)")]
+    #[error(
+        "{record}: unsupported format version {version} (this build reads version {})",
+        crate::FORMAT_VERSION
+    )]
     UnsupportedVersion { record: &'static str, version: u32 },
     #[error("{record}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): torn or corrupted")]
     BadChecksum {
@@ -33,6 +36,10 @@ pub enum FormatError {
     BadEntry { index: usize, reason: &'static str },
     #[error("segment data block {data_slot}: checksum mismatch (torn or corrupted data)")]
     BadDataChecksum { data_slot: usize },
+    #[error("segment header: {reason}")]
+    BadHeader { reason: &'static str },
+    #[error("checkpoint: {reason}")]
+    BadCheckpoint { reason: &'static str },
     #[error("superblock: {reason}")]
     BadSuperblock { reason: &'static str },
 }

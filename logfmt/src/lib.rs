@@ -1,11 +1,14 @@
-//! The writeboost on-disk format, version 1: pure encode / decode / validate, no I/O.
+//! The writeboost on-disk format, version 2: pure encode / decode / validate, no I/O.
 //!
 //! Everything that is written to a cache leg or to the RAM buffer file is laid out here and only
 //! here; the engine, recovery, writeback and `wbctl check` all go through these types. The byte
 //! layout is documented in `FORMAT.md` beside this crate; the two must stay in step.
 //!
-//! A cache leg is: superblock (4 KiB) · checkpoint ring · padding · a ring of `N` segments of
-//! 512 KiB. Segment id `k` (starts at 1, only grows) lives in slot `(k - 1) % N`.
+//! A cache leg is: superblock (4 KiB) · checkpoint ring · padding · a ring of `N` slots of
+//! 512 KiB. Segments (ids start at 1, only grow) are packed one after another into the slots:
+//! where segment `k + 1` starts follows from where segment `k` starts and how many blocks it
+//! uses (`Position::next`), and each header names the CRC of the header before it, so the log
+//! is a hash chain walked from the position the checkpoint names.
 //!
 //! Integrity: every data block's CRC32C sits in its entry, and one CRC32C covers the whole
 //! segment header (id and entries included), so a valid header vouches for the identity of
@@ -21,7 +24,7 @@ mod superblock;
 pub use checkpoint::{CacheLost, Checkpoint, Faults};
 pub use error::FormatError;
 pub use layout::*;
-pub use segment::{Entry, EntryKind, SegmentHeader, FLAG_FLUSH};
+pub use segment::{stored_record_crc, used_blocks, Entry, EntryKind, SegmentHeader, FLAG_FLUSH};
 pub use superblock::Superblock;
 
 /// CRC32C (Castagnoli) of `bytes`: the one checksum of the whole format.

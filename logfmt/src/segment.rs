@@ -39,7 +39,8 @@ pub struct Entry {
     pub data_crc: u32,
     pub kind: EntryKind,
     pub sector_valid: u8,
-    /// Index of the data block inside the segment (data entries only).
+    /// Index of the data block inside the segment (data entries only): the block is at slot block
+    /// `start_block + 1 + data_slot`.
     pub data_slot: u16,
 }
 
@@ -150,7 +151,22 @@ pub struct SegmentHeader {
     /// this header was written, so recovery need not read their data to trust them.
     pub durable_id: u64,
     pub flags: u32,
+    /// Block of its ring slot the header sits in (`Position::block`); data slot `d` is at slot
+    /// block `start_block + 1 + d`, and at most `data_capacity(start_block)` data slots exist.
+    pub start_block: u32,
+    /// Random per engine start: headers of different runs always differ, so the chain below
+    /// never links a segment of one run to a header of another (FORMAT.md §7).
+    pub run_nonce: u64,
+    /// Record CRC of the header of segment `segment_id - 1` (or, for the first segment after a
+    /// checkpoint, the anchor the checkpoint names): recovery follows the log only along it.
+    pub prev_crc: u32,
     pub entries: Vec<Entry>,
+}
+
+/// The record CRC stored in a self-checksummed record (bytes 12..16): what the next segment
+/// header's `prev_crc` names. Meaningful only for a record that decoded.
+pub fn stored_record_crc(bytes: &[u8]) -> u32 {
+    get_u32(bytes, RECORD_CRC_OFFSET)
 }
 
 impl SegmentHeader {
@@ -158,21 +174,34 @@ impl SegmentHeader {
         self.flags & FLAG_FLUSH != 0
     }
 
-    /// Encodes into the first `SEGMENT_HEADER_SIZE_BYTES` of `out`, checksum included.
-    pub fn encode_into(&self, out: &mut [u8]) {
+    /// Encodes into the first `SEGMENT_HEADER_SIZE_BYTES` of `out`, checksum included; returns
+    /// the record CRC (what the next header's `prev_crc` must name).
+    pub fn encode_into(&self, out: &mut [u8]) -> u32 {
         assert!(self.entries.len() <= MAX_ENTRIES_PER_SEGMENT);
+        assert!(self.start_block as usize <= MAX_START_BLOCK);
         let out = &mut out[..SEGMENT_HEADER_SIZE_BYTES];
         out.fill(0);
         out[16..32].copy_from_slice(&self.uuid);
-        put_u64(out, 32, self.segment_id);
-        put_u64(out, 40, self.epoch_id);
+        put_u64(out, SEGMENT_ID_OFFSET, self.segment_id);
+        put_u64(out, EPOCH_ID_OFFSET, self.epoch_id);
         put_u64(out, 48, self.durable_id);
         put_u32(out, 56, self.flags);
         put_u32(out, ENTRY_COUNT_OFFSET, self.entries.len() as u32);
+        put_u64(out, RUN_NONCE_OFFSET, self.run_nonce);
+        put_u32(out, START_BLOCK_OFFSET, self.start_block);
+        put_u32(out, PREV_CRC_OFFSET, self.prev_crc);
         for (i, entry) in self.entries.iter().enumerate() {
             entry.encode_into(&mut out[entry_offset(i)..entry_offset(i + 1)]);
         }
         seal_record(out, SEGMENT_MAGIC);
+        stored_record_crc(out)
+    }
+
+    /// The record CRC this header has on disk. Decoding rejects every byte `encode_into` would
+    /// not write, so for a decoded header this is the CRC that was read.
+    pub fn record_crc(&self) -> u32 {
+        let mut out = [0u8; SEGMENT_HEADER_SIZE_BYTES];
+        self.encode_into(&mut out)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -202,11 +231,23 @@ impl SegmentHeader {
                 max: MAX_ENTRIES_PER_SEGMENT,
             });
         }
+        let start_block = get_u32(bytes, START_BLOCK_OFFSET);
+        if start_block as usize > MAX_START_BLOCK {
+            return Err(FormatError::BadHeader {
+                reason: "start block leaves no room for a data block in the slot",
+            });
+        }
         let mut entries = Vec::with_capacity(count);
         let mut slots_used = 0u128;
         for i in 0..count {
             let entry = Entry::decode(&bytes[entry_offset(i)..entry_offset(i + 1)], i)?;
             if entry.kind == EntryKind::Data {
+                if entry.data_slot as usize >= data_capacity(start_block) {
+                    return Err(FormatError::BadEntry {
+                        index: i,
+                        reason: "data slot beyond the end of the slot",
+                    });
+                }
                 let bit = 1u128 << entry.data_slot;
                 if slots_used & bit != 0 {
                     return Err(FormatError::BadEntry {
@@ -218,12 +259,25 @@ impl SegmentHeader {
             }
             entries.push(entry);
         }
+        // Nothing but zeroes after the table: a header decodes only if `encode_into` of what was
+        // decoded gives back the same bytes, so `record_crc` is the CRC that was read.
+        if bytes[entry_offset(count)..SEGMENT_HEADER_SIZE_BYTES]
+            .iter()
+            .any(|&b| b != 0)
+        {
+            return Err(FormatError::BadHeader {
+                reason: "bytes after the entry table are not zero",
+            });
+        }
         let header = SegmentHeader {
             uuid: *uuid,
-            segment_id: get_u64(bytes, 32),
-            epoch_id: get_u64(bytes, 40),
+            segment_id: get_u64(bytes, SEGMENT_ID_OFFSET),
+            epoch_id: get_u64(bytes, EPOCH_ID_OFFSET),
             durable_id: get_u64(bytes, 48),
             flags: get_u32(bytes, 56),
+            start_block,
+            run_nonce: get_u64(bytes, RUN_NONCE_OFFSET),
+            prev_crc: get_u32(bytes, PREV_CRC_OFFSET),
             entries,
         };
         if header.segment_id == 0 {
@@ -270,13 +324,33 @@ impl SegmentHeader {
     }
 
     /// Bytes of the segment that hold something: the header and data slots up to the highest one
-    /// used. A segment sealed early (by a FLUSH) is written only this far.
+    /// used. A segment is written only this far, and the next one starts right behind it
+    /// (`Position::next`).
     pub fn used_bytes(&self) -> usize {
-        let top = self
-            .data_entries()
-            .map(|e| e.data_slot as usize + 1)
-            .max()
-            .unwrap_or(0);
-        data_block_offset(top)
+        self.used_blocks() * BLOCK_SIZE_BYTES
     }
+
+    /// Blocks of the slot the segment occupies: its header and data slots up to the highest used.
+    pub fn used_blocks(&self) -> usize {
+        used_blocks(&self.entries)
+    }
+
+    /// Where the segment starts, in ring slot `slot`.
+    pub fn position(&self, slot: u64) -> Position {
+        Position {
+            slot,
+            block: self.start_block,
+        }
+    }
+}
+
+/// Blocks a segment with these entries occupies: its header and data slots up to the highest used
+/// (1 with no data entry).
+pub fn used_blocks(entries: &[Entry]) -> usize {
+    1 + entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Data)
+        .map(|e| e.data_slot as usize + 1)
+        .max()
+        .unwrap_or(0)
 }

@@ -74,6 +74,9 @@ fn sample_header(segment_id: u64, entries: usize, salt: u64) -> SegmentHeader {
         } else {
             0
         },
+        start_block: 0,
+        run_nonce: salt ^ 0x6e6f_6e63_6500_0000,
+        prev_crc: segment_id as u32,
         entries,
     }
 }
@@ -100,6 +103,9 @@ fn sample_segment(segment_id: u64, data_blocks: usize) -> (SegmentHeader, Vec<u8
         epoch_id: 3,
         durable_id: segment_id - 1,
         flags: 0,
+        start_block: 0,
+        run_nonce: 0x6e6f_6e63_6500_0001,
+        prev_crc: 0,
         entries,
     };
     header.encode_into(&mut image);
@@ -204,6 +210,9 @@ fn arb_header() -> impl Strategy<Value = SegmentHeader> {
                     epoch_id,
                     durable_id,
                     flags,
+                    start_block: 0,
+                    run_nonce: epoch_id.rotate_left(17) ^ segment_id,
+                    prev_crc: durable_id as u32 ^ flags,
                     entries,
                 }
             },
@@ -270,6 +279,11 @@ fn arb_checkpoint() -> impl Strategy<Value = Checkpoint> {
                 last_written_back_id,
                 last_written_back_epoch,
                 faults,
+                next_position: Position {
+                    slot: sequence.rotate_left(7),
+                    block: (last_written_back_id % (MAX_START_BLOCK as u64 + 1)) as u32,
+                },
+                anchor_crc: last_written_back_epoch as u32,
             },
         )
 }
@@ -432,26 +446,86 @@ fn leg_layout_offsets() {
 }
 
 #[test]
-fn slot_arithmetic() {
+fn a_segment_goes_right_behind_the_previous_one_in_its_slot() {
     let n = 16;
-    assert_eq!(slot_of(1, n), 0);
-    assert_eq!(slot_of(16, n), 15);
-    assert_eq!(slot_of(17, n), 0);
-    // The id one lap earlier shares the slot: that is what makes a slot stale.
-    assert_eq!(slot_of(20, n), slot_of(20 - n, n));
+    let at = |slot, block| Position { slot, block };
+    // A FLUSH of one 4 KiB write: header + one data block, the next starts two blocks on.
+    assert_eq!(at(3, 0).next(2, n), at(3, 2));
+    assert_eq!(at(3, 2).next(2, n), at(3, 4));
+    // An empty segment (entries without data) uses its header block only.
+    assert_eq!(at(3, 4).next(1, n), at(3, 5));
+    // A header and one data block still fit behind it: same slot.
+    assert_eq!(at(3, 100).next(26, n), at(3, 126));
+    // Only one block left, or none: the next slot.
+    assert_eq!(at(3, 100).next(27, n), at(4, 0));
+    assert_eq!(at(3, 0).next(SLOT_BLOCKS, n), at(4, 0));
+    assert_eq!(at(3, 126).next(2, n), at(4, 0));
+    // The ring wraps.
+    assert_eq!(at(15, 0).next(128, n), at(0, 0));
+    assert_eq!(at(15, 120).next(7, n), at(0, 0));
 }
 
 #[test]
-#[should_panic(expected = "segment ids start at 1")]
-fn slot_of_id_zero_is_a_bug() {
-    slot_of(0, 16);
+fn positions_offsets_and_capacity() {
+    let p = Position { slot: 2, block: 5 };
+    assert_eq!(p.offset(), segment_offset(2) + 5 * 4096);
+    assert_eq!(p.data_capacity(), 122);
+    assert_eq!(data_capacity(0), DATA_BLOCKS_PER_SEGMENT);
+    assert_eq!(data_capacity(MAX_START_BLOCK as u32), 1);
+    assert_eq!(
+        (SLOT_BLOCKS, MIN_SEGMENT_BLOCKS, MAX_START_BLOCK),
+        (128, 2, 126)
+    );
+}
+
+/// Every chain of placements stays inside its slots and packs them: whatever the segments'
+/// sizes, a segment never crosses its slot's end, and a slot is left only when fewer than a
+/// header and one data block remain.
+#[test]
+fn placements_never_cross_a_slot_and_waste_at_most_one_block() {
+    let n = 16;
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut p = Position::default();
+    for _ in 0..10_000 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let room = SLOT_BLOCKS - p.block as usize;
+        let used = 1 + (rng as usize % room);
+        assert!(p.block as usize + used <= SLOT_BLOCKS);
+        let next = p.next(used, n);
+        if next.slot == p.slot {
+            assert_eq!(next.block as usize, p.block as usize + used);
+            assert!(next.block as usize <= MAX_START_BLOCK);
+        } else {
+            assert_eq!(
+                next,
+                Position {
+                    slot: (p.slot + 1) % n,
+                    block: 0
+                }
+            );
+            assert!(SLOT_BLOCKS - (p.block as usize + used) < MIN_SEGMENT_BLOCKS);
+        }
+        p = next;
+    }
+}
+
+#[test]
+#[should_panic(expected = "cannot use")]
+fn a_segment_larger_than_the_rest_of_its_slot_is_a_bug() {
+    Position {
+        slot: 0,
+        block: 100,
+    }
+    .next(29, 16);
 }
 
 #[test]
 fn superblock_fields_sit_at_documented_offsets() {
     let bytes = sample_superblock().encode();
     assert_eq!(&bytes[0..8], b"WBSUPER1");
-    assert_eq!(u32_at(&bytes, 8), 1);
+    assert_eq!(u32_at(&bytes, 8), 2);
     assert_eq!(&bytes[16..32], &UUID);
     assert_eq!(u64_at(&bytes, 32), 1 << 40);
     assert_eq!(&bytes[40..56], b"backing-identity");
@@ -472,15 +546,24 @@ fn checkpoint_fields_sit_at_documented_offsets() {
         last_written_back_id: 222,
         last_written_back_epoch: 33,
         faults: Default::default(),
+        next_position: Position {
+            slot: 0x0a0b_0c0d,
+            block: 77,
+        },
+        anchor_crc: 0xfeed_f00d,
     };
     let bytes = cp.encode();
     assert_eq!(&bytes[0..8], b"WBCHKPT1");
-    assert_eq!(u32_at(&bytes, 8), 1);
+    assert_eq!(u32_at(&bytes, 8), 2);
     assert_eq!(&bytes[16..32], &UUID);
     assert_eq!(u64_at(&bytes, 32), 11);
     assert_eq!(u64_at(&bytes, 40), 222);
     assert_eq!(u64_at(&bytes, 48), 33);
-    assert!(bytes[56..].iter().all(|&b| b == 0));
+    assert!(bytes[56..96].iter().all(|&b| b == 0));
+    assert_eq!(u64_at(&bytes, 96), 0x0a0b_0c0d);
+    assert_eq!(u32_at(&bytes, 104), 77);
+    assert_eq!(u32_at(&bytes, 108), 0xfeed_f00d);
+    assert!(bytes[112..].iter().all(|&b| b == 0));
     assert_eq!(cp.ring_index(), 3);
 }
 
@@ -492,6 +575,9 @@ fn segment_header_fields_sit_at_documented_offsets() {
         epoch_id: 55,
         durable_id: 0x0102_0300,
         flags: FLAG_FLUSH,
+        start_block: 9,
+        run_nonce: 0x1122_3344_5566_7788,
+        prev_crc: 0xcafe_babe,
         entries: vec![
             Entry::data(10, 5, 0x0f, 0xdead_beef),
             Entry::range(EntryKind::WriteZeroes, 1000, 24),
@@ -499,7 +585,7 @@ fn segment_header_fields_sit_at_documented_offsets() {
     };
     let bytes = header.encode();
     assert_eq!(&bytes[0..8], b"WBSEGMT1");
-    assert_eq!(u32_at(&bytes, 8), 1);
+    assert_eq!(u32_at(&bytes, 8), 2);
     assert_eq!(&bytes[16..32], &UUID);
     assert_eq!(u64_at(&bytes, 32), 0x0102_0304);
     assert_eq!(u64_at(&bytes, 40), 55);
@@ -507,9 +593,18 @@ fn segment_header_fields_sit_at_documented_offsets() {
     assert_eq!(u32_at(&bytes, 56), 1);
     assert_eq!(ENTRY_COUNT_OFFSET, 60);
     assert_eq!(u32_at(&bytes, 60), 2);
+    assert_eq!(
+        (RUN_NONCE_OFFSET, START_BLOCK_OFFSET, PREV_CRC_OFFSET),
+        (64, 72, 76)
+    );
+    assert_eq!(u64_at(&bytes, 64), 0x1122_3344_5566_7788);
+    assert_eq!(u32_at(&bytes, 72), 9);
+    assert_eq!(u32_at(&bytes, 76), 0xcafe_babe);
+    assert_eq!(stored_record_crc(&bytes), u32_at(&bytes, 12));
+    assert_eq!(header.record_crc(), u32_at(&bytes, 12));
 
-    assert_eq!(entry_offset(0), 64);
-    let e = &bytes[64..88];
+    assert_eq!(entry_offset(0), 80);
+    let e = &bytes[80..104];
     assert_eq!(u64_at(e, 0), 80);
     assert_eq!(u32_at(e, 8), 8);
     assert_eq!(u32_at(e, 12), 0xdead_beef);
@@ -520,18 +615,16 @@ fn segment_header_fields_sit_at_documented_offsets() {
     assert_eq!(u32_at(e, 16), 1 | 0x0f << 8 | 5 << 16);
     assert_eq!(u32_at(e, 20), 0);
 
-    let r = &bytes[88..112];
+    let r = &bytes[104..128];
     assert_eq!(u64_at(r, 0), 1000);
     assert_eq!(u32_at(r, 8), 24);
     assert_eq!(u32_at(r, 12), 0);
     assert_eq!(u32_at(r, 16), 3, "write-zeroes, no sector-valid, no slot");
 
-    assert_eq!(MAX_ENTRIES_PER_SEGMENT, 168);
-    assert_eq!(
-        entry_offset(MAX_ENTRIES_PER_SEGMENT),
-        SEGMENT_HEADER_SIZE_BYTES
-    );
-    assert!(bytes[112..].iter().all(|&b| b == 0));
+    assert_eq!(MAX_ENTRIES_PER_SEGMENT, 167);
+    assert!(entry_offset(MAX_ENTRIES_PER_SEGMENT) <= SEGMENT_HEADER_SIZE_BYTES);
+    assert!(entry_offset(MAX_ENTRIES_PER_SEGMENT + 1) > SEGMENT_HEADER_SIZE_BYTES);
+    assert!(bytes[128..].iter().all(|&b| b == 0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,7 +691,6 @@ fn stale_slot_from_an_earlier_lap_is_rejected() {
     let n = 16;
     let expected = 20;
     let stale = sample_header(expected - n, 5, 1).encode();
-    assert_eq!(slot_of(expected, n), slot_of(expected - n, n));
     assert_eq!(
         SegmentHeader::decode_expecting(&stale, &UUID, expected),
         Err(FormatError::WrongSegmentId {
@@ -621,6 +713,79 @@ fn id_gap_is_rejected() {
 }
 
 #[test]
+fn a_data_slot_beyond_the_end_of_its_slot_is_rejected() {
+    // At block 120 a segment has 7 data slots: 0..=6.
+    let header = SegmentHeader {
+        start_block: 120,
+        ..sample_header(9, 7, 1)
+    };
+    let bytes = header.encode();
+    assert_eq!(SegmentHeader::decode(&bytes, &UUID), Ok(header.clone()));
+    assert_eq!(header.used_blocks(), 8);
+    let mut moved = bytes.clone();
+    put_u32_at(&mut moved, START_BLOCK_OFFSET, 121);
+    reseal(&mut moved);
+    assert_bad_entry(&moved, 6, "beyond the end of the slot");
+}
+
+#[test]
+fn a_start_block_without_room_for_data_is_rejected() {
+    for block in [127u32, 128, u32::MAX] {
+        let mut bytes = sample_header(9, 0, 1).encode();
+        put_u32_at(&mut bytes, START_BLOCK_OFFSET, block);
+        reseal(&mut bytes);
+        assert!(
+            matches!(
+                SegmentHeader::decode(&bytes, &UUID),
+                Err(FormatError::BadHeader { .. })
+            ),
+            "start block {block}"
+        );
+    }
+}
+
+/// Bytes after the entry table must be zero, so a decoded header re-encodes to the bytes read
+/// and its `record_crc` is the stored one (what the chain relies on).
+#[test]
+fn bytes_after_the_entry_table_must_be_zero() {
+    let header = sample_header(9, 3, 1);
+    let mut bytes = header.encode();
+    assert_eq!(header.record_crc(), stored_record_crc(&bytes));
+    bytes[entry_offset(3) + 5] = 1;
+    reseal(&mut bytes);
+    assert_eq!(
+        SegmentHeader::decode(&bytes, &UUID),
+        Err(FormatError::BadHeader {
+            reason: "bytes after the entry table are not zero"
+        })
+    );
+}
+
+#[test]
+fn a_checkpoint_position_past_the_last_start_block_is_rejected() {
+    let mut bytes = Checkpoint {
+        uuid: UUID,
+        sequence: 1,
+        last_written_back_id: 0,
+        last_written_back_epoch: 0,
+        faults: Default::default(),
+        next_position: Position {
+            slot: 1,
+            block: 126,
+        },
+        anchor_crc: 0,
+    }
+    .encode();
+    assert!(Checkpoint::decode(&bytes, &UUID).is_ok());
+    put_u32_at(&mut bytes, 104, 127);
+    reseal(&mut bytes);
+    assert!(matches!(
+        Checkpoint::decode(&bytes, &UUID),
+        Err(FormatError::BadCheckpoint { .. })
+    ));
+}
+
+#[test]
 fn segment_id_zero_is_rejected_even_with_a_valid_checksum() {
     let bytes = sample_header(0, 1, 1).encode();
     assert_eq!(
@@ -632,67 +797,93 @@ fn segment_id_zero_is_rejected_even_with_a_valid_checksum() {
     );
 }
 
-/// The replay rule of FORMAT.md run over a ring of header-only slot images: consecutive ids from
-/// `from_id`, stopping at the first slot that does not carry the next id. Returns the head (last
-/// id replayed) and why replay stopped.
-fn replay(ring: &[Vec<u8>], from_id: u64) -> (u64, FormatError) {
-    let n = ring.len() as u64;
-    let mut id = from_id;
+/// A leg's segment area in memory: `n` slots.
+fn ring_area(n: u64) -> Vec<u8> {
+    vec![0u8; n as usize * SEGMENT_SIZE_BYTES]
+}
+
+/// Writes a segment with `data_blocks` data blocks of run `nonce` at `at`, chained to `prev`;
+/// returns its record CRC and the next position.
+fn put_segment(
+    area: &mut [u8],
+    at: Position,
+    id: u64,
+    data_blocks: usize,
+    nonce: u64,
+    prev: u32,
+    n: u64,
+) -> (u32, Position) {
+    let header = SegmentHeader {
+        start_block: at.block,
+        run_nonce: nonce,
+        prev_crc: prev,
+        ..sample_header(id, data_blocks.min(at.data_capacity()), id)
+    };
+    let offset = (at.offset() - SEGMENT_AREA_OFFSET) as usize;
+    let crc = header.encode_into(&mut area[offset..]);
+    (crc, at.next(header.used_blocks(), n))
+}
+
+/// The walk of FORMAT.md §7 over a segment area: from `start` expecting `from_id` chained to
+/// `anchor`, until the first header that does not decode, carry the id, sit at its start block
+/// or chain. Returns the head (last id walked) and why the walk stopped.
+fn walk(area: &[u8], start: Position, from_id: u64, anchor: u32) -> (u64, String) {
+    let n = (area.len() / SEGMENT_SIZE_BYTES) as u64;
+    let (mut at, mut id, mut prev) = (start, from_id, anchor);
     loop {
-        let slot = &ring[slot_of(id, n) as usize];
-        match SegmentHeader::decode_expecting(slot, &UUID, id) {
-            Ok(_) => id += 1,
-            Err(e) => return (id - 1, e),
+        let offset = (at.offset() - SEGMENT_AREA_OFFSET) as usize;
+        let bytes = &area[offset..offset + SEGMENT_HEADER_SIZE_BYTES];
+        let h = match SegmentHeader::decode_expecting(bytes, &UUID, id) {
+            Ok(h) => h,
+            Err(e) => return (id - 1, e.to_string()),
+        };
+        if h.start_block != at.block || h.prev_crc != prev {
+            return (id - 1, "broken chain".into());
         }
+        prev = stored_record_crc(bytes);
+        at = at.next(h.used_blocks(), n);
+        id += 1;
     }
 }
 
 #[test]
-fn replay_stops_at_the_stale_slot_after_the_head() {
-    let n = 16u64;
-    // Second lap: ids 17..=22 overwrote slots 0..=5; slots 6.. still hold ids 7..=16.
-    let ring: Vec<Vec<u8>> = (0..n)
-        .map(|slot| {
-            let id = if slot < 6 { slot + 1 + n } else { slot + 1 };
-            sample_header(id, 3, id).encode()
-        })
-        .collect();
-    let (head, why) = replay(&ring, 17);
-    assert_eq!(head, 22);
-    assert_eq!(
-        why,
-        FormatError::WrongSegmentId {
-            expected: 23,
-            found: 7,
-        }
-    );
+fn the_walk_follows_packed_segments_across_slots() {
+    let n = 16;
+    let mut area = ring_area(n);
+    let (mut at, mut prev) = (Position { slot: 3, block: 0 }, 0xabcd);
+    for id in 10..=80u64 {
+        (prev, at) = put_segment(&mut area, at, id, (id % 5) as usize, 1, prev, n);
+    }
+    let (head, why) = walk(&area, Position { slot: 3, block: 0 }, 10, 0xabcd);
+    assert_eq!(head, 80, "{why}");
+    assert!(why.contains("bad magic"), "{why}");
+    // From the wrong anchor nothing is taken.
+    let (head, why) = walk(&area, Position { slot: 3, block: 0 }, 10, 0xabce);
+    assert_eq!((head, why.as_str()), (9, "broken chain"));
 }
 
+/// A segment of an earlier run that was in flight at a crash stays valid on disk. The new run
+/// writes its own segments from the head on; where the old one sits right behind them with the
+/// expected id, the chain (its `prev_crc` names the old run's header) keeps it out.
 #[test]
-fn replay_stops_at_a_gap_and_leaves_later_valid_headers_to_be_invalidated() {
-    let n = 16u64;
-    let mut ring: Vec<Vec<u8>> = (1..=n)
-        .map(|id| sample_header(id, 3, id).encode())
-        .collect();
-    // Segment 4 never made it (torn to zeros); 5 and 6 did.
-    ring[slot_of(4, n) as usize] = vec![0u8; SEGMENT_HEADER_SIZE_BYTES];
-    let (head, why) = replay(&ring, 1);
-    assert_eq!(head, 3);
-    assert_eq!(
-        why,
-        FormatError::BadMagic {
-            record: "segment header"
-        }
-    );
-    // These validate on their own, so the engine must invalidate them before reusing the ids:
-    // otherwise a later replay could splice them onto a new segment 4.
-    let beyond: Vec<u64> = ring
-        .iter()
-        .filter_map(|slot| SegmentHeader::decode(slot, &UUID).ok())
-        .map(|h| h.segment_id)
-        .filter(|&id| id > head)
-        .collect();
-    assert_eq!(beyond, (5..=n).collect::<Vec<_>>());
+fn an_old_runs_segment_behind_the_head_is_never_spliced_onto_a_new_one() {
+    let n = 16;
+    let mut area = ring_area(n);
+    let start = Position { slot: 0, block: 0 };
+    // Run 1: ids 1..=3; 4 and 5 were in flight (4 torn, 5 whole).
+    let (crc1, p2) = put_segment(&mut area, start, 1, 1, 111, 0, n);
+    let (crc2, p3) = put_segment(&mut area, p2, 2, 1, 111, crc1, n);
+    let (crc3, p4) = put_segment(&mut area, p3, 3, 1, 111, crc2, n);
+    let (old4, p5) = put_segment(&mut area, p4, 4, 1, 111, crc3, n);
+    put_segment(&mut area, p5, 5, 1, 111, old4, n);
+    let torn = (p4.offset() - SEGMENT_AREA_OFFSET) as usize + 2048;
+    area[torn..torn + 512].fill(0xee);
+    assert_eq!(walk(&area, start, 1, 0).0, 3);
+    // Run 2 writes a new 4 with the same size, so the old 5 sits exactly where the new 5 goes.
+    let (_, new_p5) = put_segment(&mut area, p4, 4, 1, 222, crc3, n);
+    assert_eq!(new_p5, p5);
+    let (head, why) = walk(&area, start, 1, 0);
+    assert_eq!((head, why.as_str()), (4, "broken chain"));
 }
 
 #[test]
@@ -710,6 +901,8 @@ fn foreign_uuid_is_rejected() {
         last_written_back_id: 0,
         last_written_back_epoch: 0,
         faults: Default::default(),
+        next_position: Position::default(),
+        anchor_crc: 0,
     }
     .encode();
     assert_eq!(
@@ -730,6 +923,8 @@ fn wrong_version_is_rejected_in_every_record() {
         last_written_back_id: 0,
         last_written_back_epoch: 0,
         faults: Default::default(),
+        next_position: Position::default(),
+        anchor_crc: 0,
     };
     let records: [(&str, Vec<u8>); 3] = [
         ("superblock", sample_superblock().encode()),
@@ -739,7 +934,7 @@ fn wrong_version_is_rejected_in_every_record() {
     for (record, good) in records {
         for resealed in [false, true] {
             let mut bytes = good.clone();
-            put_u32_at(&mut bytes, 8, 2);
+            put_u32_at(&mut bytes, 8, 1);
             if resealed {
                 reseal(&mut bytes);
             }
@@ -750,7 +945,7 @@ fn wrong_version_is_rejected_in_every_record() {
             };
             assert_eq!(
                 result,
-                Err(FormatError::UnsupportedVersion { record, version: 2 }),
+                Err(FormatError::UnsupportedVersion { record, version: 1 }),
                 "resealed: {resealed}"
             );
         }
@@ -774,6 +969,8 @@ fn bad_magic_is_rejected_in_every_record() {
         last_written_back_id: 0,
         last_written_back_epoch: 0,
         faults: Default::default(),
+        next_position: Position::default(),
+        anchor_crc: 0,
     }
     .encode();
     assert_eq!(
@@ -955,6 +1152,8 @@ fn ring_with(sequences: impl IntoIterator<Item = u64>) -> Vec<u8> {
             last_written_back_id: sequence * 10,
             last_written_back_epoch: sequence,
             faults: Default::default(),
+            next_position: Position::default(),
+            anchor_crc: 0,
         };
         let at = cp.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
         ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&cp.encode());
@@ -998,6 +1197,8 @@ fn checkpoint_of_another_cache_set_is_ignored_in_the_ring() {
         last_written_back_id: 1,
         last_written_back_epoch: 1,
         faults: Default::default(),
+        next_position: Position::default(),
+        anchor_crc: 0,
     };
     let at = foreign.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;
     ring[at..at + CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&foreign.encode());
@@ -1122,6 +1323,8 @@ fn buffer_file_layout() {
     assert_eq!(buffer_file::OWNER_WORDS_OFFSET, 64);
     assert_eq!(buffer_file::MAX_BUFFERS, 504);
     assert_eq!(buffer_file::owner_word_offset(2), 80);
+    assert_eq!(buffer_file::owner_word(42, 9), 42 << 8 | 9);
+    assert_eq!(buffer_file::owner_parts(42 << 8 | 9), (42, 9));
     assert_eq!(buffer_file::buffer_offset(0), 4096);
     assert_eq!(buffer_file::buffer_offset(2), 4096 + 2 * 524_288);
     assert_eq!(buffer_file::file_size(3), 4096 + 3 * 524_288);
@@ -1216,6 +1419,85 @@ fn unsealed_image(entries: &[Entry], published: u32) -> Vec<u8> {
     image
 }
 
+/// Begins segment `id` at block `block` of a slot image with `entries` published, sealed or not
+/// (the magic), as the engine does (FORMAT.md §6.1).
+fn begin_in_image(image: &mut [u8], block: u32, id: u64, entries: &[Entry], sealed: bool) {
+    let at = block as usize * BLOCK_SIZE_BYTES;
+    let header = &mut image[at..at + SEGMENT_HEADER_SIZE_BYTES];
+    header.fill(0);
+    for (i, entry) in entries.iter().enumerate() {
+        entry.encode_into(&mut header[entry_offset(i)..entry_offset(i + 1)]);
+    }
+    put_u32_at(header, ENTRY_COUNT_OFFSET, entries.len() as u32);
+    header[SEGMENT_ID_OFFSET..SEGMENT_ID_OFFSET + 8].copy_from_slice(&id.to_le_bytes());
+    if sealed {
+        header[0..8].copy_from_slice(SEGMENT_MAGIC);
+    }
+}
+
+fn data_entries(first_block: u64, count: u16) -> Vec<Entry> {
+    (0..count)
+        .map(|i| Entry::data(first_block + i as u64, i, ALL_SECTORS_VALID, 0))
+        .collect()
+}
+
+#[test]
+fn the_walk_of_a_slot_image_finds_its_segments_where_they_were_placed() {
+    let mut image = vec![0u8; SEGMENT_SIZE_BYTES];
+    // Stale header blocks of an earlier use of the buffer: lower ids.
+    begin_in_image(&mut image, 4, 3, &data_entries(0, 1), true);
+    begin_in_image(&mut image, 6, 4, &data_entries(0, 1), true);
+    // This use: 20 at block 2 (2 data blocks), 21 at 5 (1), 22 at 7, open.
+    begin_in_image(&mut image, 2, 20, &data_entries(100, 2), true);
+    begin_in_image(&mut image, 5, 21, &data_entries(200, 1), true);
+    begin_in_image(&mut image, 7, 22, &data_entries(300, 3), false);
+    let found = buffer_file::walk_image(&image, buffer_file::owner_word(20, 2));
+    let ids: Vec<(u64, u32, usize)> = found
+        .iter()
+        .map(|p| (p.segment_id, p.start_block, p.entries.len()))
+        .collect();
+    assert_eq!(ids, vec![(20, 2, 2), (21, 5, 1), (22, 7, 3)]);
+}
+
+#[test]
+fn the_walk_stops_at_the_open_segment_and_at_stale_ids() {
+    let mut image = vec![0u8; SEGMENT_SIZE_BYTES];
+    begin_in_image(&mut image, 0, 20, &data_entries(100, 1), true);
+    // Where 21 would go, an earlier use left segment 9: a lower id ends the walk.
+    begin_in_image(&mut image, 2, 9, &data_entries(100, 1), true);
+    assert_eq!(
+        buffer_file::walk_image(&image, buffer_file::owner_word(20, 0)).len(),
+        1
+    );
+    // The open segment 21 freed data slot 1 by a rewrite: that block holds user data that looks
+    // like a header of 22. The open segment has no magic, so the walk never reads it.
+    begin_in_image(&mut image, 2, 21, &data_entries(100, 1), false);
+    begin_in_image(&mut image, 4, 22, &data_entries(500, 1), true);
+    let found = buffer_file::walk_image(&image, buffer_file::owner_word(20, 0));
+    assert_eq!(
+        found.iter().map(|p| p.segment_id).collect::<Vec<_>>(),
+        vec![20, 21]
+    );
+    // The owner's id must be at the owner's block.
+    assert!(buffer_file::walk_image(&image, buffer_file::owner_word(20, 2)).is_empty());
+    assert!(buffer_file::walk_image(&image, 0).is_empty());
+}
+
+#[test]
+fn published_entries_stop_at_a_data_slot_beyond_the_slot() {
+    let entries = vec![
+        Entry::data(1, 0, ALL_SECTORS_VALID, 0),
+        Entry::data(2, 3, ALL_SECTORS_VALID, 0),
+    ];
+    let image = unsealed_image(&entries, 2);
+    assert_eq!(buffer_file::published_entries(&image, 0), entries);
+    // At block 124 a segment has 3 data slots (0..3): slot 3 would be past the slot's end.
+    assert_eq!(
+        buffer_file::published_entries(&image, 124),
+        entries[..1].to_vec()
+    );
+}
+
 fn five_entries() -> Vec<Entry> {
     (0..5)
         .map(|i| Entry::data(100 + i, i as u16, ALL_SECTORS_VALID, 0))
@@ -1228,11 +1510,11 @@ fn published_entries_stop_at_the_entry_count() {
     // Entries 3 and 4 are written but their count store has not happened: not published.
     let image = unsealed_image(&entries, 3);
     assert_eq!(
-        buffer_file::published_entries(&image),
+        buffer_file::published_entries(&image, 0),
         entries[..3].to_vec()
     );
     assert_eq!(
-        buffer_file::published_entries(&unsealed_image(&entries, 0)),
+        buffer_file::published_entries(&unsealed_image(&entries, 0), 0),
         vec![]
     );
 }
@@ -1243,7 +1525,7 @@ fn published_entries_stop_at_the_first_invalid_entry() {
     let mut image = unsealed_image(&entries, 5);
     image[entry_offset(2)..entry_offset(3)].fill(0);
     assert_eq!(
-        buffer_file::published_entries(&image),
+        buffer_file::published_entries(&image, 0),
         entries[..2].to_vec()
     );
 }
@@ -1254,7 +1536,7 @@ fn published_entries_clamp_a_wild_count() {
         .map(|i| Entry::range(EntryKind::Discard, i * 8, 8))
         .collect();
     let image = unsealed_image(&entries, u32::MAX);
-    assert_eq!(buffer_file::published_entries(&image), entries);
+    assert_eq!(buffer_file::published_entries(&image, 0), entries);
 }
 
 #[test]
@@ -1269,7 +1551,7 @@ fn rewrite_switches_one_placement_word() {
     };
     let at = entry_offset(2) + ENTRY_PLACEMENT_OFFSET;
     image[at..at + 4].copy_from_slice(&moved.placement_word().to_le_bytes());
-    let published = buffer_file::published_entries(&image);
+    let published = buffer_file::published_entries(&image, 0);
     assert_eq!(published[2], moved);
     assert_eq!(published.len(), 5);
 }
@@ -1289,7 +1571,7 @@ fn published_entries_rebuild_into_a_valid_segment() {
     image[data_block_offset(0)..data_block_offset(2)].fill(0x33);
     put_u32_at(&mut image, ENTRY_COUNT_OFFSET, 3);
 
-    let rebuilt: Vec<Entry> = buffer_file::published_entries(&image)
+    let rebuilt: Vec<Entry> = buffer_file::published_entries(&image, 0)
         .into_iter()
         .map(|e| match e.kind {
             EntryKind::Data => {
@@ -1310,6 +1592,9 @@ fn published_entries_rebuild_into_a_valid_segment() {
         epoch_id: 2,
         durable_id: 40,
         flags: 0,
+        start_block: 0,
+        run_nonce: 0x6e6f_6e63_6500_0001,
+        prev_crc: 0,
         entries: rebuilt,
     };
     header.encode_into(&mut image);
@@ -1326,14 +1611,15 @@ fn buffer_file_owners_are_read_without_a_cache_set() {
     let owners = buffer_file::peek_owners(&header).expect("a buffer file header");
     assert_eq!(owners.uuid, uuid);
     assert!(owners.segments.is_empty(), "a fresh file owns nothing");
-    header[buffer_file::owner_word_offset(1)..][..8].copy_from_slice(&42u64.to_le_bytes());
-    header[buffer_file::owner_word_offset(3)..][..8].copy_from_slice(&43u64.to_le_bytes());
+    header[buffer_file::owner_word_offset(1)..][..8]
+        .copy_from_slice(&(42u64 << 8 | 3).to_le_bytes());
+    header[buffer_file::owner_word_offset(3)..][..8].copy_from_slice(&(43u64 << 8).to_le_bytes());
     assert_eq!(
         buffer_file::peek_owners(&header).unwrap().segments,
         vec![42, 43]
     );
     // An owner word past the buffer count is not a buffer.
-    header[buffer_file::owner_word_offset(4)..][..8].copy_from_slice(&44u64.to_le_bytes());
+    header[buffer_file::owner_word_offset(4)..][..8].copy_from_slice(&(44u64 << 8).to_le_bytes());
     assert_eq!(
         buffer_file::peek_owners(&header).unwrap().segments,
         vec![42, 43]

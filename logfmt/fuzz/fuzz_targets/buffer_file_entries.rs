@@ -36,7 +36,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let image = shaped(&template(), rest, mode);
-    let entries = published_entries(&image);
+    // The start block comes from the input too: it bounds the data slots that may be published.
+    let start_block = (mode as u32 >> 3) % (MAX_START_BLOCK as u32 + 1);
+    let entries = published_entries(&image, start_block);
     let count = u32::from_le_bytes(
         image[ENTRY_COUNT_OFFSET..ENTRY_COUNT_OFFSET + 4]
             .try_into()
@@ -47,9 +49,19 @@ fuzz_target!(|data: &[u8]| {
     for (i, entry) in entries.iter().enumerate() {
         assert_entry_reencodes(&image[entry_offset(i)..entry_offset(i + 1)], entry);
     }
-    // It stopped early only at an entry that does not decode.
+    // It stopped early only at an entry that does not decode or names a slot beyond the slot.
     if entries.len() < limit {
         let i = entries.len();
-        assert!(Entry::decode(&image[entry_offset(i)..entry_offset(i + 1)], i).is_err());
+        match Entry::decode(&image[entry_offset(i)..entry_offset(i + 1)], i) {
+            Err(_) => {}
+            Ok(e) => assert!(
+                e.kind == EntryKind::Data && e.data_slot as usize >= data_capacity(start_block)
+            ),
+        }
     }
+    // The walk of a slot image never panics and only grows ids.
+    let mut slot = vec![0u8; SEGMENT_SIZE_BYTES];
+    slot[..image.len().min(SEGMENT_SIZE_BYTES)].copy_from_slice(&image[..image.len().min(SEGMENT_SIZE_BYTES)]);
+    let found = walk_image(&slot, u64::from_le_bytes(image[32..40].try_into().unwrap()));
+    assert!(found.windows(2).all(|w| w[1].segment_id == w[0].segment_id + 1));
 });

@@ -51,6 +51,8 @@ fuzz_target!(|data: &[u8]| {
             last_written_back_id: 100 + i as u64,
             last_written_back_epoch: 7,
             faults: Default::default(),
+            next_position: Position { slot: 3, block: i as u32 },
+            anchor_crc: 0xabcd_0000 + i as u32,
         };
         let piece = rest.chunks(64).nth(i).unwrap_or(&[]);
         let from = if bit(*template) { FROM_TEMPLATE } else { 0 };

@@ -26,6 +26,9 @@ fn template() -> Vec<u8> {
         epoch_id: 10,
         durable_id: 998,
         flags: FLAG_FLUSH,
+        start_block: 0,
+        run_nonce: 0x0123_4567_89ab_cdef,
+        prev_crc: 0xfeed_beef,
         entries,
     }
     .encode()
