@@ -32,7 +32,7 @@ pub use engine::status::{CacheLostStatus, EngineStatus, LegStatus, SegmentIds};
 pub use engine::{Engine, Geometry, Shared};
 pub use error::{EngineError, Result};
 pub use log::scan::{read_superblocks, scan, Repair, ScanReport};
-pub use log::writer::SEGMENTS_BETWEEN_LEG_FLUSHES;
+pub use log::writer::LOG_BYTES_BETWEEN_LEG_FLUSHES;
 pub use open::create::{format, FormatOptions};
 pub use open::recover::{open, OpenOptions};
 

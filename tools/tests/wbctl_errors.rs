@@ -649,6 +649,8 @@ fn check_shows_failed_legs_and_a_recorded_loss() {
             failed_legs: 0b10,
             ..Default::default()
         },
+        next_position: Default::default(),
+        anchor_crc: 0,
     };
     let mut slot = wb_target::AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
     slot.copy_from_slice(&checkpoint.encode());

@@ -817,6 +817,9 @@ mod tests {
             epoch_id: 1,
             durable_id: 0,
             flags: 0,
+            start_block: 0,
+            run_nonce: 0,
+            prev_crc: 0,
             entries,
         }
     }

@@ -7,7 +7,7 @@
 //! served from the other leg and rewritten on the bad one (`CacheLegs::read`).
 
 use logfmt::{
-    data_block_offset, segment_offset, SegmentHeader, BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT,
+    data_block_offset, Position, SegmentHeader, BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT,
     SEGMENT_HEADER_SIZE_BYTES,
 };
 use parking_lot::Mutex;
@@ -59,17 +59,17 @@ impl CrcCache {
 }
 
 impl Shared {
-    /// Reads data block `data_slot` of segment `segment_id` (in ring slot `slot`) into `out`
-    /// (aligned, at least 4 KiB), checked against its CRC. The caller keeps the slot pinned.
+    /// Reads data block `data_slot` of segment `segment_id` (at `position`) into `out` (aligned,
+    /// at least 4 KiB), checked against its CRC. The caller keeps the slot pinned.
     pub(crate) fn read_cached_block(
         &self,
         segment_id: u64,
-        slot: u64,
+        position: Position,
         data_slot: usize,
         out: &mut AlignedBuf,
     ) -> Result<()> {
-        let crc = self.block_crc(segment_id, slot, data_slot)?;
-        let offset = segment_offset(slot) + data_block_offset(data_slot) as u64;
+        let crc = self.block_crc(segment_id, position, data_slot)?;
+        let offset = position.offset() + data_block_offset(data_slot) as u64;
         let check = |bytes: &[u8]| logfmt::block_crc(bytes) == crc;
         self.legs
             .read(&mut out[..BLOCK_SIZE_BYTES], offset, Some(&check))
@@ -80,7 +80,7 @@ impl Shared {
             })
     }
 
-    fn block_crc(&self, segment_id: u64, slot: u64, data_slot: usize) -> Result<u32> {
+    fn block_crc(&self, segment_id: u64, position: Position, data_slot: usize) -> Result<u32> {
         if let Some(crc) = self.crc_cache.get(segment_id, data_slot) {
             return Ok(crc);
         }
@@ -89,7 +89,7 @@ impl Shared {
         let check =
             |bytes: &[u8]| SegmentHeader::decode_expecting(bytes, &uuid, segment_id).is_ok();
         self.legs
-            .read(&mut buf, segment_offset(slot), Some(&check))
+            .read(&mut buf, position.offset(), Some(&check))
             .map_err(|e| {
                 EngineError::CacheFailed(format!(
                     "segment {segment_id}: no leg holds a good header: {e}"

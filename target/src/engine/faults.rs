@@ -271,6 +271,10 @@ impl Shared {
                             sequence: recorded.sequence + 1,
                             ..now
                         },
+                        next_position: state.next_after_written_back(),
+                        // Unknown only after every leg was lost: then this checkpoint reaches
+                        // no leg (the fault file keeps the record).
+                        anchor_crc: state.anchor_crc.unwrap_or(0),
                     },
                 )
             };

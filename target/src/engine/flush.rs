@@ -1,11 +1,14 @@
-//! FLUSH: a FLUSH seals the open segment (ending its epoch) and waits until every write it
-//! covers is durable on every leg in use — or fails, if a cache loss took them (CONTRACT §2,
-//! §5). The leg writers' progress arrives here (`on_leg_progress`) and moves `written_id` and
-//! `durable_id`.
+//! FLUSH: a FLUSH makes every write it covers durable on every leg in use — or fails, if a
+//! cache loss took them (CONTRACT §2, §5) — and ends their epoch. It seals the open segment only
+//! if that holds writes it covers, and FLUSHes share the log commits (group commit): while one
+//! commit (a sealed segment's write and leg flush) is in flight, FLUSHes that need the open
+//! segment sealed wait for it, and then one seal — one small log write and one leg flush —
+//! serves all of them. The leg writers' progress arrives here (`on_leg_progress`) and moves
+//! `written_id` and `durable_id`.
 
 use std::sync::atomic::Ordering;
 
-use logfmt::slot_of;
+use parking_lot::MutexGuard;
 
 use crate::error::{EngineError, Result};
 use crate::log::writer::LogJob;
@@ -17,8 +20,11 @@ impl Shared {
     /// A FLUSH of the engine's own (a drain, a shutdown): like a FUA write's, it neither reports
     /// nor clears a FLUSH error owed to the client after a cache loss.
     pub(crate) fn flush_internal(&self) -> Result<()> {
-        let generation = self.state.lock().lost_generation;
-        self.flush_inner(generation, None)
+        let (generation, covers) = {
+            let state = self.state.lock();
+            (state.lost_generation, state.logged_writes)
+        };
+        self.flush_inner(generation, covers, false)
     }
 
     pub fn flush(&self) -> Result<()> {
@@ -27,17 +33,19 @@ impl Shared {
             let state = self.state.lock();
             (state.lost_generation, state.logged_writes)
         };
-        self.flush_inner(generation, Some(covers))
+        self.flush_inner(generation, covers, true)
     }
 
-    /// A FLUSH (covering the first `covers` logged writes) or a FUA write's flush (`None`: it
-    /// vouches for that write only) issued in loss generation `issued`: it fails if the cache was
-    /// lost since, because what it covers was in the cache that is gone.
-    pub(super) fn flush_inner(&self, issued: u64, covers: Option<u64>) -> Result<()> {
+    /// A FLUSH (`client`) or a FUA write's or the engine's own flush (which vouch for their
+    /// writes only), covering the first `covers` logged writes, issued in loss generation
+    /// `issued`: it fails if the cache was lost since, because what it covers was in the cache
+    /// that is gone.
+    pub(super) fn flush_inner(&self, issued: u64, covers: u64, client: bool) -> Result<()> {
+        let covers = client.then_some(covers).ok_or(covers);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         let lost_since = |state: &mut State| {
             // A FLUSH that covers every write the loss took has reported it to the client.
-            if covers.is_some_and(|c| c >= state.lost_writes_mark) {
+            if covers.is_ok_and(|c| c >= state.lost_writes_mark) {
                 self.take_owed_flush_error(state, true);
             }
             EngineError::CacheFailed(
@@ -52,11 +60,14 @@ impl Shared {
             return Err(lost_since(&mut state));
         }
         if state.passthrough {
-            return self.flush_in_passthrough(state, covers.is_some());
+            return self.flush_in_passthrough(state, covers.is_ok());
         }
-        self.seal(&mut state, SealReason::Flush);
+        let writes = covers.unwrap_or_else(|c| c);
+        self.commit(&mut state, writes, issued)?;
         let target = state.sealed_id;
-        if state.durable_id < target {
+        if state.durable_id < target && state.commit_target < target {
+            // Sealed by a full segment or the timer, not yet flushed: one leg flush for them.
+            state.commit_target = target;
             self.log_jobs
                 .send(LogJob::Flush)
                 .expect("log writer is running");
@@ -81,13 +92,57 @@ impl Shared {
         state.flushed_id = state.flushed_id.max(target);
         // New legs were attached after a loss that no FLUSH has reported yet: this one does (a
         // FUA write vouches for itself only, and its data is durable).
-        let owed = self.take_owed_flush_error(&mut state, covers.is_some());
+        let owed = self.take_owed_flush_error(&mut state, covers.is_ok());
         drop(state);
         self.flush_backing_if_written()?;
         if owed {
             return Err(crate::engine::mode::owed_flush_error());
         }
         Ok(())
+    }
+
+    /// Seals what the first `writes` logged writes need sealed, and ends their epoch. The open
+    /// segment is sealed only if it holds one of them; and while an earlier FLUSH's commit is in
+    /// flight, not at once: its durability comes first anyway, and meanwhile more writes (and the
+    /// FLUSHes that cover them) gather in the open segment, to share one seal (group commit).
+    fn commit(&self, state: &mut MutexGuard<'_, State>, writes: u64, issued: u64) -> Result<()> {
+        loop {
+            let open_holds_writes = state.open.as_ref().is_some_and(|o| !o.entries.is_empty());
+            if state.writes_sealed >= writes || !open_holds_writes {
+                break;
+            }
+            if state.durable_id < state.commit_target {
+                self.progress.wait(state);
+                state.check_alive()?;
+                if state.lost_generation != issued
+                    || state.passthrough
+                    || state.fault_record_error.is_some()
+                {
+                    // The caller's loop reports it.
+                    return Ok(());
+                }
+                continue;
+            }
+            self.seal(state, SealReason::Flush);
+            state.commit_target = state.sealed_id;
+            return Ok(());
+        }
+        if state.epoch_ended_writes < writes {
+            self.end_epoch(state);
+        }
+        Ok(())
+    }
+
+    /// Ends the epoch after the sealed segments without sealing the open one, which holds only
+    /// writes logged after the FLUSH was issued (`commit`): they may belong to the next epoch.
+    fn end_epoch(&self, state: &mut State) {
+        state.epoch_id += 1;
+        state.epoch_ended_writes = state.writes_sealed;
+        let epoch = state.epoch_id;
+        if let Some(open) = state.open.as_mut() {
+            open.epoch_id = epoch;
+            self.ram.set_epoch(open.buffer, open.position.block, epoch);
+        }
     }
 
     /// A leg writer finished writing (and maybe flushing) segments up to these ids.
@@ -126,14 +181,8 @@ impl Shared {
             .unwrap();
         while state.written_id < written {
             state.written_id += 1;
-            let slot = slot_of(state.written_id, self.geometry.segment_count) as usize;
-            assert_eq!(state.slots[slot].segment_id, state.written_id);
-            let buffer = state.slots[slot]
-                .buffer
-                .take()
-                .expect("written segment had a buffer");
-            self.ram.release(buffer);
-            state.free_buffers.push(buffer);
+            let slot = state.placed(state.written_id).position.slot;
+            self.release_buffer_if_done(state, slot);
         }
         state.durable_id = state.durable_id.max(durable.min(state.written_id));
         self.durable_hint.store(state.durable_id, Ordering::Release);
@@ -141,5 +190,18 @@ impl Shared {
         self.progress.notify_all();
         self.space_freed.notify_all();
         self.writeback_wakeup.notify_all();
+    }
+
+    /// Releases the RAM buffer of slot `slot` once the slot is closed (the write position moved
+    /// on to another slot) and every segment in it is on every healthy leg.
+    pub(crate) fn release_buffer_if_done(&self, state: &mut State, slot: u64) {
+        let closed = state.place.slot != slot;
+        let s = &mut state.slots[slot as usize];
+        if closed && s.last_id <= state.written_id {
+            if let Some(buffer) = s.buffer.take() {
+                self.ram.release(buffer);
+                state.free_buffers.push(buffer);
+            }
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! ublk glue and the tests drive it through `Engine`'s methods.
 //!
 //! Invariants owned here (asserted where they are enforced):
-//! - Segment ids are handed out in order, one open segment at a time; id `k` lives in ring slot
-//!   `(k-1) % N`, and a slot is reused only after writeback freed the segment N ids older.
+//! - Segment ids are handed out in order, one open segment at a time; each is placed where the
+//!   one before it ends (`logfmt::Position::next`), never across the end of a slot, and the log
+//!   wraps into a slot only after writeback freed every segment in it.
 //! - `written_back_id ≤ written_id`, `durable_id ≤ written_id ≤ sealed_id < next_segment_id`
 //!   (writeback works up to `written_id`: a segment on every leg, flushed or not).
 //! - A FLUSH (or FUA write) completes with success only if every write it covers is durable: on
@@ -38,7 +39,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use logfmt::{EntryKind, DATA_BLOCKS_PER_SEGMENT, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES};
+use logfmt::{
+    EntryKind, Position, DATA_BLOCKS_PER_SEGMENT, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES, SLOT_BLOCKS,
+};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::device::Device;
@@ -61,15 +64,17 @@ impl Geometry {
     pub fn capacity_blocks(&self) -> u64 {
         self.segment_count * DATA_BLOCKS_PER_SEGMENT as u64
     }
-    pub fn location(&self, slot: u64, data_slot: usize) -> Location {
-        (slot * DATA_BLOCKS_PER_SEGMENT as u64 + data_slot as u64) as Location
+    /// The location of data slot `data_slot` of the segment at `position`: its slot and its
+    /// block in the slot (`Location`).
+    pub fn location(&self, position: Position, data_slot: usize) -> Location {
+        assert!(data_slot < position.data_capacity());
+        let block = position.block as u64 + 1 + data_slot as u64;
+        (position.slot * SLOT_BLOCKS as u64 + block) as Location
     }
-    pub fn split(&self, location: Location) -> (u64, usize) {
+    /// (slot, block of the slot) of a location.
+    pub fn split(&self, location: Location) -> (u64, u32) {
         let l = location as u64;
-        (
-            l / DATA_BLOCKS_PER_SEGMENT as u64,
-            (l % DATA_BLOCKS_PER_SEGMENT as u64) as usize,
-        )
+        (l / SLOT_BLOCKS as u64, (l % SLOT_BLOCKS as u64) as u32)
     }
 }
 
@@ -128,6 +133,11 @@ pub struct Shared {
     /// On tmpfs beside the RAM buffer file: present while a cache loss owes the client a FLUSH
     /// error (it outlives a daemon crash, like the client's view of the device; not a reboot).
     pub(crate) flush_error_marker: std::path::PathBuf,
+    /// Random per engine start, in every header this engine writes (FORMAT.md §7 rule 4).
+    pub(crate) run_nonce: u64,
+    /// The newest segment the log writer sealed and its header's record CRC: the next header's
+    /// `prev_crc` (the hash chain). Only the log writer advances it, in id order.
+    pub(crate) chain: Mutex<(u64, u32)>,
 }
 
 /// What opening a cache hands the engine (`open::recover`): the devices, the state rebuilt from
@@ -144,6 +154,10 @@ pub(crate) struct Parts {
     pub flush_error_marker: std::path::PathBuf,
     /// Passthrough writes of a predecessor may not be flushed on the backing device yet.
     pub backing_unflushed: bool,
+    /// The log's head and its header's record CRC (the chain the next segment continues).
+    pub chain: (u64, u32),
+    /// This run's nonce (`Shared::run_nonce`).
+    pub run_nonce: u64,
 }
 
 impl Geometry {
@@ -191,6 +205,8 @@ impl Shared {
             checkpoint_lock: Mutex::new(()),
             backing_unflushed: AtomicBool::new(p.backing_unflushed),
             flush_error_marker: p.flush_error_marker,
+            run_nonce: p.run_nonce,
+            chain: Mutex::new(p.chain),
         };
         (Arc::new(shared), log_rx)
     }
@@ -332,6 +348,17 @@ impl crate::log::LogHost for Shared {
     fn on_leg_failed(&self) {
         // A failure to record is logged by `record_faults`; the durable id keeps waiting for it.
         let _ = self.record_faults();
+    }
+    fn run_nonce(&self) -> u64 {
+        self.run_nonce
+    }
+    fn link(&self, id: u64) -> u32 {
+        let chain = self.chain.lock();
+        assert_eq!(chain.0 + 1, id, "segments are sealed in id order");
+        chain.1
+    }
+    fn linked(&self, id: u64, crc: u32) {
+        *self.chain.lock() = (id, crc);
     }
 }
 

@@ -108,6 +108,11 @@ impl Shared {
         // Nothing in flight will reach a leg: every id is settled, every buffer and slot free.
         state.open = None;
         state.next_segment_id = state.sealed_id + 1;
+        // The write position stays where segment `sealed_id + 1` was to go; the log writer may
+        // still be sealing up to `sealed_id`, so the anchor is its chain's (`anchor`).
+        state.live.clear();
+        state.anchor_crc = None;
+        state.writes_sealed = state.logged_writes;
         state.written_id = state.sealed_id;
         state.durable_id = state.sealed_id;
         state.written_back_id = state.sealed_id;
@@ -134,6 +139,20 @@ impl Shared {
         self.progress.notify_all();
         self.space_freed.notify_all();
         self.writeback_wakeup.notify_all();
+    }
+
+    /// The record CRC of the header of `written_back_id`, the checkpoint's anchor. After a cache
+    /// loss reset the log past segments the log writer was still sealing, it is the chain's
+    /// once the log writer has handled them (a replacement waits for that).
+    pub(crate) fn anchor(&self, state: &State) -> u32 {
+        state.anchor_crc.unwrap_or_else(|| {
+            let chain = self.chain.lock();
+            assert_eq!(
+                chain.0, state.written_back_id,
+                "the log writer has sealed every segment of the lost log"
+            );
+            chain.1
+        })
     }
 
     /// Degraded → (closing the log) → passthrough, as writeback catches up. Called by the sync
@@ -335,6 +354,9 @@ impl Engine {
                 format!("leg {index} was replaced meanwhile"),
             ));
         }
+        // Every sealed segment is handled (`replaceable`): the chain is settled, and checkpoints
+        // from now on go to a leg again.
+        state.anchor_crc = Some(s.anchor(&state));
         let incarnation = state.leg_incarnations[index] + 1;
         format_as_leg(s, &state, index, incarnation, device.as_ref())?;
         leg.replace(device.clone());
@@ -435,6 +457,8 @@ fn format_as_leg(
         last_written_back_id: state.written_back_id,
         last_written_back_epoch: state.written_back_epoch,
         faults: state.faults_recorded,
+        next_position: state.next_after_written_back(),
+        anchor_crc: s.anchor(state),
     };
     let mut ring = AlignedBuf::new(CHECKPOINT_SLOTS * CHECKPOINT_SLOT_SIZE_BYTES);
     let at = checkpoint.ring_index() * CHECKPOINT_SLOT_SIZE_BYTES;

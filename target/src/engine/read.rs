@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use logfmt::{ALL_SECTORS_VALID, BLOCK_SIZE_BYTES, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES};
+use logfmt::{Position, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES};
 
 use crate::device::AlignedBuf;
 use crate::error::{EngineError, Result};
@@ -23,7 +23,7 @@ enum Source {
     /// On a leg: slot pinned, read after unlocking.
     Cache {
         segment_id: u64,
-        slot: u64,
+        position: Position,
         data_slot: usize,
         mask: u8,
     },
@@ -78,25 +78,25 @@ impl Shared {
             let block = first + i as u64;
             let source = match state.map.get(block) {
                 Some(location) => {
-                    let (slot, data_slot) = self.geometry.split(location);
+                    let (slot, block_in_slot) = self.geometry.split(location);
                     let mask = state
                         .partial
                         .get(&location)
                         .copied()
                         .unwrap_or(ALL_SECTORS_VALID);
-                    let s = &mut state.slots[slot as usize];
-                    match s.buffer {
+                    match state.slots[slot as usize].buffered(block_in_slot) {
                         Some(buffer) => {
                             let out = &mut blocks[i * BLOCK_SIZE_BYTES..(i + 1) * BLOCK_SIZE_BYTES];
-                            self.ram.copy_block(buffer, data_slot, out);
+                            self.ram.copy_block(buffer, block_in_slot, out);
                             Source::Ram { mask }
                         }
                         None => {
-                            s.readers += 1;
+                            let (segment_id, position) = state.segment_at(slot, block_in_slot);
+                            state.slots[slot as usize].readers += 1;
                             Source::Cache {
-                                segment_id: s.segment_id,
-                                slot,
-                                data_slot,
+                                segment_id,
+                                position,
+                                data_slot: (block_in_slot - position.block - 1) as usize,
                                 mask,
                             }
                         }
@@ -118,11 +118,11 @@ impl Shared {
                 Source::Zero => out.fill(0),
                 Source::Cache {
                     segment_id,
-                    slot,
+                    position,
                     data_slot,
                     ..
                 } => {
-                    self.read_cached_block(segment_id, slot, data_slot, &mut scratch)?;
+                    self.read_cached_block(segment_id, position, data_slot, &mut scratch)?;
                     out.copy_from_slice(&scratch[..BLOCK_SIZE_BYTES]);
                 }
                 Source::Backing | Source::Ram { .. } => {}
@@ -182,8 +182,8 @@ impl Shared {
         let mut state = self.state.lock();
         let mut woke = false;
         for source in sources {
-            if let Source::Cache { slot, .. } = source {
-                let s = &mut state.slots[*slot as usize];
+            if let Source::Cache { position, .. } = source {
+                let s = &mut state.slots[position.slot as usize];
                 s.readers -= 1;
                 woke |= s.readers == 0;
             }

@@ -2,17 +2,18 @@
 //! segments, replayed oldest first from their headers (recovery reads them; see
 //! `open::recover`), and the `State` an engine starts with on top of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use logfmt::{
-    slot_of, EntryKind, Faults, SegmentHeader, Superblock, ALL_SECTORS_VALID, SECTORS_PER_BLOCK,
+    EntryKind, Faults, Position, SegmentHeader, Superblock, ALL_SECTORS_VALID, SECTORS_PER_BLOCK,
 };
 
 use crate::log::scan::ScanReport;
 use crate::map::block_map::{BlockMap, Location};
 use crate::map::zero_ranges::ZeroRanges;
 
+use super::state::Placed;
 use super::{remove_map_range, Geometry, Slot, State};
 
 /// The engine's view of the log, rebuilt by recovery.
@@ -21,6 +22,16 @@ pub(crate) struct Recovered {
     pub partial: HashMap<Location, u8>,
     pub zeros: ZeroRanges,
     pub slots: Vec<Slot>,
+    /// Where each live segment sits, oldest first.
+    pub live: VecDeque<Placed>,
+    /// Where the segment after the head goes.
+    pub place: Position,
+    /// The head's header CRC: the next segment's `prev_crc`.
+    pub head_crc: u32,
+    /// The record CRC of the header of `written_back_id` (the checkpoint's anchor).
+    pub anchor_crc: u32,
+    /// The nonce of the run that starts on this log (adoption already wrote with it).
+    pub run_nonce: u64,
     /// The newest live segment (or the checkpoint when none is live).
     pub head: u64,
     pub epoch_id: u64,
@@ -33,14 +44,25 @@ pub(crate) struct Recovered {
 }
 
 impl Recovered {
-    /// No live segment: everything up to `through` is written back (or lost).
-    pub(crate) fn empty(sb: &Superblock, through: u64) -> Recovered {
+    /// No live segment: everything up to `through` is written back (or lost); the next segment
+    /// goes to `place`, chained to `anchor_crc`.
+    pub(crate) fn empty(
+        sb: &Superblock,
+        through: u64,
+        place: Position,
+        anchor_crc: u32,
+    ) -> Recovered {
         let capacity = sb.segment_count * logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
         Recovered {
             map: BlockMap::with_capacity(capacity as usize),
             partial: HashMap::new(),
             zeros: ZeroRanges::default(),
             slots: vec![Slot::default(); sb.segment_count as usize],
+            live: VecDeque::new(),
+            place,
+            head_crc: anchor_crc,
+            anchor_crc,
+            run_nonce: rand::random(),
             head: through,
             epoch_id: 0,
             written_back_id: through,
@@ -52,41 +74,54 @@ impl Recovered {
         }
     }
 
-    /// The map, zero ranges and slots of the live segments, oldest first.
+    /// The map, zero ranges, slots and placements of the live segments (`log`: each header and
+    /// its position, oldest first, from the checkpoint on), the log going on at `place` chained
+    /// to `head_crc`.
     pub(crate) fn replay(
         sb: &Superblock,
-        headers: &[SegmentHeader],
+        log: &[(SegmentHeader, Position)],
         report: &ScanReport,
+        place: Position,
+        head_crc: u32,
     ) -> Recovered {
-        let (n, geometry) = (sb.segment_count, Geometry::of(sb));
-        let checkpoint = report.checkpoint;
-        let mut r = Recovered::empty(sb, report.written_back_id());
-        r.written_back_epoch = checkpoint.map_or(0, |c| c.last_written_back_epoch);
-        r.checkpoint_sequence = checkpoint.map_or(0, |c| c.sequence);
+        let geometry = Geometry::of(sb);
+        let checkpoint = report.checkpoint.expect("replayed from a checkpoint");
+        let mut r = Recovered::empty(
+            sb,
+            report.written_back_id(),
+            checkpoint.next_position,
+            checkpoint.anchor_crc,
+        );
+        r.written_back_epoch = checkpoint.last_written_back_epoch;
+        r.checkpoint_sequence = checkpoint.sequence;
         r.epoch_id = r.written_back_epoch;
         let now = Instant::now();
-        for h in headers {
-            let slot = slot_of(h.segment_id, n);
-            r.slots[slot as usize] = Slot {
-                segment_id: h.segment_id,
-                buffer: None,
-                readers: 0,
-                sealed_at: Some(now),
+        for (h, at) in log {
+            assert_eq!(h.segment_id, r.head + 1, "the log has consecutive ids");
+            let slot = &mut r.slots[at.slot as usize];
+            if !slot.in_use() {
+                slot.first_id = h.segment_id;
+            }
+            slot.last_id = h.segment_id;
+            r.live.push_back(Placed {
+                position: *at,
                 used_bytes: h.used_bytes(),
-            };
+                sealed_at: Some(now),
+            });
             r.epoch_id = r.epoch_id.max(h.epoch_id);
             r.head = h.segment_id;
             for e in &h.entries {
-                r.apply(&geometry, e, h.segment_id, slot);
+                r.apply(&geometry, e, h.segment_id, *at);
             }
         }
+        (r.place, r.head_crc) = (place, head_crc);
         r
     }
 
-    fn apply(&mut self, geometry: &Geometry, e: &logfmt::Entry, segment_id: u64, slot: u64) {
+    fn apply(&mut self, geometry: &Geometry, e: &logfmt::Entry, segment_id: u64, at: Position) {
         match e.kind {
             EntryKind::Data => {
-                let location = geometry.location(slot, e.data_slot as usize);
+                let location = geometry.location(at, e.data_slot as usize);
                 if let Some(old) = self.map.insert(e.block(), location) {
                     self.partial.remove(&old);
                 }
@@ -123,6 +158,9 @@ impl State {
             checkpoint_sequence: r.checkpoint_sequence.max(r.faults_recorded.sequence),
             leg_written: vec![head; legs_count],
             leg_durable: vec![head; legs_count],
+            live: r.live,
+            place: r.place,
+            anchor_crc: Some(r.anchor_crc),
             map: r.map,
             partial: r.partial,
             zeros: r.zeros,
@@ -141,6 +179,9 @@ impl State {
             flushed_id: r.written_back_id,
             flush_error_owed: r.flush_error_owed,
             logged_writes: 0,
+            writes_sealed: 0,
+            epoch_ended_writes: 0,
+            commit_target: 0,
             lost_writes_mark: 0,
             faults_recorded: r.faults_recorded,
             leg_incarnations: r.faults_recorded.leg_incarnations,

@@ -1,35 +1,59 @@
-//! The engine's state under its one lock: the ring of slots, the open segment, the id
-//! counters (sealed, written, durable, written back), the block map, and the counters `status`
-//! reports. `State::check_invariants` asserts the order of the ids after every change of them.
+//! The engine's state under its one lock: the ring of slots, where every live segment sits, the
+//! open segment, the id counters (sealed, written, durable, written back), the block map, and
+//! the counters `status` reports. `State::check_invariants` asserts the order of the ids and the
+//! placement of the newest segments after every change of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use logfmt::{slot_of, Entry, DATA_BLOCKS_PER_SEGMENT, MAX_ENTRIES_PER_SEGMENT};
+use logfmt::{Entry, Position, MAX_ENTRIES_PER_SEGMENT, SLOT_BLOCKS};
 
 use crate::error::{EngineError, Result};
 use crate::map::block_map::{BlockMap, Location};
 use crate::map::zero_ranges::ZeroRanges;
 
-/// One ring slot as the engine tracks it.
+/// One ring slot as the engine tracks it. A slot is in use from the first segment placed in it
+/// until writeback has freed every segment in it; only then may the log wrap into it again.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Slot {
-    /// The segment in the slot, or 0 when the slot is free.
-    pub segment_id: u64,
-    /// The RAM buffer still holding it, until it is on every leg.
+    /// The first and last segment placed in the slot (0 when the slot is free). Its segments
+    /// have consecutive ids.
+    pub first_id: u64,
+    pub last_id: u64,
+    /// The slot's RAM buffer: it holds the slot's segments from `buffer_block` on, until the slot
+    /// is closed (the log moved on to another slot) and all of them are on every leg.
     pub buffer: Option<usize>,
-    /// Readers reading its data from a leg; writeback may not free it before they finish.
+    pub buffer_block: u32,
+    /// Readers reading data of the slot from a leg; writeback may not free it before they finish.
     pub readers: u32,
-    pub sealed_at: Option<Instant>,
-    /// Bytes of the segment that hold something (`SegmentHeader::used_bytes`), once sealed:
-    /// writeback reads a segment in one I/O of this length.
+}
+
+impl Slot {
+    pub fn in_use(&self) -> bool {
+        self.first_id != 0
+    }
+    /// Whether slot block `block` is read from the RAM buffer rather than a leg.
+    pub fn buffered(&self, block: u32) -> Option<usize> {
+        self.buffer.filter(|_| block >= self.buffer_block)
+    }
+}
+
+/// Where a live segment (not yet written back) sits, and what it uses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placed {
+    pub position: Position,
+    /// Bytes of the segment that hold something (`SegmentHeader::used_bytes`), once sealed (0
+    /// while open): writeback reads a segment in one I/O of this length, and the next segment
+    /// starts right behind it.
     pub used_bytes: usize,
+    pub sealed_at: Option<Instant>,
 }
 
 pub(crate) struct OpenSegment {
     pub id: u64,
-    pub slot: u64,
+    pub position: Position,
+    /// The RAM buffer of the open segment's slot.
     pub buffer: usize,
     pub epoch_id: u64,
     pub entries: Vec<Entry>,
@@ -96,9 +120,15 @@ impl RewriteIndex {
 }
 
 impl OpenSegment {
+    /// The lowest free data slot within the segment's capacity (the rest of its slot).
     pub(super) fn free_data_slot(&self) -> Option<usize> {
-        let free = !self.used_data_slots & ((1u128 << DATA_BLOCKS_PER_SEGMENT) - 1);
+        let capacity = self.position.data_capacity();
+        let free = !self.used_data_slots & ((1u128 << capacity) - 1);
         (free != 0).then(|| free.trailing_zeros() as usize)
+    }
+    /// The slot block of data slot `data_slot`.
+    pub(super) fn block_of(&self, data_slot: usize) -> u32 {
+        self.position.block + 1 + data_slot as u32
     }
     pub(super) fn has_room_for_entry(&self) -> bool {
         self.entries.len() < MAX_ENTRIES_PER_SEGMENT
@@ -117,6 +147,16 @@ pub(crate) struct State {
     pub checkpoint_sequence: u64,
     pub leg_written: Vec<u64>,
     pub leg_durable: Vec<u64>,
+    /// Where each live segment sits: ids `written_back_id + 1 ..next_segment_id` (the open one
+    /// included), oldest first (`placed`).
+    pub live: VecDeque<Placed>,
+    /// Where the open segment is, or where the next one will be placed (`Position::next` of the
+    /// newest sealed one): the log's write position.
+    pub place: Position,
+    /// Record CRC of the header of segment `written_back_id` (the checkpoint's anchor); `None`
+    /// after a cache loss reset the log past segments the log writer may still be sealing (then
+    /// `Shared::chain` knows it).
+    pub anchor_crc: Option<u32>,
     pub map: BlockMap,
     /// Sector-valid masks of the (rare) copies that do not hold a whole block, by location.
     pub partial: HashMap<Location, u8>,
@@ -147,6 +187,14 @@ pub(crate) struct State {
     pub flush_error_owed: bool,
     /// Writes and zeroings logged so far; a FLUSH covers those logged before it was issued.
     pub logged_writes: u64,
+    /// Every write counted in `logged_writes` up to this many lies in sealed segments: a FLUSH
+    /// that covers no more need not seal the open segment.
+    pub writes_sealed: u64,
+    /// Every write counted up to this many lies in an epoch that has ended.
+    pub epoch_ended_writes: u64,
+    /// The newest segment sealed by a FLUSH (group commit): while it is not durable, a FLUSH that
+    /// needs the open segment sealed waits for it, and then one seal serves every such waiter.
+    pub commit_target: u64,
     /// `logged_writes` at the loss: a FLUSH that covers this many has reported the loss.
     pub lost_writes_mark: u64,
     /// The fault record as it is durably recorded (`faults`).
@@ -200,6 +248,94 @@ impl State {
             "flushed_id ≤ max(durable_id, written_back_id): {}",
             ids()
         );
+        assert_eq!(
+            self.live.len() as u64,
+            self.next_segment_id - 1 - self.written_back_id,
+            "one placement per live segment: {}",
+            ids()
+        );
+        self.check_newest_placement();
+    }
+
+    /// Placement (FORMAT.md §1), checked on the newest segments, where it changes: a segment
+    /// never crosses the end of its slot, and each one starts where the one before it ends
+    /// (`Position::next`), up to the write position. O(1): called after every change of the ids.
+    fn check_newest_placement(&self) {
+        let n = self.slots.len() as u64;
+        let sealed = self.sealed_id - self.written_back_id;
+        let open = self.live.len() as u64 - sealed;
+        if sealed == 0 {
+            return;
+        }
+        let newest = self.live[sealed as usize - 1];
+        let used_blocks = newest.used_bytes / logfmt::BLOCK_SIZE_BYTES;
+        assert!(
+            used_blocks >= 1 && newest.position.block as usize + used_blocks <= SLOT_BLOCKS,
+            "segment {} at {:?} uses {used_blocks} blocks: it crosses its slot",
+            self.sealed_id,
+            newest.position
+        );
+        let after = newest.position.next(used_blocks, n);
+        let follows = if open == 1 {
+            self.live[sealed as usize].position
+        } else {
+            self.place
+        };
+        assert_eq!(
+            after, follows,
+            "the segment after {} does not start where it ends",
+            self.sealed_id
+        );
+    }
+
+    /// Where live segment `id` sits.
+    pub fn placed(&self, id: u64) -> &Placed {
+        assert!(
+            id > self.written_back_id && id < self.next_segment_id,
+            "segment {id} is not live (written back through {}, next {})",
+            self.written_back_id,
+            self.next_segment_id
+        );
+        &self.live[(id - self.written_back_id - 1) as usize]
+    }
+
+    pub fn placed_mut(&mut self, id: u64) -> &mut Placed {
+        let index = (id - self.written_back_id - 1) as usize;
+        &mut self.live[index]
+    }
+
+    /// The live segment holding slot block `block` of slot `slot` (a data block a map entry
+    /// points to): the newest segment of the slot starting before it.
+    pub fn segment_at(&self, slot: u64, block: u32) -> (u64, Position) {
+        let s = &self.slots[slot as usize];
+        assert!(s.in_use(), "slot {slot} holds no segment");
+        let first = s.first_id.max(self.written_back_id + 1);
+        let ids = first..=s.last_id;
+        let start = (first - self.written_back_id - 1) as usize;
+        let count = (s.last_id + 1 - first) as usize;
+        let (a, b) = self.live.as_slices();
+        // Positions grow along the slot: the last segment starting at or before `block`.
+        let index = partition(a, b, start, count, |p| p.position.block <= block);
+        assert!(index > 0, "block {block} of slot {slot} precedes its live segments {ids:?}");
+        let id = first + index as u64 - 1;
+        (id, self.placed(id).position)
+    }
+
+    /// Slots in use (holding a segment not yet written back). Live segments follow one another
+    /// around the ring, so they span the slots from the oldest one's to the newest one's (never
+    /// a whole lap and more: the log does not enter a slot in use at its block 0).
+    pub fn slots_in_use(&self) -> u64 {
+        let n = self.slots.len() as u64;
+        match (self.live.front(), self.live.back()) {
+            (Some(first), Some(last)) => (last.position.slot + n - first.position.slot) % n + 1,
+            _ => 0,
+        }
+    }
+
+    /// The checkpoint's view of the log: where segment `written_back_id + 1` starts, and the
+    /// anchor, if known (`anchor_crc`).
+    pub fn next_after_written_back(&self) -> Position {
+        self.live.front().map_or(self.place, |p| p.position)
     }
     /// Fails once the engine has failed (every request fails from then on).
     pub(crate) fn check_failed(&self) -> Result<()> {
@@ -228,10 +364,6 @@ impl State {
         Ok(())
     }
 
-    pub fn dirty_segments(&self) -> u64 {
-        self.sealed_id - self.written_back_id + self.open.is_some() as u64
-    }
-
     /// When the oldest sealed segment that writeback has not passed was sealed, or `None` when
     /// every sealed segment is written back. Writeback frees segments in id order, so that is
     /// segment `written_back_id + 1`; its slot keeps the time (a segment found at start-up
@@ -241,13 +373,9 @@ impl State {
         if oldest > self.sealed_id {
             return None;
         }
-        let slot = &self.slots[slot_of(oldest, self.slots.len() as u64) as usize];
-        debug_assert_eq!(
-            slot.segment_id, oldest,
-            "the oldest dirty segment holds its slot"
-        );
-        debug_assert!(slot.sealed_at.is_some(), "a sealed segment has a seal time");
-        slot.sealed_at
+        let placed = self.placed(oldest);
+        debug_assert!(placed.sealed_at.is_some(), "a sealed segment has a seal time");
+        placed.sealed_at
     }
 
     /// When the oldest data not yet written back entered the cache: the oldest sealed segment's
@@ -261,6 +389,35 @@ impl State {
                 .map(|o| o.opened_at)
         })
     }
+}
+
+/// How many of the `count` placements from index `start` of a deque (given as its two slices)
+/// satisfy `pred`, which holds for a prefix of them (a binary search).
+fn partition(
+    a: &[Placed],
+    b: &[Placed],
+    start: usize,
+    count: usize,
+    pred: impl Fn(&Placed) -> bool,
+) -> usize {
+    let at = |i: usize| {
+        let i = start + i;
+        if i < a.len() {
+            &a[i]
+        } else {
+            &b[i - a.len()]
+        }
+    };
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(at(mid)) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 #[derive(Default)]
@@ -286,9 +443,9 @@ pub struct Stats {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use logfmt::{slot_of, Entry, Superblock};
+    use logfmt::{Entry, Position, Superblock};
 
-    use super::{OpenSegment, RewriteIndex, Slot, State};
+    use super::{OpenSegment, Placed, RewriteIndex, State};
     use crate::engine::replay::Recovered;
 
     fn state() -> State {
@@ -303,7 +460,11 @@ mod tests {
             created_unix_secs: 0,
             leg_incarnation: 0,
         };
-        State::recovered(Recovered::empty(&sb, 5), 2, 4)
+        State::recovered(
+            Recovered::empty(&sb, 5, Position { slot: 2, block: 7 }, 0),
+            2,
+            4,
+        )
     }
 
     #[test]
@@ -325,6 +486,43 @@ mod tests {
         s.check_invariants();
     }
 
+    /// Opens segment `id` at the write position, as `Shared::open_at` does.
+    fn open(s: &mut State, opened_at: Instant) {
+        let (id, at) = (s.next_segment_id, s.place);
+        s.live.push_back(Placed {
+            position: at,
+            used_bytes: 0,
+            sealed_at: None,
+        });
+        let slot = &mut s.slots[at.slot as usize];
+        if !slot.in_use() {
+            slot.first_id = id;
+        }
+        slot.last_id = id;
+        s.open = Some(OpenSegment {
+            id,
+            position: at,
+            buffer: 0,
+            epoch_id: s.epoch_id,
+            entries: Vec::new(),
+            rewritable: RewriteIndex::new(),
+            used_data_slots: 0,
+            opened_at,
+        });
+        s.next_segment_id += 1;
+    }
+
+    /// Seals the open segment with `blocks` blocks used, as `Shared::seal` does.
+    fn seal(s: &mut State, blocks: usize, sealed_at: Instant) {
+        let open = s.open.take().unwrap();
+        s.sealed_id = open.id;
+        s.place = open.position.next(blocks, 16);
+        let placed = s.placed_mut(open.id);
+        placed.used_bytes = blocks * logfmt::BLOCK_SIZE_BYTES;
+        placed.sealed_at = Some(sealed_at);
+        (s.written_id, s.durable_id) = (open.id, open.id);
+    }
+
     /// The oldest dirty data is the oldest sealed segment writeback has not passed, else the
     /// open segment once it holds something; nothing once writeback passed everything.
     #[test]
@@ -332,17 +530,7 @@ mod tests {
         let mut s = state();
         assert_eq!(s.oldest_dirty_since(), None, "a clean cache");
         let opened = Instant::now();
-        s.open = Some(OpenSegment {
-            id: 6,
-            slot: slot_of(6, 16),
-            buffer: 0,
-            epoch_id: s.epoch_id,
-            entries: Vec::new(),
-            rewritable: RewriteIndex::new(),
-            used_data_slots: 0,
-            opened_at: opened,
-        });
-        s.next_segment_id = 7;
+        open(&mut s, opened);
         assert_eq!(
             s.oldest_dirty_since(),
             None,
@@ -357,21 +545,48 @@ mod tests {
 
         // Sealed: the seal time counts from now on, and a later open segment does not.
         let sealed = opened + Duration::from_secs(1);
-        s.open = None;
-        s.slots[slot_of(6, 16) as usize] = Slot {
-            segment_id: 6,
-            sealed_at: Some(sealed),
-            ..Slot::default()
-        };
-        (s.sealed_id, s.written_id, s.durable_id) = (6, 6, 6);
+        seal(&mut s, 2, sealed);
         s.check_invariants();
         assert_eq!(s.oldest_sealed_at(), Some(sealed));
         assert_eq!(s.oldest_dirty_since(), Some(sealed));
 
         s.written_back_id = 6;
-        s.slots[slot_of(6, 16) as usize] = Slot::default();
+        s.live.pop_front();
         s.check_invariants();
         assert_eq!(s.oldest_dirty_since(), None, "written back");
+    }
+
+    /// Segments follow one another in their slot; the block of a map entry finds its segment.
+    #[test]
+    fn packed_segments_are_found_by_their_blocks() {
+        let mut s = state();
+        let now = Instant::now();
+        for blocks in [2, 5, 1, 3] {
+            open(&mut s, now);
+            seal(&mut s, blocks, now);
+            s.check_invariants();
+        }
+        // 6 at block 7 (2 blocks), 7 at 9 (5), 8 at 14 (1), 9 at 15 (3); all in slot 2.
+        assert_eq!(s.place, Position { slot: 2, block: 18 });
+        let at = |block| Position { slot: 2, block };
+        assert_eq!(s.segment_at(2, 8), (6, at(7)));
+        assert_eq!(s.segment_at(2, 10), (7, at(9)));
+        assert_eq!(s.segment_at(2, 13), (7, at(9)));
+        assert_eq!(s.segment_at(2, 17), (9, at(15)));
+        assert_eq!(s.slots_in_use(), 1);
+        assert_eq!((s.slots[2].first_id, s.slots[2].last_id), (6, 9));
+    }
+
+    /// A segment that does not start where the one before it ends is caught.
+    #[test]
+    #[should_panic(expected = "does not start where it ends")]
+    fn a_misplaced_segment_is_caught() {
+        let mut s = state();
+        let now = Instant::now();
+        open(&mut s, now);
+        seal(&mut s, 2, now);
+        s.place.block += 1;
+        s.check_invariants();
     }
 
     #[test]

@@ -89,11 +89,12 @@ impl Engine {
         let s = &self.shared;
         let state = s.state.lock();
         let n = s.geometry.segment_count;
-        let live = state.sealed_id - state.written_back_id + state.open.is_some() as u64;
+        // The ring is freed a slot at a time: a slot holding any live segment is used in full.
+        let live_slots = state.slots_in_use();
         let block = logfmt::BLOCK_SIZE_BYTES as u64;
         EngineStatus {
             capacity_bytes: n * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
-            used_bytes: live * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
+            used_bytes: live_slots * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
             dirty_bytes: state.map.len() as u64 * block,
             segments: SegmentIds {
                 current_id: state.next_segment_id - 1,

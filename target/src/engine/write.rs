@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use logfmt::{
-    slot_of, Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES,
-    DATA_BLOCKS_PER_SEGMENT, FLAG_FLUSH, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
+    Entry, EntryKind, SegmentHeader, ALL_SECTORS_VALID, BLOCK_SIZE_BYTES, DATA_BLOCKS_PER_SEGMENT,
+    FLAG_FLUSH, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES,
 };
 use parking_lot::MutexGuard;
 
@@ -17,14 +17,14 @@ use crate::device::AlignedBuf;
 use crate::error::{EngineError, Result};
 use crate::log::writer::LogJob;
 
-use super::state::{OpenSegment, RewriteIndex, Slot, State};
+use super::state::{OpenSegment, Placed, RewriteIndex, State};
 use super::{remove_map_range, sector_mask, SealReason, Shared};
 
 impl Shared {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_request(offset, data.len() as u64)?;
         self.note_request();
-        let generation = match self.log_write(offset, data) {
+        let (generation, logged) = match self.log_write(offset, data) {
             Err(EngineError::Passthrough) => return self.passthrough_write(offset, data, fua),
             result => result?,
         };
@@ -34,14 +34,14 @@ impl Shared {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if fua {
             // Durable only if no cache loss took the log it was written to.
-            self.flush_inner(generation, None)?;
+            self.flush_inner(generation, logged, false)?;
         }
         Ok(())
     }
 
     /// Logs a write into the RAM buffer, block by block. Returns the loss generation it was
-    /// logged in.
-    fn log_write(&self, offset: u64, data: &[u8]) -> Result<u64> {
+    /// logged in, and how many writes were logged with it (a FUA write's flush covers them).
+    pub(super) fn log_write(&self, offset: u64, data: &[u8]) -> Result<(u64, u64)> {
         let mut state = self.lock_live()?;
         let generation = state.lost_generation;
         let mut scratch = [0u8; BLOCK_SIZE_BYTES];
@@ -63,7 +63,7 @@ impl Shared {
         // Counted once logged, under the lock it was logged with (waiting for space releases it
         // on the way): a FLUSH issued before this point does not cover the write.
         state.logged_writes += 1;
-        Ok(generation)
+        Ok((generation, state.logged_writes))
     }
 
     /// Logs one block (the sectors of `mask`, at their places in `data`) into the open segment.
@@ -105,12 +105,13 @@ impl Shared {
             let index = open.entries.len();
             let entry = Entry::data(block, data_slot as u16, mask, 0);
             self.ram
-                .fill_block(open.buffer, data_slot, &data, mask, None);
-            self.ram.publish_entry(open.buffer, index, &entry);
+                .fill_block(open.buffer, open.block_of(data_slot), &data, mask, None);
+            self.ram
+                .publish_entry(open.buffer, open.position.block, index, &entry);
             open.entries.push(entry);
             open.used_data_slots |= 1 << data_slot;
             open.rewritable.insert(block, index);
-            let location = self.geometry.location(open.slot, data_slot);
+            let location = self.geometry.location(open.position, data_slot);
             let state = &mut **state;
             let old = state.map.insert(block, location);
             // Partial copies are rare: skip hashing on the hot path when there are none.
@@ -138,16 +139,18 @@ impl Shared {
         let open = state.open.as_mut().expect("open");
         let old = open.entries[index];
         debug_assert_eq!(old.block(), block);
-        let base = (mask != ALL_SECTORS_VALID).then_some(old.data_slot as usize);
-        self.ram.fill_block(open.buffer, new_slot, data, mask, base);
+        let base = (mask != ALL_SECTORS_VALID).then(|| open.block_of(old.data_slot as usize));
+        self.ram
+            .fill_block(open.buffer, open.block_of(new_slot), data, mask, base);
         let merged = old.sector_valid | mask;
         let entry = Entry::data(block, new_slot as u16, merged, 0);
-        self.ram.switch_placement(open.buffer, index, &entry);
+        self.ram
+            .switch_placement(open.buffer, open.position.block, index, &entry);
         open.entries[index] = entry;
         open.used_data_slots |= 1 << new_slot;
         open.used_data_slots &= !(1 << old.data_slot);
-        let old_location = self.geometry.location(open.slot, old.data_slot as usize);
-        let location = self.geometry.location(open.slot, new_slot);
+        let old_location = self.geometry.location(open.position, old.data_slot as usize);
+        let location = self.geometry.location(open.position, new_slot);
         let previous = state.map.insert(block, location);
         debug_assert_eq!(previous, Some(old_location));
         if !state.partial.is_empty() {
@@ -172,13 +175,14 @@ impl Shared {
         let mut current = vec![0u8; BLOCK_SIZE_BYTES];
         let current_mask = if let Some(location) = state.map.get(block) {
             self.stats.partial_merges.fetch_add(1, Ordering::Relaxed);
-            let (slot, data_slot) = self.geometry.split(location);
-            match state.slots[slot as usize].buffer {
-                Some(buffer) => self.ram.copy_block(buffer, data_slot, &mut current),
+            let (slot, block_in_slot) = self.geometry.split(location);
+            match state.slots[slot as usize].buffered(block_in_slot) {
+                Some(buffer) => self.ram.copy_block(buffer, block_in_slot, &mut current),
                 None => {
-                    let segment_id = state.slots[slot as usize].segment_id;
+                    let (segment_id, position) = state.segment_at(slot, block_in_slot);
+                    let data_slot = (block_in_slot - position.block - 1) as usize;
                     let mut aligned = AlignedBuf::new(BLOCK_SIZE_BYTES);
-                    self.read_cached_block(segment_id, slot, data_slot, &mut aligned)?;
+                    self.read_cached_block(segment_id, position, data_slot, &mut aligned)?;
                     current.copy_from_slice(&aligned[..BLOCK_SIZE_BYTES]);
                 }
             }
@@ -206,49 +210,21 @@ impl Shared {
         let mut stall_started: Option<Instant> = None;
         while state.open.is_none() {
             state.admit_to_log()?;
-            let id = state.next_segment_id;
-            let n = self.geometry.segment_count;
-            let slot = slot_of(id, n);
-            if state.slots[slot as usize].segment_id == 0
-                && !state.free_buffers.is_empty()
-                && !state.closing_log
+            let at = state.place;
+            let slot = &state.slots[at.slot as usize];
+            // Block 0 starts a new lap of the slot: it must be free (writeback freed every segment
+            // in it). Mid-slot, the slot is the log's own, the one the previous segment is in.
+            let ring_full = at.block == 0 && slot.in_use();
+            let needs_buffer = slot.buffer.is_none();
+            if !ring_full && (!needs_buffer || !state.free_buffers.is_empty()) && !state.closing_log
             {
-                // A slot is free only once writeback freed the segment N ids older.
-                assert!(
-                    id <= state.written_back_id + n,
-                    "segment {id} would reuse the slot of segment {}, not written back \
-                     (through {})",
-                    id.saturating_sub(n),
-                    state.written_back_id
-                );
-                let buffer = state.free_buffers.pop().expect("not empty");
-                let epoch_id = state.epoch_id;
-                self.ram.begin(buffer, &self.geometry.uuid, id, epoch_id);
-                state.slots[slot as usize] = Slot {
-                    segment_id: id,
-                    buffer: Some(buffer),
-                    readers: 0,
-                    sealed_at: None,
-                    used_bytes: 0,
-                };
-                state.open = Some(OpenSegment {
-                    id,
-                    slot,
-                    buffer,
-                    epoch_id,
-                    entries: Vec::with_capacity(DATA_BLOCKS_PER_SEGMENT),
-                    rewritable: RewriteIndex::new(),
-                    used_data_slots: 0,
-                    opened_at: Instant::now(),
-                });
-                state.next_segment_id += 1;
+                self.open_at(state);
                 break;
             }
             // The cache (or the RAM buffer) is full: wait for the log writer or writeback. Only
             // a full ring calls writeback to full speed: a writer waiting for a RAM buffer waits
             // for the log writer, which writeback would only slow down.
             stall_started.get_or_insert_with(Instant::now);
-            let ring_full = state.slots[slot as usize].segment_id != 0;
             state.writers_waiting += ring_full as usize;
             if ring_full {
                 self.writeback_wakeup.notify_all();
@@ -264,8 +240,80 @@ impl Shared {
         Ok(())
     }
 
+    /// Opens segment `next_segment_id` at the write position, in the slot's RAM buffer (taking a
+    /// free one if the slot has none: a new slot, or the head's slot after a start).
+    fn open_at(&self, state: &mut State) {
+        let (id, at, epoch_id) = (state.next_segment_id, state.place, state.epoch_id);
+        let slot = &state.slots[at.slot as usize];
+        if at.block == 0 {
+            assert!(
+                !slot.in_use(),
+                "segment {id} would reuse slot {} of segments {}..={}, not written back \
+                 (through {})",
+                at.slot,
+                slot.first_id,
+                slot.last_id,
+                state.written_back_id
+            );
+        }
+        let buffer = match slot.buffer {
+            Some(buffer) => {
+                self.ram.begin(buffer, at.block, id, epoch_id);
+                buffer
+            }
+            None => {
+                let buffer = state.free_buffers.pop().expect("checked by the caller");
+                self.ram.take(buffer, at.block, id, epoch_id);
+                buffer
+            }
+        };
+        let slot = &mut state.slots[at.slot as usize];
+        if slot.buffer.is_none() {
+            (slot.buffer, slot.buffer_block) = (Some(buffer), at.block);
+        }
+        if !slot.in_use() {
+            slot.first_id = id;
+        }
+        slot.last_id = id;
+        state.live.push_back(Placed {
+            position: at,
+            used_bytes: 0,
+            sealed_at: None,
+        });
+        state.open = Some(OpenSegment {
+            id,
+            position: at,
+            buffer,
+            epoch_id,
+            entries: Vec::with_capacity(DATA_BLOCKS_PER_SEGMENT),
+            rewritable: RewriteIndex::new(),
+            used_data_slots: 0,
+            opened_at: Instant::now(),
+        });
+        state.next_segment_id += 1;
+    }
+
+    /// Gives up an open segment with no entry: its id and place are used by the next one.
+    fn abandon(&self, state: &mut State, open: OpenSegment) {
+        self.ram.abandon(open.buffer, open.position.block);
+        state.live.pop_back();
+        state.next_segment_id -= 1;
+        let slot = &mut state.slots[open.position.slot as usize];
+        if slot.first_id == open.id {
+            (slot.first_id, slot.last_id) = (0, 0);
+        } else {
+            slot.last_id = open.id - 1;
+        }
+        if slot.buffer_block == open.position.block && slot.buffer == Some(open.buffer) {
+            // The buffer was taken for this segment: nothing else is in it.
+            slot.buffer = None;
+            self.ram.release(open.buffer);
+            state.free_buffers.push(open.buffer);
+        }
+    }
+
     /// Seals the open segment and hands it to the log writer. A segment with no entry is
-    /// abandoned instead (its id is reused), so a FLUSH never writes an empty segment.
+    /// abandoned instead (its id and place are reused), so a FLUSH never writes an empty segment.
     pub(crate) fn seal(&self, state: &mut State, reason: SealReason) {
         let Some(open) = state.open.take() else {
             if reason == SealReason::Flush {
@@ -274,10 +322,7 @@ impl Shared {
             return;
         };
         if open.entries.is_empty() {
-            self.ram.release(open.buffer);
-            state.free_buffers.push(open.buffer);
-            state.slots[open.slot as usize] = Slot::default();
-            state.next_segment_id -= 1;
+            self.abandon(state, open);
             if reason == SealReason::Flush {
                 state.epoch_id += 1;
             }
@@ -299,17 +344,33 @@ impl Shared {
             epoch_id: open.epoch_id,
             durable_id: 0,
             flags,
+            start_block: open.position.block,
+            run_nonce: self.run_nonce,
+            prev_crc: 0,
             entries: open.entries,
         };
+        let used_blocks = header.used_blocks();
+        let next = open
+            .position
+            .next(used_blocks, self.geometry.segment_count);
+        // The entries are final: mark the image sealed (and the next header block not begun),
+        // so a successor walks past it (FORMAT.md §6.1 step 5).
+        let next_in_slot = (next.slot == open.position.slot).then_some(next.block);
+        self.ram
+            .seal_mark(open.buffer, open.position.block, next_in_slot);
         state.sealed_id = open.id;
-        let slot = &mut state.slots[open.slot as usize];
-        slot.sealed_at = Some(Instant::now());
-        slot.used_bytes = header.used_bytes();
+        state.place = next;
+        state.writes_sealed = state.logged_writes;
+        let placed = state.placed_mut(open.id);
+        placed.sealed_at = Some(Instant::now());
+        placed.used_bytes = header.used_bytes();
         if reason == SealReason::Flush {
             state.epoch_id += 1;
+            state.epoch_ended_writes = state.logged_writes;
         }
         let job = LogJob::Segment {
             header,
+            slot: open.position.slot,
             buffer: open.buffer,
             flush_legs: reason != SealReason::Full,
         };
@@ -409,7 +470,8 @@ impl Shared {
                 ((end_block - start_block) * SECTORS_PER_BLOCK as u64) as u32,
             );
             let index = open.entries.len();
-            self.ram.publish_entry(open.buffer, index, &entry);
+            self.ram
+                .publish_entry(open.buffer, open.position.block, index, &entry);
             open.entries.push(entry);
             open.rewritable.clear();
             let id = open.id;

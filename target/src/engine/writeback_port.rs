@@ -8,11 +8,11 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use logfmt::{checkpoint_offset, segment_offset, slot_of, Checkpoint, EntryKind, SegmentHeader};
+use logfmt::{checkpoint_offset, Checkpoint, EntryKind, SegmentHeader};
 use writeback::{Activity, CacheLog, Policy};
 
 use crate::device::AlignedBuf;
-use crate::engine::{Shared, Slot};
+use crate::engine::Shared;
 
 impl Shared {
     /// After every leg was lost, writeback's batch in hand is stale: its writes are dropped
@@ -59,18 +59,16 @@ impl CacheLog for Shared {
     }
 
     fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
-        let n = self.geometry.segment_count;
-        let offset = segment_offset(slot_of(id, n));
-        let used_bytes = {
+        let (offset, used_bytes) = {
             let state = self.state.lock();
-            let slot = &state.slots[slot_of(id, n) as usize];
-            if id > state.written_id || id <= state.written_back_id || slot.segment_id != id {
+            if id > state.written_id || id <= state.written_back_id {
                 // Only after every leg was lost (the log was reset under writeback's feet).
                 return Err(io::Error::other(format!(
                     "segment {id} is no longer in the cache"
                 )));
             }
-            slot.used_bytes
+            let placed = state.placed(id);
+            (placed.position.offset(), placed.used_bytes)
         };
         // Straight into the image when it is aligned for direct I/O (writeback's are).
         if (image.as_ptr() as usize).is_multiple_of(logfmt::BLOCK_SIZE_BYTES) {
@@ -111,7 +109,7 @@ impl CacheLog for Shared {
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
         // Until the state has the new sequence: the fault record writes checkpoints too.
         let checkpoints = self.checkpoint_lock.lock();
-        let (sequence, faults) = {
+        let sequence = {
             let state = self.state.lock();
             if through_id <= state.written_back_id {
                 // Every leg was lost while this batch was written back (the log was reset past
@@ -119,8 +117,18 @@ impl CacheLog for Shared {
                 return Err(io::Error::other("the cache was lost during writeback"));
             }
             assert!(through_id <= state.written_id);
-            (state.checkpoint_sequence + 1, state.faults_recorded)
+            let next = if through_id + 1 < state.next_segment_id {
+                state.placed(through_id + 1).position
+            } else {
+                state.place
+            };
+            (state.checkpoint_sequence + 1, state.faults_recorded, next)
         };
+        let (sequence, faults, next_position) = sequence;
+        let newest = headers.last().expect("a commit frees at least one segment");
+        assert_eq!(newest.segment_id, through_id, "the headers end at the checkpoint");
+        // The walk from the checkpoint starts behind `through_id`, chained to its header.
+        let anchor_crc = newest.record_crc();
         // The checkpoint must be durable before any slot it covers is reused.
         let checkpoint = Checkpoint {
             uuid: self.geometry.uuid,
@@ -128,19 +136,20 @@ impl CacheLog for Shared {
             last_written_back_id: through_id,
             last_written_back_epoch: epoch,
             faults,
+            next_position,
+            anchor_crc,
         };
         let mut buf = AlignedBuf::new(logfmt::CHECKPOINT_SLOT_SIZE_BYTES);
         buf.copy_from_slice(&checkpoint.encode());
         self.legs
             .write_durably_all(&buf, checkpoint_offset(checkpoint.ring_index()))?;
 
-        let n = self.geometry.segment_count;
         let mut state = self.state.lock();
         // Readers of these segments' blocks finish before the slots can be reused.
-        while headers
-            .iter()
-            .any(|h| state.slots[slot_of(h.segment_id, n) as usize].readers > 0)
-        {
+        while headers.iter().any(|h| {
+            h.segment_id > state.written_back_id
+                && state.slots[state.placed(h.segment_id).position.slot as usize].readers > 0
+        }) {
             self.progress.wait(&mut state);
         }
         if through_id <= state.written_back_id {
@@ -149,24 +158,25 @@ impl CacheLog for Shared {
             state.checkpoint_sequence = state.checkpoint_sequence.max(sequence);
             return Err(io::Error::other("the cache was lost during writeback"));
         }
-        for h in headers {
-            let slot = slot_of(h.segment_id, n);
-            assert_eq!(state.slots[slot as usize].segment_id, h.segment_id);
-            for e in h.entries.iter().filter(|e| e.kind == EntryKind::Data) {
-                let location = self.geometry.location(slot, e.data_slot as usize);
-                if state.map.remove_if(e.block(), location) {
-                    state.partial.remove(&location);
-                }
-            }
-            state.slots[slot as usize] = Slot::default();
-        }
-        state.zeros.release_through(through_id);
         assert!(
             through_id > state.written_back_id,
             "the checkpoint only moves forward"
         );
-        state.written_back_id = through_id;
+        let written_back = state.written_back_id;
+        for h in headers.iter().filter(|h| h.segment_id > written_back) {
+            let at = state.placed(h.segment_id).position;
+            assert_eq!(h.start_block, at.block, "segment {} moved", h.segment_id);
+            for e in h.entries.iter().filter(|e| e.kind == EntryKind::Data) {
+                let location = self.geometry.location(at, e.data_slot as usize);
+                if state.map.remove_if(e.block(), location) {
+                    state.partial.remove(&location);
+                }
+            }
+        }
+        self.free_through(&mut state, through_id);
+        state.zeros.release_through(through_id);
         state.written_back_epoch = epoch;
+        state.anchor_crc = Some(anchor_crc);
         state.checkpoint_sequence = sequence;
         drop(checkpoints);
         self.check_mode_transition(&mut state);
@@ -184,8 +194,10 @@ impl CacheLog for Shared {
         let oldest_dirty_age = state
             .oldest_sealed_at()
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        // Occupancy in slots, the unit writeback frees: small segments packed in a slot count
+        // once.
         Activity {
-            dirty_segments: state.dirty_segments(),
+            dirty_segments: state.slots_in_use(),
             capacity_segments: n,
             oldest_dirty_age,
             idle_for: self.idle_for(now),
@@ -208,6 +220,22 @@ impl CacheLog for Shared {
 
     fn is_shutting_down(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    /// Frees the segments up to `through_id` (written back): their placements, and every slot
+    /// none of whose segments is live any more.
+    fn free_through(&self, state: &mut crate::engine::State, through_id: u64) {
+        while state.written_back_id < through_id {
+            state.written_back_id += 1;
+            let placed = state.live.pop_front().expect("a live segment");
+            let slot = &mut state.slots[placed.position.slot as usize];
+            assert!(slot.in_use(), "segment {} had its slot", state.written_back_id);
+            if slot.last_id == state.written_back_id {
+                (slot.first_id, slot.last_id) = (0, 0);
+            }
+        }
     }
 }
 

@@ -1,12 +1,16 @@
 //! The RAM buffer: the open segment and every sealed segment not yet written to all cache legs,
 //! kept in a memory-mapped file on tmpfs (under `/run`) that outlives the daemon, so that a
-//! successor adopts it after a crash and nothing acknowledged is lost (CONTRACT §2).
+//! successor adopts it after a crash and nothing acknowledged is lost (CONTRACT §2). One buffer
+//! per ring slot the log is writing: its image is laid out like the slot, every segment of the
+//! slot at its start block.
 //!
-//! Layout and publication protocol: `logfmt::buffer_file`. Access rules, which make the raw
-//! pointer accesses below sound:
-//! - the open buffer is written only by the engine while it holds its state lock;
-//! - a sealed buffer's header is finalised once by the log writer, which then hands the image to
-//!   the leg writers; from then on the image is only read;
+//! Layout and publication protocol: `logfmt::buffer_file`, FORMAT.md §6. Access rules, which
+//! make the raw pointer accesses below sound (they are about blocks of an image: the segments of
+//! a slot never share a block):
+//! - the open segment's blocks, and the header block where the next segment will start, are
+//!   written only by the engine while it holds its state lock;
+//! - a sealed segment's header block is finalised once by the log writer, which then hands the
+//!   segment's blocks to the leg writers; from then on they are only read;
 //! - readers copy data blocks of any held buffer under the engine lock (the log writer never
 //!   touches data blocks, so its header writes never overlap them).
 //!
@@ -23,7 +27,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use logfmt::buffer_file as bf;
 use logfmt::{
     block_crc, data_block_offset, entry_offset, Entry, SegmentHeader, BLOCK_SIZE_BYTES,
-    ENTRY_COUNT_OFFSET, ENTRY_PLACEMENT_OFFSET, SEGMENT_SIZE_BYTES,
+    ENTRY_COUNT_OFFSET, ENTRY_PLACEMENT_OFFSET, EPOCH_ID_OFFSET, SEGMENT_HEADER_SIZE_BYTES,
+    SEGMENT_ID_OFFSET, SEGMENT_MAGIC, SEGMENT_SIZE_BYTES, SLOT_BLOCKS,
 };
 use memmap2::MmapRaw;
 
@@ -39,10 +44,13 @@ pub struct RamBuffers {
     _file: File,
 }
 
-/// A segment found in the buffer file of a crashed predecessor.
+/// A segment found in the buffer file of a crashed predecessor: its header (start block, epoch,
+/// published entries with their data CRCs recomputed; no chain yet), in buffer `buffer`.
 pub struct Adopted {
     pub buffer: usize,
     pub header: SegmentHeader,
+    /// The owner word's first segment id: the buffer's segments are this one and the ones after.
+    pub buffer_first: bool,
 }
 
 impl RamBuffers {
@@ -122,6 +130,8 @@ impl RamBuffers {
         &self.path
     }
 
+    /// Every segment the buffers hold (FORMAT.md §6.1: each buffer walked from its owner word),
+    /// oldest first. An open segment with nothing published is left out: it holds nothing.
     fn collect_adoptable(&self, uuid: &[u8; 16]) -> Vec<Adopted> {
         let mut adopted = Vec::new();
         for buffer in 0..self.count {
@@ -129,29 +139,41 @@ impl RamBuffers {
             if owner == 0 {
                 continue;
             }
-            let image = self.image(buffer);
-            let entries = bf::published_entries(image);
-            let epoch_id = u64::from_le_bytes(image[40..48].try_into().unwrap());
-            let id_in_image = u64::from_le_bytes(image[32..40].try_into().unwrap());
-            if id_in_image != owner {
-                // The owner word is set after the image header, so this cannot happen unless
-                // the file was damaged; adopt nothing from this buffer rather than guess.
+            // SAFETY: at adoption no writer runs (flock, before the engine starts).
+            let image = unsafe { std::slice::from_raw_parts(self.base(buffer), SEGMENT_SIZE_BYTES) };
+            let found = bf::walk_image(image, owner);
+            if found.is_empty() {
+                // The owner word is set after its segment's id, so this cannot happen unless the
+                // file was damaged; adopt nothing from this buffer rather than guess.
                 log::error!(
-                    "{}: buffer {buffer} owner word {owner} disagrees with its image ({id_in_image}); skipped",
+                    "{}: buffer {buffer} owner word {owner:#x} names no segment in its image; \
+                     skipped",
                     self.path.display()
                 );
                 continue;
             }
-            let mut header = SegmentHeader {
-                uuid: *uuid,
-                segment_id: owner,
-                epoch_id,
-                durable_id: 0,
-                flags: 0,
-                entries,
-            };
-            self.finalise_crcs(buffer, &mut header);
-            adopted.push(Adopted { buffer, header });
+            for (i, p) in found.into_iter().enumerate() {
+                if p.entries.is_empty() {
+                    continue;
+                }
+                let mut header = SegmentHeader {
+                    uuid: *uuid,
+                    segment_id: p.segment_id,
+                    epoch_id: p.epoch_id,
+                    durable_id: 0,
+                    flags: 0,
+                    start_block: p.start_block,
+                    run_nonce: 0,
+                    prev_crc: 0,
+                    entries: p.entries,
+                };
+                self.finalise_crcs(buffer, &mut header);
+                adopted.push(Adopted {
+                    buffer,
+                    header,
+                    buffer_first: i == 0,
+                });
+            }
         }
         adopted.sort_by_key(|a| a.header.segment_id);
         adopted
@@ -163,78 +185,137 @@ impl RamBuffers {
         unsafe { self.map.as_mut_ptr().add(bf::buffer_offset(buffer)) }
     }
 
+    /// The start of slot block `block` of a buffer's image.
+    fn block_ptr(&self, buffer: usize, block: u32) -> *mut u8 {
+        assert!((block as usize) < SLOT_BLOCKS);
+        // SAFETY: inside the image (block < 128 blocks of 4 KiB = the image's size).
+        unsafe { self.base(buffer).add(block as usize * BLOCK_SIZE_BYTES) }
+    }
+
     fn owner_word(&self, buffer: usize) -> &AtomicU64 {
         // SAFETY: the owner word is 8-byte aligned (page-aligned mapping, offset 64 + 8·i) and
         // inside the mapping; it is only ever accessed atomically.
         unsafe { &*(self.map.as_mut_ptr().add(bf::owner_word_offset(buffer)) as *const AtomicU64) }
     }
 
-    fn entry_count_word(&self, buffer: usize) -> &AtomicU32 {
-        // SAFETY: 4-byte aligned inside the buffer's header; accessed atomically only while the
-        // buffer is open (the log writer rewrites it in place once sealed, single-threaded).
-        unsafe { &*(self.base(buffer).add(ENTRY_COUNT_OFFSET) as *const AtomicU32) }
+    /// An 8-byte word of the header block at slot block `block` (offsets 0, 32, 40: aligned).
+    fn header_u64(&self, buffer: usize, block: u32, offset: usize) -> &AtomicU64 {
+        assert!(offset.is_multiple_of(8) && offset + 8 <= SEGMENT_HEADER_SIZE_BYTES);
+        // SAFETY: 8-aligned inside the page-aligned header block; the protocol's words are only
+        // ever accessed atomically while the block is the engine's (module access rules).
+        unsafe { &*(self.block_ptr(buffer, block).add(offset) as *const AtomicU64) }
+    }
+
+    /// A 4-byte word of the header block at slot block `block`.
+    fn header_u32(&self, buffer: usize, block: u32, offset: usize) -> &AtomicU32 {
+        assert!(offset.is_multiple_of(4) && offset + 4 <= SEGMENT_HEADER_SIZE_BYTES);
+        // SAFETY: as `header_u64`, 4-aligned.
+        unsafe { &*(self.block_ptr(buffer, block).add(offset) as *const AtomicU32) }
     }
 
     pub fn owner(&self, buffer: usize) -> u64 {
         self.owner_word(buffer).load(Ordering::Acquire)
     }
 
-    /// The whole segment image of a buffer, for reading. Only valid once the buffer is sealed and
-    /// finalised (or, at adoption, before any writer runs).
-    pub fn image(&self, buffer: usize) -> &[u8] {
-        // SAFETY: see the module's access rules: nobody writes a sealed, finalised image.
-        unsafe { std::slice::from_raw_parts(self.base(buffer), SEGMENT_SIZE_BYTES) }
+    /// The `len` bytes of the sealed segment at slot block `start_block` of a buffer, for
+    /// writing to the legs. Only valid once the segment is sealed and finalised (or, at
+    /// adoption, before any writer runs).
+    pub fn segment_bytes(&self, buffer: usize, start_block: u32, len: usize) -> &[u8] {
+        assert!(start_block as usize * BLOCK_SIZE_BYTES + len <= SEGMENT_SIZE_BYTES);
+        // SAFETY: see the module's access rules: nobody writes a sealed, finalised segment's
+        // blocks, and they never overlap another segment's.
+        unsafe { std::slice::from_raw_parts(self.block_ptr(buffer, start_block), len) }
     }
 
-    /// Starts segment `segment_id` in a free buffer. The header fields are written before the
-    /// owner word, so a successor that sees the owner word sees the header too.
-    pub fn begin(&self, buffer: usize, uuid: &[u8; 16], segment_id: u64, epoch_id: u64) {
+    /// Takes free buffer `buffer` for a slot whose first segment here is `segment_id`, at slot
+    /// block `block`. The segment is begun before the owner word is set, so a successor that
+    /// sees the owner word finds the segment.
+    pub fn take(&self, buffer: usize, block: u32, segment_id: u64, epoch_id: u64) {
         assert_eq!(self.owner(buffer), 0, "buffer {buffer} is in use");
-        let header = SegmentHeader {
-            uuid: *uuid,
-            segment_id,
-            epoch_id,
-            durable_id: 0,
-            flags: 0,
-            entries: Vec::new(),
-        };
-        let mut bytes = vec![0u8; logfmt::SEGMENT_HEADER_SIZE_BYTES];
-        header.encode_into(&mut bytes);
-        // SAFETY: the buffer is free (asserted) and we hold the engine lock: no other accessor.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base(buffer), bytes.len()) };
-        self.owner_word(buffer).store(segment_id, Ordering::Release);
+        self.begin_header(buffer, block, segment_id, epoch_id);
+        self.owner_word(buffer)
+            .store(bf::owner_word(segment_id, block), Ordering::Release);
+    }
+
+    /// Begins segment `segment_id` at slot block `block` of the (held) buffer of its slot, behind
+    /// the sealed segments already in it.
+    pub fn begin(&self, buffer: usize, block: u32, segment_id: u64, epoch_id: u64) {
+        let (first, first_block) = bf::owner_parts(self.owner(buffer));
+        assert!(
+            first != 0 && first <= segment_id && first_block <= block,
+            "buffer {buffer} does not hold the slot of segment {segment_id}"
+        );
+        self.begin_header(buffer, block, segment_id, epoch_id);
+    }
+
+    /// FORMAT.md §6.1 step 1: count 0, no magic, the epoch, and the id last.
+    fn begin_header(&self, buffer: usize, block: u32, segment_id: u64, epoch_id: u64) {
+        let old = self.header_u64(buffer, block, SEGMENT_ID_OFFSET);
+        // Stale ids in a reused buffer are lower than anything current (FORMAT.md §6.1), and
+        // where a segment was abandoned or the next one prepared, the id is 0.
+        assert!(
+            old.load(Ordering::Relaxed) < segment_id,
+            "buffer {buffer} block {block} holds segment {} at or past {segment_id}",
+            old.load(Ordering::Relaxed)
+        );
+        self.header_u32(buffer, block, ENTRY_COUNT_OFFSET)
+            .store(0, Ordering::Release);
+        self.header_u64(buffer, block, 0).store(0, Ordering::Release);
+        self.header_u64(buffer, block, EPOCH_ID_OFFSET)
+            .store(epoch_id, Ordering::Release);
+        old.store(segment_id, Ordering::Release);
+    }
+
+    /// FORMAT.md §6.1 step 5: the segment at `block` is sealed (its entries are final); the one
+    /// after it will start at `next_in_slot` (if in this slot), whose header block must not
+    /// pass for a segment until it is begun.
+    pub fn seal_mark(&self, buffer: usize, block: u32, next_in_slot: Option<u32>) {
+        if let Some(next) = next_in_slot {
+            self.header_u64(buffer, next, SEGMENT_ID_OFFSET)
+                .store(0, Ordering::Release);
+        }
+        let magic = u64::from_ne_bytes(*SEGMENT_MAGIC);
+        self.header_u64(buffer, block, 0)
+            .store(magic, Ordering::Release);
+    }
+
+    /// An open segment with no entry is given up: its header block no longer names it.
+    pub fn abandon(&self, buffer: usize, block: u32) {
+        self.header_u64(buffer, block, SEGMENT_ID_OFFSET)
+            .store(0, Ordering::Release);
+    }
+
+    /// Moves the open segment at `block` to epoch `epoch_id` (a FLUSH ended the epoch before it).
+    pub fn set_epoch(&self, buffer: usize, block: u32, epoch_id: u64) {
+        self.header_u64(buffer, block, EPOCH_ID_OFFSET)
+            .store(epoch_id, Ordering::Release);
     }
 
     /// Copies `data` (the sectors in `sector_mask`, each 512 bytes, at their places in the
-    /// block) into data slot `data_slot`; with `base` the other sectors are first copied from that
-    /// data slot (a partial rewrite merging the older copy).
+    /// block) into slot block `block`; with `base` the other sectors are first copied from that
+    /// block (a partial rewrite merging the older copy).
     pub fn fill_block(
         &self,
         buffer: usize,
-        data_slot: usize,
-        block: &[u8],
+        block: u32,
+        data: &[u8],
         sector_mask: u8,
-        base: Option<usize>,
+        base: Option<u32>,
     ) {
-        assert_eq!(block.len(), BLOCK_SIZE_BYTES);
-        let dst = data_block_offset(data_slot);
-        // SAFETY: caller holds the engine lock and the buffer is open; data_slot is free, so no
-        // reader can be copying it (readers only follow published entries).
+        assert_eq!(data.len(), BLOCK_SIZE_BYTES);
+        let dst = self.block_ptr(buffer, block);
+        // SAFETY: caller holds the engine lock and the block is a free data slot of the open
+        // segment, so no reader can be copying it (readers only follow published entries).
         unsafe {
-            let base_ptr = self.base(buffer);
             if let Some(src) = base {
-                std::ptr::copy_nonoverlapping(
-                    base_ptr.add(data_block_offset(src)),
-                    base_ptr.add(dst),
-                    BLOCK_SIZE_BYTES,
-                );
+                std::ptr::copy_nonoverlapping(self.block_ptr(buffer, src), dst, BLOCK_SIZE_BYTES);
             }
             for sector in 0..logfmt::SECTORS_PER_BLOCK {
                 if sector_mask & (1 << sector) != 0 {
                     let off = sector * logfmt::SECTOR_SIZE_BYTES;
                     std::ptr::copy_nonoverlapping(
-                        block.as_ptr().add(off),
-                        base_ptr.add(dst + off),
+                        data.as_ptr().add(off),
+                        dst.add(off),
                         logfmt::SECTOR_SIZE_BYTES,
                     );
                 }
@@ -242,42 +323,40 @@ impl RamBuffers {
         }
     }
 
-    /// Publishes entry `index` (its data already filled): the entry bytes first, then the count.
-    pub fn publish_entry(&self, buffer: usize, index: usize, entry: &Entry) {
+    /// Publishes entry `index` (its data already filled) of the open segment whose header is at
+    /// slot block `header_block`: the entry bytes first, then the count.
+    pub fn publish_entry(&self, buffer: usize, header_block: u32, index: usize, entry: &Entry) {
         let mut bytes = [0u8; logfmt::ENTRY_SIZE_BYTES];
         entry.encode_into(&mut bytes);
-        // SAFETY: engine lock held, buffer open; the entry slot is beyond the published count.
+        // SAFETY: engine lock held, segment open; the entry slot is beyond the published count.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
-                self.base(buffer).add(entry_offset(index)),
+                self.block_ptr(buffer, header_block).add(entry_offset(index)),
                 bytes.len(),
             )
         };
-        self.entry_count_word(buffer)
+        self.header_u32(buffer, header_block, ENTRY_COUNT_OFFSET)
             .store(index as u32 + 1, Ordering::Release);
     }
 
     /// Points published entry `index` at another data slot / sector set in one atomic store.
-    pub fn switch_placement(&self, buffer: usize, index: usize, entry: &Entry) {
-        // SAFETY: 4-byte aligned word inside the header (entry_offset is 8-aligned, +16);
-        // accessed atomically; engine lock held.
-        let word = unsafe {
-            &*(self
-                .base(buffer)
-                .add(entry_offset(index) + ENTRY_PLACEMENT_OFFSET)
-                as *const AtomicU32)
-        };
-        word.store(entry.placement_word(), Ordering::Release);
+    pub fn switch_placement(&self, buffer: usize, header_block: u32, index: usize, entry: &Entry) {
+        self.header_u32(
+            buffer,
+            header_block,
+            entry_offset(index) + ENTRY_PLACEMENT_OFFSET,
+        )
+        .store(entry.placement_word(), Ordering::Release);
     }
 
-    /// Copies one data block out (a read hit in RAM). Engine lock held.
-    pub fn copy_block(&self, buffer: usize, data_slot: usize, out: &mut [u8]) {
+    /// Copies slot block `block` out (a read hit in RAM). Engine lock held.
+    pub fn copy_block(&self, buffer: usize, block: u32, out: &mut [u8]) {
         assert_eq!(out.len(), BLOCK_SIZE_BYTES);
-        // SAFETY: the data slot belongs to a published entry; writers only fill free slots.
+        // SAFETY: the block belongs to a published entry; writers only fill free slots.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.base(buffer).add(data_block_offset(data_slot)),
+                self.block_ptr(buffer, block),
                 out.as_mut_ptr(),
                 BLOCK_SIZE_BYTES,
             )
@@ -286,29 +365,46 @@ impl RamBuffers {
 
     /// Computes the data CRCs of `header`'s entries from the image.
     fn finalise_crcs(&self, buffer: usize, header: &mut SegmentHeader) {
-        let image = self.image(buffer);
+        let len = header.used_bytes();
+        let segment = self.segment_bytes(buffer, header.start_block, len);
         for entry in header.entries.iter_mut() {
             if entry.kind == logfmt::EntryKind::Data {
                 let off = data_block_offset(entry.data_slot as usize);
-                entry.data_crc = block_crc(&image[off..off + BLOCK_SIZE_BYTES]);
+                entry.data_crc = block_crc(&segment[off..off + BLOCK_SIZE_BYTES]);
             }
         }
     }
 
-    /// Seals a buffer for writing: fills in the data CRCs, then encodes the final header (with
-    /// its checksum) over the image's header block. Called by the log writer, once per segment.
-    pub fn finalise(&self, buffer: usize, header: &mut SegmentHeader) {
+    /// Seals a segment for writing: fills in the data CRCs, then encodes the final header (with
+    /// its checksum) over its header block. Called by the log writer, once per segment. Returns
+    /// the header's record CRC.
+    pub fn finalise(&self, buffer: usize, header: &mut SegmentHeader) -> u32 {
         self.finalise_crcs(buffer, header);
-        let mut bytes = vec![0u8; logfmt::SEGMENT_HEADER_SIZE_BYTES];
-        header.encode_into(&mut bytes);
-        // SAFETY: the buffer is sealed: the engine no longer writes it, readers never read the
-        // header block, and the leg writers get the image only after this returns.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base(buffer), bytes.len()) };
+        let mut bytes = [0u8; SEGMENT_HEADER_SIZE_BYTES];
+        let crc = header.encode_into(&mut bytes);
+        // SAFETY: the segment is sealed: the engine no longer writes its blocks, readers never
+        // read a header block, and the leg writers get the segment only after this returns.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.block_ptr(buffer, header.start_block),
+                bytes.len(),
+            )
+        };
+        crc
     }
 
-    /// The segment is on every leg (and so is every lower id): the buffer may be reused.
+    /// The slot is closed and all of it is on every leg (and so is every lower id): the buffer
+    /// may be reused.
     pub fn release(&self, buffer: usize) {
         self.owner_word(buffer).store(0, Ordering::Release);
+    }
+
+    /// Every buffer is free: what a predecessor left is logged (or, after a loss, given up).
+    pub fn release_all(&self) {
+        for buffer in 0..self.count {
+            self.release(buffer);
+        }
     }
 }
 

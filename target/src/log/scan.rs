@@ -2,27 +2,24 @@
 //! header from the checkpoint on, per leg. Recovery (`open::recover`) replays what it finds;
 //! `wbctl check` and create's dirty-data guard print or test it without changing anything.
 //!
-//! The log is scanned from the checkpoint: ids `W+1, W+2, …` in their slots, stopping at the
-//! first header that does not validate or does not carry the expected id (a torn write, a stale
-//! slot from an earlier lap, a gap). Per slot, the first leg whose copy validates wins (mirror).
+//! The log is walked from the checkpoint (FORMAT.md §7): ids `W+1, W+2, …`, each at the position
+//! the one before it leads to (`Position::next`), each chained to the header before it
+//! (`prev_crc`), stopping at the first header that does not validate, does not carry the
+//! expected id or does not chain (a torn write, a stale slot from an earlier lap, a gap, an
+//! earlier run's leftover). Per position, the first leg whose copy validates and chains wins.
 
 use std::io;
 use std::sync::Arc;
 
 use logfmt::{
-    checkpoint_offset, segment_offset, slot_of, Checkpoint, SegmentHeader, Superblock,
+    checkpoint_offset, stored_record_crc, Checkpoint, Position, SegmentHeader, Superblock,
     CHECKPOINT_SLOTS, CHECKPOINT_SLOT_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES,
-    SUPERBLOCK_SIZE_BYTES,
+    SLOT_BLOCKS, SUPERBLOCK_SIZE_BYTES,
 };
 
 use crate::device::{AlignedBuf, Device};
 use crate::error::{EngineError, Result};
 use crate::log::legs::CacheLegs;
-use crate::log::ram_buffer::MAX_RAM_BUFFERS;
-
-/// Slots past the replayed head that are checked for out-of-order leftovers. Bounded by the
-/// segments that can be in flight at once (`MAX_RAM_BUFFERS`), with margin.
-pub const TAIL_SCAN_SEGMENTS: u64 = 2 * MAX_RAM_BUFFERS as u64;
 
 /// What recovery found and did; also the result of a read-only scan.
 #[derive(Debug, Clone, Default)]
@@ -30,12 +27,17 @@ pub struct ScanReport {
     pub checkpoint: Option<Checkpoint>,
     /// Live segments replayed, oldest first.
     pub headers: Vec<SegmentHeader>,
+    /// Where each of `headers` starts.
+    pub positions: Vec<Position>,
+    /// Where the segment after the head starts (the log's write position).
+    pub next_position: Position,
+    /// The record CRC of the head's header (the checkpoint's anchor when nothing is live): what
+    /// the next segment's `prev_crc` must name.
+    pub head_crc: u32,
     /// Segments whose data blocks were read and checked.
     pub data_verified: u64,
     /// Why the replay stopped after the last live segment.
     pub stop_reason: String,
-    /// Valid headers with ids past the head (out-of-order leftovers).
-    pub stale_tail: Vec<u64>,
     /// Live segments whose copy on one leg is torn or missing while another leg's is whole.
     pub repairs: Vec<Repair>,
     pub bytes_read: u64,
@@ -47,6 +49,7 @@ pub struct ScanReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Repair {
     pub segment_id: u64,
+    pub position: Position,
     pub from_leg: usize,
     pub to_leg: usize,
     pub len: usize,
@@ -79,10 +82,17 @@ pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
         let mut buf = AlignedBuf::new(SUPERBLOCK_SIZE_BYTES);
         leg.read_at(&mut buf, 0)
             .map_err(|e| EngineError::io(leg.name(), e))?;
-        let sb = Superblock::decode(&buf).map_err(|source| EngineError::Format {
-            device: leg.name().to_string(),
-            source,
-        })?;
+        let sb = Superblock::decode(&buf).map_err(|source| superblock_error(leg.name(), source))?;
+        if sb.segment_count > crate::map::block_map::MAX_SLOTS {
+            return Err(EngineError::refused(
+                leg.name(),
+                format!(
+                    "cache ring of {} slots is larger than this build addresses ({})",
+                    sb.segment_count,
+                    crate::map::block_map::MAX_SLOTS
+                ),
+            ));
+        }
         if leg.size_bytes() < sb.leg_size_bytes() {
             return Err(EngineError::refused(
                 leg.name(),
@@ -110,6 +120,53 @@ pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
         superblocks.push(sb);
     }
     Ok(superblocks)
+}
+
+/// Why a superblock does not decode, in words; a cache of another format version is named as
+/// such, with what to do about it.
+fn superblock_error(device: &str, source: logfmt::FormatError) -> EngineError {
+    match source {
+        logfmt::FormatError::UnsupportedVersion {
+            record: "superblock",
+            version,
+        } => EngineError::refused(device, other_version_message(version)),
+        source => EngineError::Format {
+            device: device.to_string(),
+            source,
+        },
+    }
+}
+
+/// What to do with a cache of on-disk format `version`.
+pub fn other_version_message(version: u32) -> String {
+    let this = logfmt::FORMAT_VERSION;
+    if version < this {
+        format!(
+            "is a writeboost cache of on-disk format version {version}; this writeboost uses \
+             version {this} (segments packed into slots) and cannot read it. Drain and delete it \
+             with the writeboost release that created it (`wbctl delete --drain`), or re-create \
+             it with --force (which discards whatever it holds)"
+        )
+    } else {
+        format!(
+            "is a writeboost cache of on-disk format version {version}, newer than this \
+             writeboost's {this}: use the release that created it"
+        )
+    }
+}
+
+/// The format version of a leg whose superblock is a writeboost superblock of another version
+/// than this build's (it may hold dirty data this build cannot read), or `None`.
+pub fn other_format_version(leg: &dyn Device) -> Option<u32> {
+    let mut buf = AlignedBuf::new(SUPERBLOCK_SIZE_BYTES);
+    leg.read_at(&mut buf, 0).ok()?;
+    match Superblock::decode(&buf) {
+        Err(logfmt::FormatError::UnsupportedVersion {
+            record: "superblock",
+            version,
+        }) => Some(version),
+        _ => None,
+    }
 }
 
 /// The legs whose superblock cannot even be read (I/O error), with the error.
@@ -174,7 +231,6 @@ pub fn scan(legs: &CacheLegs, sb: &Superblock) -> ScanReport {
         return report;
     };
     verify_unvouched_data(legs, sb, newest_durable, &mut image, &mut report);
-    find_stale_tail(legs, sb, &mut image, &mut report);
     report
 }
 
@@ -186,27 +242,52 @@ enum NoHeader {
     LaterLap(u64),
 }
 
-/// The headers of the live segments, from the checkpoint on, until the first id no leg holds.
-/// Returns the newest durable id a header vouches for, or `None` (and `checkpoint_error`) when
-/// the log shows the checkpoint is older than it.
+/// Segments a walk may take at most: 64 per slot (a header and a data block each). It also ends
+/// at a full lap (`scan_headers`); this bounds it however the positions fall.
+pub fn max_walk(segment_count: u64) -> u64 {
+    segment_count * (SLOT_BLOCKS / logfmt::MIN_SEGMENT_BLOCKS) as u64
+}
+
+/// The headers of the live segments, from the checkpoint on, until the first id no leg holds
+/// at its place in the chain. Returns the newest durable id a header vouches for, or `None` (and
+/// `checkpoint_error`) when the log shows the checkpoint is older than it.
 fn scan_headers(
     legs: &CacheLegs,
     sb: &Superblock,
     image: &mut AlignedBuf,
     report: &mut ScanReport,
 ) -> Option<u64> {
+    let checkpoint = report.checkpoint.expect("scanned from a checkpoint");
     let (n, first) = (sb.segment_count, report.written_back_id() + 1);
+    let (mut at, mut prev) = (checkpoint.next_position, checkpoint.anchor_crc);
+    (report.next_position, report.head_crc) = (at, prev);
+    if at.slot >= n {
+        report.checkpoint_error = Some(format!(
+            "the checkpoint's log position (slot {}) lies beyond the ring of {n} slots",
+            at.slot
+        ));
+        return None;
+    }
     let mut newest_durable = 0u64;
     for id in first.. {
-        if id - first >= n {
+        if id - first >= max_walk(n) {
             report.stop_reason = "the whole ring is live".into();
             break;
         }
-        match live_header(legs, sb, id, image, report) {
-            Ok(h) => {
+        match live_header(legs, sb, id, at, prev, image, report) {
+            Ok((h, crc)) => {
                 debug_assert_eq!(h.segment_id, id);
                 newest_durable = newest_durable.max(h.durable_id);
+                let next = at.next(h.used_blocks(), n);
                 report.headers.push(h);
+                report.positions.push(at);
+                (report.next_position, report.head_crc) = (next, crc);
+                // A full lap: the walk would enter the slot it started in from another one.
+                if next.slot == checkpoint.next_position.slot && next.slot != at.slot {
+                    report.stop_reason = "the whole ring is live".into();
+                    break;
+                }
+                (at, prev) = (next, crc);
             }
             Err(NoHeader::Ends(why)) => {
                 report.stop_reason = format!("segment {id}: {why}");
@@ -214,8 +295,9 @@ fn scan_headers(
             }
             Err(NoHeader::LaterLap(found)) => {
                 report.checkpoint_error = Some(format!(
-                    "the newest valid checkpoint (segment {}) is older than the log: slot of \
-                     segment {id} holds segment {found} (the newer checkpoints are damaged)",
+                    "the newest valid checkpoint (segment {}) is older than the log: where \
+                     segment {id} belongs, segment {found} sits, which vouches for segment {id} \
+                     as durable (the newer checkpoints are damaged)",
                     report.written_back_id(),
                 ));
                 return None;
@@ -225,33 +307,42 @@ fn scan_headers(
     Some(newest_durable)
 }
 
-/// The header of segment `id` from the first healthy leg whose copy validates.
+/// The header of segment `id` at `at`, chained to `prev`, from the first healthy leg whose copy
+/// validates and chains; with its record CRC.
 fn live_header(
     legs: &CacheLegs,
     sb: &Superblock,
     id: u64,
+    at: Position,
+    prev: u32,
     image: &mut AlignedBuf,
     report: &mut ScanReport,
-) -> std::result::Result<SegmentHeader, NoHeader> {
-    let n = sb.segment_count;
-    let offset = segment_offset(slot_of(id, n));
+) -> std::result::Result<(SegmentHeader, u32), NoHeader> {
     let mut last_error = String::from("no healthy leg");
     for leg in legs.all().iter().filter(|l| l.is_healthy()) {
         let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-        if let Err(e) = leg.device().read_at(header, offset) {
+        if let Err(e) = leg.device().read_at(header, at.offset()) {
             last_error = e.to_string();
             continue;
         }
         report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
         match SegmentHeader::decode_expecting(header, &sb.uuid, id) {
-            Ok(h) => return Ok(h),
+            Ok(h) if h.start_block == at.block && h.prev_crc == prev => {
+                return Ok((h, stored_record_crc(header)))
+            }
+            Ok(h) if h.start_block != at.block => {
+                last_error = format!("header names start block {}, not {}", h.start_block, at.block)
+            }
+            // An earlier run's segment, in flight at its crash (FORMAT.md §7 rule 4).
+            Ok(_) => last_error = "does not chain to the segment before it".into(),
             Err(e) => last_error = e.to_string(),
         }
         // A later lap's segment where the log should go on: the slot was reused, which happens
-        // only after a checkpoint past `id` was durable. The checkpoint read is older than
-        // that one: trusting it would discard the live log as leftovers.
+        // only after a checkpoint past `id` was durable. Such a segment was written after `id`
+        // was on the legs and flushed, so it vouches for `id` as durable; an earlier run's
+        // leftover, never durable, vouches for less than the head that run recovered to.
         if let Ok(h) = SegmentHeader::decode(header, &sb.uuid) {
-            if h.segment_id > id && slot_of(h.segment_id, n) == slot_of(id, n) {
+            if h.segment_id > id && h.durable_id >= id {
                 return Err(NoHeader::LaterLap(h.segment_id));
             }
         }
@@ -277,20 +368,26 @@ fn verify_unvouched_data(
         return;
     };
     for i in cut..report.headers.len() {
-        let h = report.headers[i].clone();
+        let (h, at) = (report.headers[i].clone(), report.positions[i]);
         report.data_verified += 1;
-        match verify_copies(legs, sb, &h, image, report) {
+        match verify_copies(legs, sb, &h, at, image, report) {
             Ok((good, bad_legs)) => report
                 .repairs
                 .extend(bad_legs.into_iter().map(|bad| Repair {
                     segment_id: h.segment_id,
+                    position: at,
                     from_leg: good,
                     to_leg: bad,
                     len: h.used_bytes(),
                 })),
             Err(why) => {
                 report.stop_reason = format!("segment {}: {why}", h.segment_id);
+                // The log ends before it: the head is the one before, and the chain goes on
+                // from there.
+                report.next_position = at;
+                report.head_crc = h.prev_crc;
                 report.headers.truncate(i);
+                report.positions.truncate(i);
                 break;
             }
         }
@@ -303,10 +400,11 @@ fn verify_copies(
     legs: &CacheLegs,
     sb: &Superblock,
     h: &SegmentHeader,
+    at: Position,
     image: &mut AlignedBuf,
     report: &mut ScanReport,
 ) -> std::result::Result<(usize, Vec<usize>), String> {
-    let offset = segment_offset(slot_of(h.segment_id, sb.segment_count));
+    let offset = at.offset();
     let len = h.used_bytes();
     let (mut good_leg, mut bad_legs, mut last_error) = (None, Vec::new(), String::new());
     for leg in legs.all().iter().filter(|l| l.is_healthy()) {
@@ -319,7 +417,7 @@ fn verify_copies(
         let verdict = SegmentHeader::decode_expecting(image, &sb.uuid, h.segment_id)
             .map_err(|e| e.to_string())
             .and_then(|other| {
-                if other.entries != h.entries || other.epoch_id != h.epoch_id {
+                if other != *h {
                     return Err("header differs between legs".to_string());
                 }
                 h.verify_data(image).map_err(|e| e.to_string())
@@ -335,32 +433,6 @@ fn verify_copies(
         }
     }
     good_leg.map(|good| (good, bad_legs)).ok_or(last_error)
-}
-
-/// Valid headers with ids past the head in the slots after it: segments written out of order
-/// before a crash, never durable (recovery invalidates them before logging anything new).
-fn find_stale_tail(
-    legs: &CacheLegs,
-    sb: &Superblock,
-    image: &mut AlignedBuf,
-    report: &mut ScanReport,
-) {
-    let (n, head) = (sb.segment_count, report.head_id());
-    for id in head + 1..=head + TAIL_SCAN_SEGMENTS.min(n - 1) {
-        let offset = segment_offset(slot_of(id, n));
-        for leg in legs.all().iter().filter(|l| l.is_healthy()) {
-            let header = &mut image[..SEGMENT_HEADER_SIZE_BYTES];
-            if leg.device().read_at(header, offset).is_err() {
-                continue;
-            }
-            report.bytes_read += SEGMENT_HEADER_SIZE_BYTES as u64;
-            if let Ok(h) = SegmentHeader::decode(header, &sb.uuid) {
-                if h.segment_id > head && !report.stale_tail.contains(&h.segment_id) {
-                    report.stale_tail.push(h.segment_id);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -385,20 +457,34 @@ mod tests {
         (CacheLegs::new(legs), sb)
     }
 
-    /// Writes an entry-less header of segment `id` into the slot of `slot_id` on `leg`.
-    fn put_header(legs: &CacheLegs, sb: &Superblock, leg: usize, slot_id: u64, id: u64) {
+    /// Writes an entry-less header of segment `id` of run `nonce` at `at` on `leg`, chained to
+    /// `prev`; returns its record CRC and the next position.
+    #[allow(clippy::too_many_arguments)]
+    fn put_header(
+        legs: &CacheLegs,
+        sb: &Superblock,
+        leg: usize,
+        at: Position,
+        id: u64,
+        prev: u32,
+        nonce: u64,
+        durable_id: u64,
+    ) -> (u32, Position) {
         let header = SegmentHeader {
             uuid: sb.uuid,
             segment_id: id,
             epoch_id: id,
-            durable_id: id,
+            durable_id,
             flags: 0,
+            start_block: at.block,
+            run_nonce: nonce,
+            prev_crc: prev,
             entries: Vec::new(),
         };
         let mut buf = AlignedBuf::new(SEGMENT_HEADER_SIZE_BYTES);
-        header.encode_into(&mut buf);
-        let offset = segment_offset(slot_of(slot_id, sb.segment_count));
-        legs.all()[leg].device().write_at(&buf, offset).unwrap();
+        let crc = header.encode_into(&mut buf);
+        legs.all()[leg].device().write_at(&buf, at.offset()).unwrap();
+        (crc, at.next(1, sb.segment_count))
     }
 
     #[test]
@@ -413,29 +499,57 @@ mod tests {
             "{}",
             report.stop_reason
         );
-        assert!(report.stale_tail.is_empty() && report.repairs.is_empty());
+        assert!(report.repairs.is_empty());
+        assert_eq!((report.next_position, report.head_crc), (Position::default(), 0));
     }
 
     #[test]
-    fn headers_are_taken_from_either_leg_until_a_gap_and_leftovers_past_it_are_found() {
+    fn headers_are_taken_from_either_leg_along_the_chain_until_a_gap() {
         let dir = tempfile::tempdir().unwrap();
         let (legs, sb) = cache_set(dir.path());
-        put_header(&legs, &sb, 0, 1, 1);
-        put_header(&legs, &sb, 1, 2, 2); // leg 0 lacks it: leg 1's copy is taken
-        put_header(&legs, &sb, 0, 4, 4); // after the gap at 3: a leftover
+        let (c1, p2) = put_header(&legs, &sb, 0, Position::default(), 1, 0, 7, 1);
+        // Leg 0 lacks 2: leg 1's copy is taken.
+        let (c2, p3) = put_header(&legs, &sb, 1, p2, 2, c1, 7, 2);
+        // 3 never landed; 4 sits where it would have gone after a 3 of one block.
+        let (_, p4) = (0, p3.next(1, sb.segment_count));
+        put_header(&legs, &sb, 0, p4, 4, c2, 7, 4);
         let report = scan(&legs, &sb);
         let ids: Vec<u64> = report.headers.iter().map(|h| h.segment_id).collect();
         assert_eq!(ids, vec![1, 2]);
+        assert_eq!(report.positions, vec![Position::default(), p2]);
+        assert_eq!((report.next_position, report.head_crc), (p3, c2));
         assert!(
             report.stop_reason.starts_with("segment 3:"),
             "{}",
             report.stop_reason
         );
-        assert_eq!(report.stale_tail, vec![4]);
         assert_eq!(
             report.data_verified, 0,
             "every segment is vouched durable by its own header"
         );
+    }
+
+    /// An earlier run's segment with the expected id at the expected place, but chained to that
+    /// run's header, is not taken (FORMAT.md §7 rule 4).
+    #[test]
+    fn an_earlier_runs_leftover_does_not_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (legs, sb) = cache_set(dir.path());
+        let (c1, p2) = put_header(&legs, &sb, 0, Position::default(), 1, 0, 1, 1);
+        // Run 1 wrote 2 and 3; 2 was lost, the chain of 3 names run 1's 2.
+        let (old2, p3) = put_header(&legs, &sb, 0, p2, 2, c1, 1, 1);
+        put_header(&legs, &sb, 0, p3, 3, old2, 1, 1);
+        // Run 2 writes its own 2 over the lost one.
+        put_header(&legs, &sb, 0, p2, 2, c1, 2, 1);
+        let report = scan(&legs, &sb);
+        assert_eq!(report.headers.len(), 2, "{}", report.stop_reason);
+        assert_eq!(report.headers[1].run_nonce, 2, "run 2's segment 2");
+        assert!(
+            report.stop_reason.starts_with("segment 3:"),
+            "{}",
+            report.stop_reason
+        );
+        assert_eq!(report.checkpoint_error, None, "a leftover is not a later lap");
     }
 
     #[test]
@@ -443,7 +557,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (legs, sb) = cache_set(dir.path());
         let n = sb.segment_count;
-        put_header(&legs, &sb, 0, 1, 1 + n);
+        // A later lap's segment vouches for the id the walk expects as durable.
+        put_header(&legs, &sb, 0, Position::default(), 1 + n, 77, 3, n);
         let report = scan(&legs, &sb);
         let why = report.checkpoint_error.expect("a stale checkpoint");
         assert!(why.contains("older than the log"), "{why}");

@@ -11,8 +11,13 @@
 //! copy, and an entry is removed by writeback only while it still points into the segment being
 //! freed.
 
-/// Location of a cached block: `slot * DATA_BLOCKS_PER_SEGMENT + data_slot`.
+/// Location of a cached block: `slot * SLOT_BLOCKS + block`, its ring slot and the block of the
+/// slot it sits in (`Geometry::location`). 4 bytes per bucket keep the map within its budget.
 pub type Location = u32;
+
+/// The most ring slots a `Location` can address: 2^25 slots of 512 KiB, a 16 TiB leg. `format`
+/// uses no more of a larger leg, and a superblock with more is refused.
+pub const MAX_SLOTS: u64 = (Location::MAX as u64 + 1) / logfmt::SLOT_BLOCKS as u64;
 
 const EMPTY: u64 = u64::MAX;
 

@@ -13,7 +13,7 @@ use logfmt::{
 use crate::device::{AlignedBuf, Device};
 use crate::error::{EngineError, Result};
 use crate::log::legs::CacheLegs;
-use crate::log::scan::{read_superblocks, scan};
+use crate::log::scan::{other_format_version, other_version_message, read_superblocks, scan};
 use crate::open::recover::backing_fingerprint;
 
 pub struct FormatOptions {
@@ -81,7 +81,8 @@ pub fn format(
         .iter()
         .map(|l| segment_count_for(l.size_bytes()))
         .min()
-        .expect("at least one leg");
+        .expect("at least one leg")
+        .min(crate::map::block_map::MAX_SLOTS);
     let uuid: [u8; 16] = rand::random();
     let cache_legs = CacheLegs::new(legs.to_vec());
     // The checkpoint ring first: fresh slots of the new set (sequence 0: nothing written back).
@@ -92,6 +93,9 @@ pub fn format(
         last_written_back_id: 0,
         last_written_back_epoch: 0,
         faults: Default::default(),
+        // The log starts at block 0 of slot 0, segment 1 chained to anchor 0.
+        next_position: Default::default(),
+        anchor_crc: 0,
     };
     ring[..logfmt::CHECKPOINT_SLOT_SIZE_BYTES].copy_from_slice(&initial.encode());
     cache_legs
@@ -126,6 +130,13 @@ pub fn format(
 /// Refuses to format over a cache set that still holds data not written back.
 fn refuse_if_dirty(legs: &[Arc<dyn Device>]) -> Result<()> {
     for leg in legs {
+        if let Some(version) = other_format_version(leg.as_ref()) {
+            // It may hold dirty data this build cannot read: only --force formats over it.
+            return Err(EngineError::refused(
+                leg.name(),
+                other_version_message(version),
+            ));
+        }
         let Ok(superblocks) = read_superblocks(std::slice::from_ref(leg)) else {
             continue; // not a cache: nothing to lose
         };

@@ -1,16 +1,15 @@
 //! Recovery: from the cache legs (and a crashed daemon's RAM buffer file) back to a running
-//! engine, in phases: open the legs → apply the fault record → scan the log (`log::scan`) →
-//! invalidate a stale tail → repair torn mirror copies → adopt the RAM buffers → rebuild the
-//! state (`engine::replay`) → start.
+//! engine, in phases: open the legs → apply the fault record → walk the log (`log::scan`) →
+//! repair torn mirror copies → adopt the RAM buffers → rebuild the state (`engine::replay`) →
+//! start.
 //!
-//! The scan reads headers for every live segment; data blocks only for segments above the
+//! The walk reads headers for every live segment; data blocks only for segments above the
 //! newest `durable_id` a valid header vouches for — the few that may have been in flight
-//! (CONTRACT §3). Per slot, the first leg whose copy validates wins (mirror).
+//! (CONTRACT §3). Per position, the first leg whose copy validates and chains wins (mirror).
 //!
-//! Invariant established here: after recovery no slot holds a valid header with an id beyond the
-//! replayed head (such a segment was written out of order before the crash and never became
-//! durable); they are invalidated before anything new is logged, so a later crash cannot
-//! resurrect them behind a newer segment of the same id.
+//! Segments an earlier run left past the head (in flight at its crash) are not invalidated: the
+//! new run's headers carry its own nonce, and the chain never links one of them to a leftover
+//! (FORMAT.md §7 rule 4).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,10 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use logfmt::{
-    segment_offset, slot_of, Checkpoint, Faults, SegmentHeader, Superblock,
-    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SIZE_BYTES,
-};
+use logfmt::{Checkpoint, Faults, Position, SegmentHeader, Superblock};
 
 use crate::device::{AlignedBuf, Device};
 use crate::engine::faults::{self, FaultFile};
@@ -33,7 +29,7 @@ use crate::log::legs::CacheLegs;
 use crate::log::ram_buffer::MAX_RAM_BUFFERS;
 use crate::log::ram_buffer::{Adopted, RamBuffers};
 use crate::log::scan::{
-    read_checkpoint, read_superblocks, scan, unreadable_legs, CheckpointRead, ScanReport,
+    max_walk, read_checkpoint, read_superblocks, scan, unreadable_legs, CheckpointRead, ScanReport,
 };
 
 /// How an engine is started.
@@ -143,17 +139,47 @@ fn check_adopted(
             w[0].header.segment_id, w[1].header.segment_id
         )));
     }
-    if first <= written_back || last < head || last - written_back > sb.segment_count {
+    if first <= written_back || last < head || last - written_back > max_walk(sb.segment_count)
+    {
         return Err(refuse(format!(
             "holds segments {first}..={last}, outside what the log allows (written back through \
-             {written_back}, head {head}, {} segments in the ring)",
+             {written_back}, head {head}, {} slots in the ring)",
             sb.segment_count
         )));
     }
     for a in adopted {
         check_adopted_addresses(a, sb.backing_size_bytes).map_err(refuse)?;
     }
-    Ok(())
+    adopted_positions(adopted, report, sb.segment_count).map(|_| ()).map_err(refuse)
+}
+
+/// Where each adopted segment goes: the first where the log has (or would have) its id, each
+/// next one behind the one before (`Position::next`). Each must start at the block its buffer
+/// holds it at: the predecessor placed them so.
+fn adopted_positions(
+    adopted: &[Adopted],
+    report: &ScanReport,
+    n: u64,
+) -> std::result::Result<Vec<Position>, String> {
+    let first = adopted[0].header.segment_id;
+    let index = (first - report.written_back_id() - 1) as usize;
+    let mut at = report
+        .positions
+        .get(index)
+        .copied()
+        .unwrap_or(report.next_position);
+    let mut positions = Vec::with_capacity(adopted.len());
+    for a in adopted {
+        if a.header.start_block != at.block {
+            return Err(format!(
+                "holds segment {} at block {} of its slot, where the log puts it at block {}",
+                a.header.segment_id, a.header.start_block, at.block
+            ));
+        }
+        positions.push(at);
+        at = at.next(a.header.used_blocks(), n);
+    }
+    Ok(positions)
 }
 
 /// Every entry of an adopted segment lies inside the device (`size_bytes`).
@@ -205,7 +231,10 @@ pub fn open(
             .as_ref()
             .map_or(0, |c| c.last_written_back_id)
             .max(lost.log_through_id);
-        let mut recovered = Recovered::empty(&sb, through);
+        let (place, anchor) = checkpoint
+            .as_ref()
+            .map_or((Position::default(), 0), |c| (c.next_position, c.anchor_crc));
+        let mut recovered = Recovered::empty(&sb, through, place, anchor);
         recovered.checkpoint_sequence = checkpoint_sequence;
         recovered.faults_recorded = faults;
         return open_lost(legs, sb, backing, options, fault_file, recovered);
@@ -221,15 +250,19 @@ pub fn open(
             ),
         ));
     }
-    let n = sb.segment_count;
-    let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
+    let (ram, mut adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
+    // A slot's buffer outlives segments of it that writeback already passed (the slot was not
+    // closed yet): they are on the backing device, nothing to adopt.
+    adopted.retain(|a| a.header.segment_id > report.written_back_id());
     // Before anything is written to the legs: a refused buffer file changes nothing.
     check_adopted(&adopted, &report, &sb, &options.buffer_path)?;
-    invalidate_stale_tail(&legs, &report, &adopted, n)?;
-    repair_torn_copies(&legs, &report, n);
-    let headers = adopt_buffers(&legs, &ram, &adopted, &report, n)?;
-    let mut recovered = Recovered::replay(&sb, &headers, &report);
+    repair_torn_copies(&legs, &report);
+    let run_nonce: u64 = rand::random();
+    let (log, place, head_crc) = adopt_buffers(&legs, &ram, &adopted, &report, &sb, run_nonce)?;
+    let headers = log.len();
+    let mut recovered = Recovered::replay(&sb, &log, &report, place, head_crc);
+    recovered.run_nonce = run_nonce;
     recovered.faults_recorded = faults;
     // Legs attached after a loss that no FLUSH reported yet: the error is still owed.
     recovered.flush_error_owed = flush_error_marker(&options).exists();
@@ -239,7 +272,7 @@ pub fn open(
         hex(&sb.uuid),
         report.written_back_id(),
         recovered.head,
-        headers.len(),
+        headers,
         report.data_verified,
         report.bytes_read,
         report.stop_reason
@@ -413,6 +446,8 @@ fn fault_checkpoint(
             last_written_back_id: 0,
             last_written_back_epoch: 0,
             faults: Faults::default(),
+            next_position: Position::default(),
+            anchor_crc: 0,
         }),
     };
     Ok(Checkpoint {
@@ -423,6 +458,10 @@ fn fault_checkpoint(
         }),
         last_written_back_epoch: base.last_written_back_epoch,
         faults: next,
+        // A lost log's successor starts where the base's log would have gone on: nothing is
+        // replayed, so any consistent position and anchor will do.
+        next_position: base.next_position,
+        anchor_crc: base.anchor_crc,
     })
 }
 
@@ -441,9 +480,7 @@ fn open_lost(
     let lost = faults.cache_lost.expect("a lost cache");
     let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
-    for a in &adopted {
-        ram.release(a.buffer);
-    }
+    ram.release_all();
     log::error!(
         "CRITICAL: cache {} was lost (fault record {}): segments {}..={} are gone and are not \
          replayed; the backing device holds every segment up to id {}. Starting in \
@@ -474,31 +511,11 @@ fn open_lost(
     ))
 }
 
-/// Invalidates out-of-order leftovers past the head before anything new is logged.
-fn invalidate_stale_tail(
-    legs: &CacheLegs,
-    report: &ScanReport,
-    adopted: &[Adopted],
-    n: u64,
-) -> Result<()> {
-    let head = report.head_id();
-    let zero_header = AlignedBuf::new(SEGMENT_HEADER_SIZE_BYTES);
-    for &id in &report.stale_tail {
-        let owned_by_buffer = adopted.iter().any(|a| a.header.segment_id == id);
-        if !owned_by_buffer {
-            log::warn!("invalidating segment {id}: written out of order past the log head {head}");
-        }
-        legs.write_all(&zero_header, segment_offset(slot_of(id, n)))
-            .map_err(|e| EngineError::CacheFailed(format!("invalidating stale segment: {e}")))?;
-    }
-    Ok(())
-}
-
 /// Makes the legs agree again: a torn copy on one leg is rewritten from the other.
-fn repair_torn_copies(legs: &CacheLegs, report: &ScanReport, n: u64) {
+fn repair_torn_copies(legs: &CacheLegs, report: &ScanReport) {
     for r in &report.repairs {
         let mut copy = AlignedBuf::new(r.len);
-        let offset = segment_offset(slot_of(r.segment_id, n));
+        let offset = r.position.offset();
         let all = legs.all();
         let repaired = all[r.from_leg]
             .device()
@@ -516,44 +533,65 @@ fn repair_torn_copies(legs: &CacheLegs, report: &ScanReport, n: u64) {
     }
 }
 
-/// Logs the predecessor's buffers (segments the log may not have yet) and returns the live
-/// headers, the adopted ones included.
+/// The live log after adoption: each header and where it starts, the write position after the
+/// head, and the head's header CRC.
+type AdoptedLog = (Vec<(SegmentHeader, Position)>, Position, u32);
+
+/// Logs the predecessor's segments the log lacks (ids past the head), chained to the head and
+/// stamped with this run's nonce, and returns the live log, adopted segments included. Those
+/// the log holds already are not rewritten: a rewrite torn by a power cut could damage a segment
+/// that a FLUSH made durable.
 fn adopt_buffers(
     legs: &CacheLegs,
     ram: &RamBuffers,
     adopted: &[Adopted],
     report: &ScanReport,
-    n: u64,
-) -> Result<Vec<SegmentHeader>> {
+    sb: &Superblock,
+    run_nonce: u64,
+) -> Result<AdoptedLog> {
     let head = report.head_id();
-    let mut headers = report.headers.clone();
-    // `check_adopted` made sure they continue the log without a gap.
-    for a in adopted {
+    let mut log: Vec<(SegmentHeader, Position)> = report
+        .headers
+        .iter()
+        .cloned()
+        .zip(report.positions.iter().copied())
+        .collect();
+    let (mut place, mut prev) = (report.next_position, report.head_crc);
+    let positions = if adopted.is_empty() {
+        Vec::new()
+    } else {
+        // `check_adopted` made sure they continue the log without a gap, where it goes on.
+        adopted_positions(adopted, report, sb.segment_count).expect("checked")
+    };
+    for (a, &at) in adopted.iter().zip(&positions) {
         let id = a.header.segment_id;
-        let mut header = a.header.clone();
-        header.durable_id = 0;
-        let image = ram.image(a.buffer);
-        // Rewrite the header in place with its checksums, then log the whole segment.
-        let mut full = AlignedBuf::new(SEGMENT_SIZE_BYTES);
-        full.copy_from_slice(image);
-        header.encode_into(&mut full);
-        let len = header.used_bytes();
-        legs.write_all(&full[..len], segment_offset(slot_of(id, n)))
-            .map_err(|e| EngineError::CacheFailed(format!("logging adopted segment {id}: {e}")))?;
-        if id > head {
-            headers.push(header);
+        if id <= head {
+            continue;
         }
+        assert_eq!(at, place, "adopted segment {id} continues the log");
+        let header = SegmentHeader {
+            durable_id: 0,
+            run_nonce,
+            prev_crc: prev,
+            ..a.header.clone()
+        };
+        let len = header.used_bytes();
+        let mut full = AlignedBuf::new(len);
+        full.copy_from_slice(ram.segment_bytes(a.buffer, header.start_block, len));
+        prev = header.encode_into(&mut full);
+        legs.write_all(&full, at.offset())
+            .map_err(|e| EngineError::CacheFailed(format!("logging adopted segment {id}: {e}")))?;
+        place = at.next(header.used_blocks(), sb.segment_count);
         log::info!(
             "adopted segment {id} ({} entries) from the RAM buffer file",
-            a.header.entries.len()
+            header.entries.len()
         );
+        log.push((header, at));
     }
     legs.flush_all()
         .map_err(|e| EngineError::CacheFailed(format!("flushing cache legs: {e}")))?;
-    for a in adopted {
-        ram.release(a.buffer);
-    }
-    Ok(headers)
+    ram.release_all();
+    Ok((log, place, prev))
 }
 
 /// Where an engine owes a FLUSH error after a cache loss (beside the RAM buffer file, on tmpfs).
@@ -581,8 +619,12 @@ fn start(
     // acknowledged writes it never flushed: this engine's first FLUSH flushes them too.
     let backing_unflushed =
         r.faults_recorded.failed_legs != 0 || r.faults_recorded.cache_lost.is_some();
+    let chain = (r.head, r.head_crc);
+    let run_nonce = r.run_nonce;
     let state = State::recovered(r, legs.all().len(), ram.count());
     let (shared, log_rx) = Shared::new(Parts {
+        chain,
+        run_nonce,
         flush_error_marker: flush_error_marker(&options),
         superblock: sb,
         legs,

@@ -1095,7 +1095,9 @@ struct CheckReport {
     clean: bool,
     replay_stop_reason: String,
     segments_data_verified: u64,
-    stale_segments_past_head: Vec<u64>,
+    /// Where the log goes on after its head: ring slot and block of the slot.
+    next_slot: u64,
+    next_block: u32,
     bytes_read: u64,
     /// Why the checkpoint cannot be trusted (a start refuses such a cache).
     checkpoint_error: Option<String>,
@@ -1283,7 +1285,8 @@ fn check_report(
         clean: !report.is_dirty(),
         replay_stop_reason: report.stop_reason.clone(),
         segments_data_verified: report.data_verified,
-        stale_segments_past_head: report.stale_tail.clone(),
+        next_slot: report.next_position.slot,
+        next_block: report.next_position.block,
         bytes_read: report.bytes_read,
         checkpoint_error: report.checkpoint_error.clone(),
         faults,
@@ -1350,12 +1353,10 @@ fn print_live_log(r: &CheckReport) {
         );
     }
     println!("  replay    stops: {}", r.replay_stop_reason);
-    if !r.stale_segments_past_head.is_empty() {
-        println!(
-            "  stale     segments past the head (written out of order, never durable): {:?}",
-            r.stale_segments_past_head
-        );
-    }
+    println!(
+        "  next      segment goes to slot {} block {}",
+        r.next_slot, r.next_block
+    );
     let leg_size: u64 = r.legs.iter().map(|l| l.size_bytes).sum::<u64>().max(1);
     println!(
         "  read      {} bytes ({:.3} % of the cache), data of {} segment(s) verified",
