@@ -245,25 +245,27 @@ impl RamBuffers {
             first != 0 && first <= segment_id && first_block <= block,
             "buffer {buffer} does not hold the slot of segment {segment_id}"
         );
+        // Sealing the segment before it (or abandoning one here) stored id 0 here: the walk of a
+        // successor stops here until this segment is begun.
+        let old = self.header_u64(buffer, block, SEGMENT_ID_OFFSET);
+        assert_eq!(
+            old.load(Ordering::Relaxed),
+            0,
+            "buffer {buffer} block {block}: segment {segment_id} begins where no segment was \
+             prepared"
+        );
         self.begin_header(buffer, block, segment_id, epoch_id);
     }
 
     /// FORMAT.md §6.1 step 1: count 0, no magic, the epoch, and the id last.
     fn begin_header(&self, buffer: usize, block: u32, segment_id: u64, epoch_id: u64) {
-        let old = self.header_u64(buffer, block, SEGMENT_ID_OFFSET);
-        // Stale ids in a reused buffer are lower than anything current (FORMAT.md §6.1), and
-        // where a segment was abandoned or the next one prepared, the id is 0.
-        assert!(
-            old.load(Ordering::Relaxed) < segment_id,
-            "buffer {buffer} block {block} holds segment {} at or past {segment_id}",
-            old.load(Ordering::Relaxed)
-        );
         self.header_u32(buffer, block, ENTRY_COUNT_OFFSET)
             .store(0, Ordering::Release);
         self.header_u64(buffer, block, 0).store(0, Ordering::Release);
         self.header_u64(buffer, block, EPOCH_ID_OFFSET)
             .store(epoch_id, Ordering::Release);
-        old.store(segment_id, Ordering::Release);
+        self.header_u64(buffer, block, SEGMENT_ID_OFFSET)
+            .store(segment_id, Ordering::Release);
     }
 
     /// FORMAT.md §6.1 step 5: the segment at `block` is sealed (its entries are final); the one
