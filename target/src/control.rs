@@ -454,7 +454,12 @@ pub struct DeviceStatus {
     pub device_size_bytes: u64,
     pub logical_block_size: u32,
     pub capacity_bytes: u64,
+    /// Space of the slots holding live log segments (freed a slot at a time by writeback).
     pub used_bytes: u64,
+    /// What the live segments occupy of it: headers and data blocks (format v2 packs small
+    /// FLUSHed segments into a slot).
+    #[serde(default)]
+    pub log_bytes: u64,
     pub dirty_bytes: u64,
     /// `dirty_bytes` as a percentage of `capacity_bytes`.
     #[serde(default)]

@@ -236,6 +236,7 @@ impl Daemon {
             logical_block_size: self.engine.geometry().logical_block_size,
             capacity_bytes: s.capacity_bytes,
             used_bytes: s.used_bytes,
+            log_bytes: s.log_bytes,
             dirty_bytes: s.dirty_bytes,
             dirty_percent: percent(s.dirty_bytes, s.capacity_bytes),
             // Rounded up: data that waits at all shows as at least a second of lag.

@@ -116,7 +116,27 @@ impl Engine {
             }
         };
         self.stop_threads();
+        if flushed.is_ok() {
+            self.release_written_buffers();
+        }
         flushed
+    }
+
+    /// After the last seal: the buffer of the slot the log was writing is released once all of
+    /// it is on the legs, though the slot is not closed (no segment will follow in this run), so
+    /// that a clean stop leaves a buffer file holding nothing.
+    fn release_written_buffers(&self) {
+        let s = &self.shared;
+        let mut state = s.state.lock();
+        let state = &mut *state;
+        for slot in state.slots.iter_mut() {
+            if slot.last_id <= state.written_id {
+                if let Some(buffer) = slot.buffer.take() {
+                    s.ram.release(buffer);
+                    state.free_buffers.push(buffer);
+                }
+            }
+        }
     }
 
     /// Stops the threads without flushing: what a killed daemon leaves behind (tests).

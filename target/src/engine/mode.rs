@@ -111,6 +111,7 @@ impl Shared {
         // The write position stays where segment `sealed_id + 1` was to go; the log writer may
         // still be sealing up to `sealed_id`, so the anchor is its chain's (`anchor`).
         state.live.clear();
+        state.sealed_log_bytes = 0;
         state.anchor_crc = None;
         state.writes_sealed = state.logged_writes;
         state.written_id = state.sealed_id;

@@ -158,6 +158,7 @@ impl State {
             checkpoint_sequence: r.checkpoint_sequence.max(r.faults_recorded.sequence),
             leg_written: vec![head; legs_count],
             leg_durable: vec![head; legs_count],
+            sealed_log_bytes: r.live.iter().map(|p| p.used_bytes as u64).sum(),
             live: r.live,
             place: r.place,
             anchor_crc: Some(r.anchor_crc),

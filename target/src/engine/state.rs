@@ -153,6 +153,8 @@ pub(crate) struct State {
     /// Where the open segment is, or where the next one will be placed (`Position::next` of the
     /// newest sealed one): the log's write position.
     pub place: Position,
+    /// Bytes the sealed live segments occupy (`log_bytes`).
+    pub sealed_log_bytes: u64,
     /// Record CRC of the header of segment `written_back_id` (the checkpoint's anchor); `None`
     /// after a cache loss reset the log past segments the log writer may still be sealing (then
     /// `Shared::chain` knows it).
@@ -319,6 +321,16 @@ impl State {
         assert!(index > 0, "block {block} of slot {slot} precedes its live segments {ids:?}");
         let id = first + index as u64 - 1;
         (id, self.placed(id).position)
+    }
+
+    /// Bytes the live segments occupy in the log (headers and data blocks up to the highest
+    /// used; the open one as far as it is used now).
+    pub fn log_bytes(&self) -> u64 {
+        let open = self.open.as_ref().map_or(0, |o| {
+            let top = 128 - o.used_data_slots.leading_zeros() as u64;
+            (1 + top) * logfmt::BLOCK_SIZE_BYTES as u64
+        });
+        self.sealed_log_bytes + open
     }
 
     /// Slots in use (holding a segment not yet written back). Live segments follow one another

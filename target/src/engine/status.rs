@@ -37,8 +37,16 @@ pub struct LegStatus {
 
 #[derive(Debug, Clone, Default)]
 pub struct EngineStatus {
+    /// Data blocks the ring holds (127 per 512 KiB slot).
     pub capacity_bytes: u64,
+    /// Ring space writers cannot use until writeback frees it: every slot holding a live segment
+    /// counts in full (the slot is the unit writeback frees), in `capacity_bytes`' units.
     pub used_bytes: u64,
+    /// What the live segments themselves occupy in the log: their headers and data blocks. The
+    /// difference to `used_bytes` is the unused rest of the slots in use.
+    pub log_bytes: u64,
+    /// Blocks whose newest copy is in the cache only. `used_bytes − dirty_bytes` is space
+    /// writeback frees without writing it (headers, superseded copies, slot tails).
     pub dirty_bytes: u64,
     pub segments: SegmentIds,
     /// How long the oldest data not yet written back has been in the cache (`None`: nothing
@@ -95,6 +103,7 @@ impl Engine {
         EngineStatus {
             capacity_bytes: n * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
             used_bytes: live_slots * logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * block,
+            log_bytes: state.log_bytes(),
             dirty_bytes: state.map.len() as u64 * block,
             segments: SegmentIds {
                 current_id: state.next_segment_id - 1,

@@ -364,6 +364,7 @@ impl Shared {
         let placed = state.placed_mut(open.id);
         placed.sealed_at = Some(Instant::now());
         placed.used_bytes = header.used_bytes();
+        state.sealed_log_bytes += header.used_bytes() as u64;
         if reason == SealReason::Flush {
             state.epoch_id += 1;
             state.epoch_ended_writes = state.logged_writes;

@@ -230,6 +230,7 @@ impl Shared {
         while state.written_back_id < through_id {
             state.written_back_id += 1;
             let placed = state.live.pop_front().expect("a live segment");
+            state.sealed_log_bytes -= placed.used_bytes as u64;
             let slot = &mut state.slots[placed.position.slot as usize];
             assert!(slot.in_use(), "segment {} had its slot", state.written_back_id);
             if slot.last_id == state.written_back_id {

@@ -40,6 +40,16 @@ pub struct EngineArgs {
     /// Keep the image files afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Sync mode: a FLUSH after every N writes of each writer (fio's `--fsync=N`) instead of the
+    /// phases above; prints FLUSHes/s against the cache file's own pwrite + fdatasync rate.
+    #[arg(long)]
+    pub fsync_every: Option<u64>,
+    /// Writers in sync mode (QD1 each).
+    #[arg(long, default_value_t = 1)]
+    pub writers: usize,
+    /// Seconds each sync-mode phase runs.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -104,15 +114,15 @@ pub fn run(args: &EngineArgs) -> Result<EngineReport> {
 }
 
 /// The benchmark's files: the cache and backing images and the RAM buffer file.
-struct Images {
-    cache: PathBuf,
+pub(super) struct Images {
+    pub(super) cache: PathBuf,
     backing: PathBuf,
     buffer: PathBuf,
 }
 
 impl Images {
     /// Creates the folder and the images at their sizes; no RAM buffer file is left over.
-    fn create(args: &EngineArgs) -> Result<Images> {
+    pub(super) fn create(args: &EngineArgs) -> Result<Images> {
         std::fs::create_dir_all(&args.dir)
             .with_context(|| format!("creating {}", args.dir.display()))?;
         let images = Images {
@@ -127,13 +137,13 @@ impl Images {
     }
 
     /// Formats the cache image for the backing image.
-    fn format(&self) -> Result<()> {
+    pub(super) fn format(&self) -> Result<()> {
         files::format_single_leg(&self.cache, &self.backing)
     }
 
     /// An engine on `cache` (the cache image, maybe wrapped) and the backing image; writeback
     /// off, no periodic sync.
-    fn open(&self, cache: Arc<dyn Device>) -> Result<Engine> {
+    pub(super) fn open(&self, cache: Arc<dyn Device>) -> Result<Engine> {
         let backing = FileDevice::open(&self.backing)?;
         let identity = backing.identity();
         let mut options = OpenOptions::new(self.buffer.clone());
@@ -147,7 +157,7 @@ impl Images {
         )?)
     }
 
-    fn remove(&self) {
+    pub(super) fn remove(&self) {
         for p in [&self.cache, &self.backing, &self.buffer] {
             let _ = std::fs::remove_file(p);
         }

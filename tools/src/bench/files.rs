@@ -127,6 +127,7 @@ pub fn open_direct(path: &Path, write: bool) -> Result<std::fs::File> {
 pub struct CountingDevice {
     pub inner: Arc<dyn Device>,
     pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
 }
 
 impl CountingDevice {
@@ -134,6 +135,7 @@ impl CountingDevice {
         Arc::new(CountingDevice {
             inner,
             bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
         })
     }
 }
@@ -151,7 +153,14 @@ impl Device for CountingDevice {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.inner.write_at(buf, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+        self.inner.write_vectored_at(bufs, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
         self.inner.flush()

@@ -3,4 +3,5 @@
 
 pub mod engine;
 pub mod files;
+pub mod sync;
 pub mod writeback;

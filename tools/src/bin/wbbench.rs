@@ -27,10 +27,16 @@ fn main() -> Result<()> {
         .format_timestamp_micros()
         .init();
     match Cli::parse().command {
-        Command::Engine(args) => {
-            let report = bench::engine::run(&args)?;
-            bench::engine::print(&report, args.json)
-        }
+        Command::Engine(args) => match args.fsync_every {
+            Some(every) => {
+                let report = bench::sync::run(&args, every)?;
+                bench::sync::print(&report, args.json)
+            }
+            None => {
+                let report = bench::engine::run(&args)?;
+                bench::engine::print(&report, args.json)
+            }
+        },
         Command::Writeback(args) => {
             let report = bench::writeback::run(&args)?;
             bench::writeback::print(&report, args.json)

@@ -748,10 +748,11 @@ fn status_devices(w: &mut String, s: &DeviceStatus) {
     }
     let _ = writeln!(
         w,
-        "  cache      {} used of {} ({:.1} %), {} dirty ({:.1} %), writeback lag {}",
+        "  cache      {} used of {} ({:.1} %; log {}), {} dirty ({:.1} %), writeback lag {}",
         bytes(s.used_bytes),
         bytes(s.capacity_bytes),
         percent(s.used_bytes, s.capacity_bytes),
+        bytes(s.log_bytes),
         bytes(s.dirty_bytes),
         s.dirty_percent,
         human_duration(s.oldest_dirty_age_secs)
