@@ -25,20 +25,27 @@ fn put_u64(bytes: &mut [u8], at: usize, value: u64) {
     bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
 }
 
-/// (buffer, segment id) of every owned buffer of a buffer file.
+/// (buffer, first segment id) of every owned buffer of a buffer file.
 fn owned(file: &[u8]) -> Vec<(usize, u64)> {
     let count = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
     (0..count)
-        .map(|i| (i, u64_at(file, bf::owner_word_offset(i))))
+        .map(|i| (i, bf::owner_parts(u64_at(file, bf::owner_word_offset(i))).0))
         .filter(|&(_, id)| id != 0)
         .collect()
 }
 
-/// Makes buffer `buffer` hold segment `id`: the owner word and the id in its image agree, as
-/// the engine writes them.
-fn set_id(file: &mut [u8], buffer: usize, id: u64) {
-    put_u64(file, bf::owner_word_offset(buffer), id);
-    put_u64(file, bf::buffer_offset(buffer) + 32, id);
+/// The segments buffer `buffer` holds, as a successor walks them (FORMAT.md §6.1).
+fn walked(file: &[u8], buffer: usize) -> Vec<bf::Published> {
+    let image = &file[bf::buffer_offset(buffer)..][..logfmt::SEGMENT_SIZE_BYTES];
+    bf::walk_image(image, u64_at(file, bf::owner_word_offset(buffer)))
+}
+
+/// Makes buffer `buffer` start with segment `id` at slot block `block`: the owner word and the
+/// id in the image agree, as the engine writes them.
+fn set_id(file: &mut [u8], buffer: usize, id: u64, block: u32) {
+    put_u64(file, bf::owner_word_offset(buffer), bf::owner_word(id, block));
+    let header = bf::buffer_offset(buffer) + block as usize * BLOCK;
+    put_u64(file, header + logfmt::SEGMENT_ID_OFFSET, id);
 }
 
 fn write_private(path: &Path, bytes: &[u8]) {
@@ -72,11 +79,10 @@ fn crashed_daemon() -> (Rig, Vec<u8>) {
     drop(engine);
     let file = std::fs::read(rig.buffer_path()).unwrap();
     let held = owned(&file);
-    assert_eq!(held.len(), 1, "one open segment in the buffer: {held:?}");
-    assert!(
-        held[0].1 >= 6,
-        "six segments were logged before it: {held:?}"
-    );
+    // Format v2: the six FLUSHed segments and the open one share slot 0, and so its buffer.
+    assert_eq!(held.len(), 1, "one slot in the buffer: {held:?}");
+    let ids: Vec<u64> = walked(&file, held[0].0).iter().map(|p| p.segment_id).collect();
+    assert_eq!(ids, (1..=7).collect::<Vec<_>>(), "six segments and the open one");
     (rig, file)
 }
 
@@ -126,11 +132,13 @@ fn assert_adopted(rig: &Rig, genuine: &[u8]) {
 fn forged_segment_ids_are_refused() {
     let (rig, genuine) = crashed_daemon();
     let (buffer, id) = owned(&genuine)[0];
+    let open = walked(&genuine, buffer).last().unwrap().start_block;
     let path = rig.buffer_path();
 
-    // An id far below the head: it would be written over a live slot of the log.
+    // An id far below the head (the open segment's block named segment 2): it would be written
+    // over a live segment of the log.
     let mut forged = genuine.clone();
-    set_id(&mut forged, buffer, 1);
+    set_id(&mut forged, buffer, 2, open);
     write_private(&path, &forged);
     assert_refused(&rig, "outside what the log allows");
 
@@ -140,13 +148,13 @@ fn forged_segment_ids_are_refused() {
     let (from, to) = (bf::buffer_offset(buffer), bf::buffer_offset(other));
     let image = forged[from..from + logfmt::SEGMENT_SIZE_BYTES].to_vec();
     forged[to..to + image.len()].copy_from_slice(&image);
-    set_id(&mut forged, other, id + 2);
+    set_id(&mut forged, other, id + 2, 0);
     write_private(&path, &forged);
     assert_refused(&rig, "with nothing between them");
 
-    // Past the log head, with a hole before it.
+    // Past the log head (6), with a hole before it.
     let mut forged = genuine.clone();
-    set_id(&mut forged, buffer, id + 5);
+    set_id(&mut forged, buffer, id + 8, 0);
     write_private(&path, &forged);
     assert_refused(&rig, "hole in the log");
 
@@ -161,7 +169,9 @@ fn owned_count(file: &[u8]) -> usize {
 fn blocks_outside_the_device_are_refused() {
     let (rig, genuine) = crashed_daemon();
     let (buffer, _) = owned(&genuine)[0];
-    let entry = bf::buffer_offset(buffer) + logfmt::entry_offset(0);
+    // The open segment's entry 0, in its header block.
+    let open = walked(&genuine, buffer).last().unwrap().start_block;
+    let entry = bf::buffer_offset(buffer) + open as usize * BLOCK + logfmt::entry_offset(0);
     assert_eq!(u64_at(&genuine, entry), 7 * 8, "entry 0 is block 7's");
     // One block past the end of the 1 MiB device (2048 sectors), and far beyond it.
     for sector in [2048u64, 1 << 40] {

@@ -304,9 +304,12 @@ fn torn_checkpoint_case(
     let rig = Arc::new(Rig::new(2, 16, TORN_BACKING_BYTES, lbs as u32));
     let mut model = Model::from_image(rig.backing.snapshot());
 
-    // 1. Many small epochs, all flushed, nothing written back yet.
+    // 1. Many small epochs, all flushed, nothing written back yet: twelve at least (a batch,
+    //    and so a checkpoint, each), over twelve segments at least.
     let engine = open_over(&rig, rig.leg_devices(), rig.backing.clone(), paused());
-    while engine.status().segments.current_id < 12 {
+    let mut epochs = 0;
+    while engine.status().segments.current_id < 12 || epochs < 12 {
+        epochs += 1;
         for _ in 0..rng.gen_range(1..40) {
             let units = rng.gen_range(1..=(16 * 1024 / lbs));
             let unit = rng.gen_range(0..TORN_BACKING_BYTES / lbs - units);
@@ -510,13 +513,17 @@ fn write_storm_into_a_full_cache_waits_finishes_and_drains() {
 // ------------------------------------------------------------ policy at run time
 
 /// Writes `segments` segments, each its own epoch (so each is its own writeback batch).
+/// `segments` epochs of one segment each, every one filling a slot of its own (127 data
+/// blocks: a slot's worth), so that the policy's occupancy, counted in slots, is one slot per
+/// epoch.
 fn write_epochs(engine: &Engine, segments: u64) {
     let start = engine.status().segments.current_id;
     let mut block = 0u64;
+    let per_slot = logfmt::DATA_BLOCKS_PER_SEGMENT as u64;
     while engine.status().segments.current_id < start + segments {
-        let data = vec![block as u8 | 1; 4096 * 20];
+        let data = vec![block as u8 | 1; 4096 * per_slot as usize];
         engine.write(block * 4096, &data, false).unwrap();
-        block += 20;
+        block += per_slot;
         engine.flush().unwrap();
     }
 }

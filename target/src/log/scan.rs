@@ -83,16 +83,6 @@ pub fn read_superblocks(legs: &[Arc<dyn Device>]) -> Result<Vec<Superblock>> {
         leg.read_at(&mut buf, 0)
             .map_err(|e| EngineError::io(leg.name(), e))?;
         let sb = Superblock::decode(&buf).map_err(|source| superblock_error(leg.name(), source))?;
-        if sb.segment_count > crate::map::block_map::MAX_SLOTS {
-            return Err(EngineError::refused(
-                leg.name(),
-                format!(
-                    "cache ring of {} slots is larger than this build addresses ({})",
-                    sb.segment_count,
-                    crate::map::block_map::MAX_SLOTS
-                ),
-            ));
-        }
         if leg.size_bytes() < sb.leg_size_bytes() {
             return Err(EngineError::refused(
                 leg.name(),

@@ -303,6 +303,16 @@ fn open_legs(
         readable.iter().map(|&i| leg_devices[i].clone()).collect();
     let superblocks = read_superblocks(&readable_devices)?;
     let sb = superblocks[0].clone();
+    if sb.segment_count > crate::map::block_map::MAX_SLOTS {
+        return Err(EngineError::refused(
+            leg_devices[0].name(),
+            format!(
+                "cache ring of {} slots is larger than this build addresses ({})",
+                sb.segment_count,
+                crate::map::block_map::MAX_SLOTS
+            ),
+        ));
+    }
     if sb.leg_count as usize != leg_devices.len() {
         return Err(EngineError::refused(
             leg_devices[0].name(),
