@@ -284,6 +284,9 @@ impl Shared {
                 Err(e) => {
                     log::error!("CRITICAL: {e}");
                     self.state.lock().fault_record_error = Some(e.to_string());
+                    // FLUSHes waiting for this record fail now instead of waiting for a wake-up
+                    // that may have come (from the leg writer) before the error was set.
+                    self.progress.notify_all();
                     return Err(e);
                 }
             };
