@@ -39,7 +39,7 @@ pub fn owner_word_offset(index: usize) -> usize {
 /// The owner word of a buffer whose first segment is `first_id`, starting at `start_block`.
 pub fn owner_word(first_id: u64, start_block: u32) -> u64 {
     assert!(
-        first_id >= 1 && first_id < 1 << 56,
+        (1..1 << 56).contains(&first_id),
         "segment id out of range"
     );
     assert!(start_block as usize <= MAX_START_BLOCK);

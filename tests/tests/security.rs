@@ -43,7 +43,11 @@ fn walked(file: &[u8], buffer: usize) -> Vec<bf::Published> {
 /// Makes buffer `buffer` start with segment `id` at slot block `block`: the owner word and the
 /// id in the image agree, as the engine writes them.
 fn set_id(file: &mut [u8], buffer: usize, id: u64, block: u32) {
-    put_u64(file, bf::owner_word_offset(buffer), bf::owner_word(id, block));
+    put_u64(
+        file,
+        bf::owner_word_offset(buffer),
+        bf::owner_word(id, block),
+    );
     let header = bf::buffer_offset(buffer) + block as usize * BLOCK;
     put_u64(file, header + logfmt::SEGMENT_ID_OFFSET, id);
 }
@@ -81,8 +85,15 @@ fn crashed_daemon() -> (Rig, Vec<u8>) {
     let held = owned(&file);
     // Format v2: the six FLUSHed segments and the open one share slot 0, and so its buffer.
     assert_eq!(held.len(), 1, "one slot in the buffer: {held:?}");
-    let ids: Vec<u64> = walked(&file, held[0].0).iter().map(|p| p.segment_id).collect();
-    assert_eq!(ids, (1..=7).collect::<Vec<_>>(), "six segments and the open one");
+    let ids: Vec<u64> = walked(&file, held[0].0)
+        .iter()
+        .map(|p| p.segment_id)
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=7).collect::<Vec<_>>(),
+        "six segments and the open one"
+    );
     (rig, file)
 }
 

@@ -46,8 +46,7 @@ fn open_hooked(
 /// Leg 0's log traffic, counted.
 fn counting(
     counters: Arc<LogCounters>,
-) -> impl Fn(usize, &dyn Device, &IoOp<'_>) -> Option<std::io::Result<()>> + Send + Sync + Clone
-{
+) -> impl Fn(usize, &dyn Device, &IoOp<'_>) -> Option<std::io::Result<()>> + Send + Sync + Clone {
     move |leg, _d, op| {
         if leg == 0 {
             match op {
@@ -112,7 +111,11 @@ fn an_fsynced_4k_write_costs_at_most_12_kib_of_log() {
         let block = i * 7 % 4096;
         // A later write of the same block may have superseded it (i·7 mod 4096 repeats).
         let newest = (i..writes).rev().find(|&j| j * 7 % 4096 == block).unwrap();
-        assert_eq!(read_block(&engine, block), block_of(newest as u8), "block {block}");
+        assert_eq!(
+            read_block(&engine, block),
+            block_of(newest as u8),
+            "block {block}"
+        );
     }
 }
 
@@ -214,14 +217,13 @@ fn a_torn_sub_segment_never_damages_the_durable_ones_before_it_in_its_slot() {
         rig.power_on();
         let engine = rig.open_with(quiet(&rig));
         let report = engine.recovery_report();
-        assert_eq!(
-            report.head_id(),
-            5,
-            "cut {cut}: {}",
-            report.stop_reason
-        );
+        assert_eq!(report.head_id(), 5, "cut {cut}: {}", report.stop_reason);
         for i in 1..5u64 {
-            assert_eq!(read_block(&engine, i), block_of(0x10 + i as u8), "cut {cut}");
+            assert_eq!(
+                read_block(&engine, i),
+                block_of(0x10 + i as u8),
+                "cut {cut}"
+            );
         }
         assert_eq!(read_block(&engine, 0), block_of(0x10), "cut {cut}");
         assert_eq!(read_block(&engine, 9), backing_block_9, "cut {cut}");
@@ -265,8 +267,7 @@ fn a_version_1_cache_is_refused_by_name() {
         force: false,
     };
     let err = wb_target::format(&rig.leg_devices(), rig.backing.as_ref(), "b", &options)
-        .err()
-        .expect("create over a version-1 cache needs --force")
+        .expect_err("create over a version-1 cache needs --force")
         .to_string();
     assert!(err.contains("format version 1"), "{err}");
     assert!(leg.snapshot() == before, "a refusal changes nothing");

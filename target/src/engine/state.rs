@@ -318,7 +318,10 @@ impl State {
         let (a, b) = self.live.as_slices();
         // Positions grow along the slot: the last segment starting at or before `block`.
         let index = partition(a, b, start, count, |p| p.position.block <= block);
-        assert!(index > 0, "block {block} of slot {slot} precedes its live segments {ids:?}");
+        assert!(
+            index > 0,
+            "block {block} of slot {slot} precedes its live segments {ids:?}"
+        );
         let id = first + index as u64 - 1;
         (id, self.placed(id).position)
     }
@@ -386,7 +389,10 @@ impl State {
             return None;
         }
         let placed = self.placed(oldest);
-        debug_assert!(placed.sealed_at.is_some(), "a sealed segment has a seal time");
+        debug_assert!(
+            placed.sealed_at.is_some(),
+            "a sealed segment has a seal time"
+        );
         placed.sealed_at
     }
 

@@ -149,7 +149,9 @@ impl Shared {
         open.entries[index] = entry;
         open.used_data_slots |= 1 << new_slot;
         open.used_data_slots &= !(1 << old.data_slot);
-        let old_location = self.geometry.location(open.position, old.data_slot as usize);
+        let old_location = self
+            .geometry
+            .location(open.position, old.data_slot as usize);
         let location = self.geometry.location(open.position, new_slot);
         let previous = state.map.insert(block, location);
         debug_assert_eq!(previous, Some(old_location));
@@ -350,9 +352,7 @@ impl Shared {
             entries: open.entries,
         };
         let used_blocks = header.used_blocks();
-        let next = open
-            .position
-            .next(used_blocks, self.geometry.segment_count);
+        let next = open.position.next(used_blocks, self.geometry.segment_count);
         // The entries are final: mark the image sealed (and the next header block not begun),
         // so a successor walks past it (FORMAT.md §6.1 step 5).
         let next_in_slot = (next.slot == open.position.slot).then_some(next.block);

@@ -126,7 +126,10 @@ impl CacheLog for Shared {
         };
         let (sequence, faults, next_position) = sequence;
         let newest = headers.last().expect("a commit frees at least one segment");
-        assert_eq!(newest.segment_id, through_id, "the headers end at the checkpoint");
+        assert_eq!(
+            newest.segment_id, through_id,
+            "the headers end at the checkpoint"
+        );
         // The walk from the checkpoint starts behind `through_id`, chained to its header.
         let anchor_crc = newest.record_crc();
         // The checkpoint must be durable before any slot it covers is reused.
@@ -232,7 +235,11 @@ impl Shared {
             let placed = state.live.pop_front().expect("a live segment");
             state.sealed_log_bytes -= placed.used_bytes as u64;
             let slot = &mut state.slots[placed.position.slot as usize];
-            assert!(slot.in_use(), "segment {} had its slot", state.written_back_id);
+            assert!(
+                slot.in_use(),
+                "segment {} had its slot",
+                state.written_back_id
+            );
             if slot.last_id == state.written_back_id {
                 (slot.first_id, slot.last_id) = (0, 0);
             }

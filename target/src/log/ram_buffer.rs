@@ -140,7 +140,8 @@ impl RamBuffers {
                 continue;
             }
             // SAFETY: at adoption no writer runs (flock, before the engine starts).
-            let image = unsafe { std::slice::from_raw_parts(self.base(buffer), SEGMENT_SIZE_BYTES) };
+            let image =
+                unsafe { std::slice::from_raw_parts(self.base(buffer), SEGMENT_SIZE_BYTES) };
             let found = bf::walk_image(image, owner);
             if found.is_empty() {
                 // The owner word is set after its segment's id, so this cannot happen unless the
@@ -261,7 +262,8 @@ impl RamBuffers {
     fn begin_header(&self, buffer: usize, block: u32, segment_id: u64, epoch_id: u64) {
         self.header_u32(buffer, block, ENTRY_COUNT_OFFSET)
             .store(0, Ordering::Release);
-        self.header_u64(buffer, block, 0).store(0, Ordering::Release);
+        self.header_u64(buffer, block, 0)
+            .store(0, Ordering::Release);
         self.header_u64(buffer, block, EPOCH_ID_OFFSET)
             .store(epoch_id, Ordering::Release);
         self.header_u64(buffer, block, SEGMENT_ID_OFFSET)
@@ -334,7 +336,8 @@ impl RamBuffers {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
-                self.block_ptr(buffer, header_block).add(entry_offset(index)),
+                self.block_ptr(buffer, header_block)
+                    .add(entry_offset(index)),
                 bytes.len(),
             )
         };

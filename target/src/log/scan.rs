@@ -321,7 +321,10 @@ fn live_header(
                 return Ok((h, stored_record_crc(header)))
             }
             Ok(h) if h.start_block != at.block => {
-                last_error = format!("header names start block {}, not {}", h.start_block, at.block)
+                last_error = format!(
+                    "header names start block {}, not {}",
+                    h.start_block, at.block
+                )
             }
             // An earlier run's segment, in flight at its crash (FORMAT.md §7 rule 4).
             Ok(_) => last_error = "does not chain to the segment before it".into(),
@@ -473,7 +476,10 @@ mod tests {
         };
         let mut buf = AlignedBuf::new(SEGMENT_HEADER_SIZE_BYTES);
         let crc = header.encode_into(&mut buf);
-        legs.all()[leg].device().write_at(&buf, at.offset()).unwrap();
+        legs.all()[leg]
+            .device()
+            .write_at(&buf, at.offset())
+            .unwrap();
         (crc, at.next(1, sb.segment_count))
     }
 
@@ -490,7 +496,10 @@ mod tests {
             report.stop_reason
         );
         assert!(report.repairs.is_empty());
-        assert_eq!((report.next_position, report.head_crc), (Position::default(), 0));
+        assert_eq!(
+            (report.next_position, report.head_crc),
+            (Position::default(), 0)
+        );
     }
 
     #[test]
@@ -539,7 +548,10 @@ mod tests {
             "{}",
             report.stop_reason
         );
-        assert_eq!(report.checkpoint_error, None, "a leftover is not a later lap");
+        assert_eq!(
+            report.checkpoint_error, None,
+            "a leftover is not a later lap"
+        );
     }
 
     #[test]

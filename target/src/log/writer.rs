@@ -69,10 +69,7 @@ pub(crate) enum LogJob {
 }
 
 enum LegJob {
-    Write {
-        piece: Piece,
-        flush: bool,
-    },
+    Write { piece: Piece, flush: bool },
     Flush,
     Stop,
 }
@@ -246,7 +243,11 @@ fn write_run(shared: &impl LogHost, leg: &Leg, run: &[Piece]) -> bool {
     }
     let images: Vec<&[u8]> = run
         .iter()
-        .map(|p| shared.ram().segment_bytes(p.buffer, p.position.block, p.len))
+        .map(|p| {
+            shared
+                .ram()
+                .segment_bytes(p.buffer, p.position.block, p.len)
+        })
         .collect();
     let offset = run[0].position.offset();
     let (device, generation) = leg.device_for_io();

@@ -139,8 +139,7 @@ fn check_adopted(
             w[0].header.segment_id, w[1].header.segment_id
         )));
     }
-    if first <= written_back || last < head || last - written_back > max_walk(sb.segment_count)
-    {
+    if first <= written_back || last < head || last - written_back > max_walk(sb.segment_count) {
         return Err(refuse(format!(
             "holds segments {first}..={last}, outside what the log allows (written back through \
              {written_back}, head {head}, {} slots in the ring)",
@@ -150,7 +149,9 @@ fn check_adopted(
     for a in adopted {
         check_adopted_addresses(a, sb.backing_size_bytes).map_err(refuse)?;
     }
-    adopted_positions(adopted, report, sb.segment_count).map(|_| ()).map_err(refuse)
+    adopted_positions(adopted, report, sb.segment_count)
+        .map(|_| ())
+        .map_err(refuse)
 }
 
 /// Where each adopted segment goes: the first where the log has (or would have) its id, each
@@ -231,9 +232,9 @@ pub fn open(
             .as_ref()
             .map_or(0, |c| c.last_written_back_id)
             .max(lost.log_through_id);
-        let (place, anchor) = checkpoint
-            .as_ref()
-            .map_or((Position::default(), 0), |c| (c.next_position, c.anchor_crc));
+        let (place, anchor) = checkpoint.as_ref().map_or((Position::default(), 0), |c| {
+            (c.next_position, c.anchor_crc)
+        });
         let mut recovered = Recovered::empty(&sb, through, place, anchor);
         recovered.checkpoint_sequence = checkpoint_sequence;
         recovered.faults_recorded = faults;

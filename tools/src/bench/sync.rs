@@ -53,8 +53,8 @@ pub fn run(args: &EngineArgs, every: u64) -> Result<SyncReport> {
     }
     let per_write = log_bytes as f64 / writes.max(1) as f64;
     // The ring's bytes (slots of 512 KiB), as the cost per write fills them.
-    let ring_bytes = status.capacity_bytes / logfmt::DATA_BLOCKS_PER_SEGMENT as u64
-        * logfmt::SLOT_BLOCKS as u64;
+    let ring_bytes =
+        status.capacity_bytes / logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * logfmt::SLOT_BLOCKS as u64;
     let flushes_per_sec = flushes as f64 / elapsed;
     Ok(SyncReport {
         writers: args.writers,
