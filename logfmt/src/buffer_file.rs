@@ -38,10 +38,7 @@ pub fn owner_word_offset(index: usize) -> usize {
 
 /// The owner word of a buffer whose first segment is `first_id`, starting at `start_block`.
 pub fn owner_word(first_id: u64, start_block: u32) -> u64 {
-    assert!(
-        (1..1 << 56).contains(&first_id),
-        "segment id out of range"
-    );
+    assert!((1..1 << 56).contains(&first_id), "segment id out of range");
     assert!(start_block as usize <= MAX_START_BLOCK);
     first_id << 8 | start_block as u64
 }
