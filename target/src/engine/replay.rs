@@ -133,6 +133,7 @@ impl State {
             shutting_down: false,
             failure: None,
             closing_log: false,
+            replacing_last_leg: false,
             passthrough: r.cache_lost.is_some(),
             cache_lost: r.cache_lost,
             lost_dirty_blocks: None,

@@ -244,9 +244,25 @@ pub fn open(
         report.bytes_read,
         report.stop_reason
     );
-    Ok(start(
+    let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
-    ))
+    );
+    // A leg that failed during recovery (invalidating the stale tail, repairing a torn copy,
+    // logging adopted buffers) is on record before a FLUSH may complete on the others; where it
+    // cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
+    // file for the next try (the one leg that took them may be the one that does not return).
+    if let Err(e) = engine.shared.record_faults() {
+        engine.abandon();
+        return Err(EngineError::CacheFailed(format!(
+            "a cache leg failed during start-up and its failure could not be recorded ({e}); not \
+             starting, because a later start could take that leg for a good one. Make the fault \
+             file writable or the leg readable, then start again"
+        )));
+    }
+    for a in &adopted {
+        engine.shared.ram.release(a.buffer);
+    }
+    Ok(engine)
 }
 
 /// Reads and checks the superblocks; a leg that cannot be read at all (a dead SSD) leaves a
@@ -469,9 +485,25 @@ fn open_lost(
         stop_reason: "the cache was lost: its log is not replayed".into(),
         ..ScanReport::default()
     };
-    Ok(start(
+    let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
-    ))
+    );
+    // A leg that failed during recovery (invalidating the stale tail, repairing a torn copy,
+    // logging adopted buffers) is on record before a FLUSH may complete on the others; where it
+    // cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
+    // file for the next try (the one leg that took them may be the one that does not return).
+    if let Err(e) = engine.shared.record_faults() {
+        engine.abandon();
+        return Err(EngineError::CacheFailed(format!(
+            "a cache leg failed during start-up and its failure could not be recorded ({e}); not \
+             starting, because a later start could take that leg for a good one. Make the fault \
+             file writable or the leg readable, then start again"
+        )));
+    }
+    for a in &adopted {
+        engine.shared.ram.release(a.buffer);
+    }
+    Ok(engine)
 }
 
 /// Invalidates out-of-order leftovers past the head before anything new is logged.
@@ -550,9 +582,7 @@ fn adopt_buffers(
     }
     legs.flush_all()
         .map_err(|e| EngineError::CacheFailed(format!("flushing cache legs: {e}")))?;
-    for a in adopted {
-        ram.release(a.buffer);
-    }
+    // The buffers are released by `open` once the legs that took them are on record.
     Ok(headers)
 }
 
