@@ -9,7 +9,7 @@
 #   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img \
 #       tests/vm/scripts/ublk-verify.sh
 #
-# Prints "ublk-verify: PASS" at the end. WB_VERIFY_SCALE=N (default 4) runs the fio verify jobs
+# Prints "ublk-verify: PASS" at the end. WB_VERIFY_SCALE=N (default 8) runs the fio verify jobs
 # of fio-jobs/ at 1/N of their size, and the drain phase on 512/N MiB: emulated, the VM drains at
 # a few MiB/s, and the whole suite has a time budget.
 set -euo pipefail
@@ -19,7 +19,7 @@ need_vm
 need_ublk
 [[ -z "${WB_WATCHDOG:-}" ]] || wb_watchdog "$WB_WATCHDOG"
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
-SCALE="${WB_VERIFY_SCALE:-4}"
+SCALE="${WB_VERIFY_SCALE:-8}"
 ONCE_MIB=$((512 / SCALE))
 log "kernel $(uname -r), $(nproc) CPUs; backing $BACKING, cache legs $CACHE0 $CACHE1"
 
