@@ -6,12 +6,13 @@
 //! path) and `mode`. The text is written by `prometheus-client`'s encoder, not by hand, so
 //! escaping and the suffix rules are the library's.
 //!
-//! **Counters reset when a daemon restarts.** The engine keeps its request, byte, flush,
-//! stall and per-leg error counters in memory only, so every `_total` here is monotonic within
-//! one daemon's life and starts again from 0 at a restart, recovery or upgrade. Prometheus'
-//! `rate()` and `increase()` treat a drop as a reset, which is what it is; nothing here pretends
-//! otherwise (`writeboost_uptime_seconds` shows when it happened). Segment ids are kept in the
-//! log and do survive restarts; they are gauges.
+//! **Counters across restarts.** The engine keeps its request, byte, flush, stall and writeback
+//! counters in memory; a daemon that hands its device over (a stop with the device in use, an
+//! upgrade) leaves them in the state file and the next daemon goes on from them, so those
+//! `_total`s only grow across such a restart. After a crash they start again from 0, and the
+//! per-leg error counters restart with every daemon: Prometheus' `rate()` and `increase()` treat
+//! a drop as a reset, which is what it is (`writeboost_uptime_seconds` shows when it happened).
+//! Segment ids are kept in the log and do survive restarts; they are gauges.
 
 use std::fs;
 use std::io::{self, Write as _};

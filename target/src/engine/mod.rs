@@ -231,6 +231,17 @@ impl Engine {
         self.shared.geometry.device_size_bytes
     }
 
+    /// The cumulative counters (`status`), for a successor to go on from.
+    pub fn counters(&self) -> crate::control::Counters {
+        self.shared.stats.snapshot()
+    }
+
+    /// Goes on from a predecessor's final counters (a hand-over: `daemon::hand_over`), before
+    /// the device serves I/O.
+    pub fn continue_counters(&self, from: &crate::control::Counters) {
+        self.shared.stats.continue_from(from)
+    }
+
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.shared.write(offset, data, fua)
     }

@@ -80,7 +80,8 @@ enum Cmd {
     },
     /// The devices' figures in the Prometheus text format (for node_exporter's textfile
     /// collector: see tools/systemd/writeboost-metrics.timer). A device whose daemon does not
-    /// answer shows as writeboost_daemon_up 0. Counters restart from 0 with the daemon.
+    /// answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of the
+    /// daemon (a hand-over) and restart from 0 after a crash.
     Metrics {
         /// One device (default: all).
         name: Option<String>,
@@ -364,7 +365,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
         config: args.config.clone(),
     };
     let (spec, start) = daemon::check_create(&request)?;
-    if let Start::Recover { dev_id } = start {
+    if let Start::Recover { dev_id, .. } = start {
         match run_dir.load_state(&spec.name) {
             Ok(state) if state.handed_over => log::info!(
                 "{}: its daemon stopped and left /dev/ublkb{dev_id} to the kernel; taking it over",
