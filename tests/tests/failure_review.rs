@@ -4,9 +4,9 @@
 //! exact interleaving of writes, FLUSHes, faults and restarts, and checks what the contract
 //! (docs/CONTRACT.md §2, §5) says a FLUSH may return and what a later start may read.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wb_target::Device;
 use wb_tests::{
@@ -371,7 +371,6 @@ fn r18_no_leg_is_attached_while_a_cache_loss_is_unrecorded() {
 /// on. That leg then dies for good, the other comes back: the start replays the lost log.
 #[test]
 fn r19_a_loss_is_on_record_only_where_every_later_start_looks() {
-    use std::sync::atomic::AtomicBool;
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
     let seg_writes_fail = Arc::new(AtomicBool::new(false));
     let f = seg_writes_fail.clone();
@@ -423,4 +422,340 @@ fn r19_a_loss_is_on_record_only_where_every_later_start_looks() {
             engine.status().mode
         ),
     }
+}
+
+// ---- A third review (of the fixes above) found these.
+
+fn lazy_policy() -> writeback::Policy {
+    writeback::Policy {
+        idle_aware: false,
+        low_watermark: 0.99,
+        age_threshold: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// R20: single-leg replace of the last healthy leg: writeback is not forced (Activity.degraded
+/// ignores replacing_last_leg), so with a lazy policy the cache never empties.
+#[test]
+fn r20_a_single_leg_replace_drains_with_a_lazy_policy() {
+    let rig = Rig::new(1, 16, BACKING_BYTES, BLOCK as u32);
+    let mut options = rig.options();
+    options.writeback = Some(lazy_policy());
+    let engine = rig.open_with(options);
+    engine.write(0, &block_of(0x11), false).unwrap();
+    engine.flush().unwrap();
+    let fresh = SimDisk::new("sim:new-leg", rig.legs[0].size_bytes());
+    let t = Instant::now();
+    let r = engine.replace_leg(0, fresh as Arc<dyn Device>, Duration::from_secs(8));
+    eprintln!(
+        "R20: replace {r:?} after {:?}, mode {}",
+        t.elapsed(),
+        engine.status().mode
+    );
+    assert!(
+        r.is_ok(),
+        "R20: single-leg replace timed out: writeback never ran at full speed"
+    );
+}
+
+/// R21: the R18 rule is checked once, before the wait: a loss during the wait (unrecordable)
+/// lets the swap attach the leg with the loss on record nowhere; the lost buffers keep owners.
+#[test]
+fn r21_a_loss_while_a_replace_waits_is_on_record_before_a_leg_is_attached() {
+    let rig = Rig::new(1, 16, BACKING_BYTES, BLOCK as u32);
+    let mut options = rig.no_writeback();
+    options.sync_interval = Duration::from_secs(3600);
+    let engine = Arc::new(rig.open_with(options));
+    let blocked = rig.block_fault_file(&engine);
+    engine.write(0, &block_of(0x11), false).unwrap();
+    engine.flush().unwrap();
+    engine.write(BLOCK as u64, &block_of(0x22), false).unwrap(); // open segment, RAM only
+    rig.kill_legs(true);
+    let fresh = SimDisk::new("sim:new-leg", rig.legs[0].size_bytes());
+    let e = engine.clone();
+    let f = fresh.clone();
+    let replace =
+        std::thread::spawn(move || e.replace_leg(0, f as Arc<dyn Device>, Duration::from_secs(20)));
+    let r = replace.join().unwrap();
+    eprintln!(
+        "R21: replace {r:?}; mode {}; lost {:?}",
+        engine.status().mode,
+        engine.status().cache_lost
+    );
+    let e = engine.clone();
+    let w = std::thread::spawn(move || e.write(2 * BLOCK as u64, &block_of(0x33), false)).join();
+    eprintln!("R21: write after replace: {w:?}");
+    drop(blocked);
+    assert!(
+        w.is_ok(),
+        "R21: a write after the replace panicked (lost buffer still owned)"
+    );
+    assert!(
+        r.is_err(),
+        "R21: a leg was attached while the loss was on record nowhere"
+    );
+}
+
+/// R22: R16 through a restart: the failed persist left the failure on the survivor's checkpoint;
+/// a restart (fault file still blocked) takes it as on record and goes to passthrough.
+#[test]
+fn r22_an_unrecorded_leg_failure_stays_unrecorded_across_a_restart() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let mut options = rig.options();
+    options.writeback = Some(lazy_policy());
+    let engine = rig.open_with(options.clone());
+    engine.write(0, &block_of(0xaa), false).unwrap();
+    engine.flush().unwrap();
+    let blocked = rig.block_fault_file(&engine);
+    rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
+    let _ = engine.write(BLOCK as u64, &block_of(0x22), false);
+    eprintln!(
+        "R22: flush with the failure unrecordable: {:?}",
+        engine.flush()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    engine.abandon();
+    drop(engine);
+    // Restart, fault file still blocked, leg 0 still dead.
+    let flushed = match wb_target::open(
+        rig.leg_devices(),
+        rig.backing.clone(),
+        BACKING_IDENTITY,
+        rig.writing_back_always(),
+    ) {
+        Err(e) => {
+            eprintln!("R22: restart refused: {e}");
+            false
+        }
+        Ok(engine) => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while engine.status().mode != "passthrough" && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("R22: restarted, mode {}", engine.status().mode);
+            let r = engine
+                .write(0, &block_of(0xbb), false)
+                .and_then(|()| engine.flush());
+            eprintln!("R22: passthrough write + FLUSH after restart: {r:?}");
+            engine.abandon();
+            r.is_ok()
+        }
+    };
+    rig.legs[0].faults.dead.store(false, Ordering::Relaxed);
+    rig.legs[1].faults.dead.store(true, Ordering::Relaxed);
+    drop(blocked);
+    match wb_target::open(
+        rig.leg_devices(),
+        rig.backing.clone(),
+        BACKING_IDENTITY,
+        rig.no_writeback(),
+    ) {
+        Err(e) => eprintln!("R22: final start refused: {e}"),
+        Ok(engine) => {
+            let got = read_block(&engine, 0);
+            eprintln!(
+                "R22: final mode {}, block0 {:#x}",
+                engine.status().mode,
+                got[0]
+            );
+            if flushed {
+                assert_eq!(
+                    got,
+                    block_of(0xbb),
+                    "R22: stale log of the failed leg replayed over a FLUSHed passthrough write"
+                );
+            }
+        }
+    }
+}
+
+/// R23: R19 through a restart.
+#[test]
+fn r23_an_unrecorded_loss_stays_unrecorded_across_a_restart() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let seg_writes_fail = Arc::new(AtomicBool::new(false));
+    let f = seg_writes_fail.clone();
+    let leg0 = Hooked::new(rig.legs[0].clone(), move |_d, op| {
+        if f.load(Ordering::Acquire)
+            && matches!(op, IoOp::Write { offset, .. } if *offset >= logfmt::SEGMENT_AREA_OFFSET)
+        {
+            return Some(Err(std::io::Error::other("leg 0 segment write error")));
+        }
+        None
+    });
+    let legs: Vec<Arc<dyn Device>> = vec![leg0.clone(), rig.legs[1].clone()];
+    let engine = wb_target::open(
+        legs.clone(),
+        rig.backing.clone(),
+        BACKING_IDENTITY,
+        rig.no_writeback(),
+    )
+    .unwrap();
+    let blocked = rig.block_fault_file(&engine);
+    engine.write(0, &block_of(0xaa), false).unwrap();
+    engine.flush().unwrap();
+    seg_writes_fail.store(true, Ordering::Release);
+    rig.legs[1].faults.dead.store(true, Ordering::Relaxed);
+    engine.write(BLOCK as u64, &block_of(0x22), false).unwrap();
+    let _ = engine.flush();
+    wait_for_mode(&engine, "passthrough");
+    eprintln!(
+        "R23: passthrough write before restart: {:?}",
+        engine.write(0, &block_of(0xcc), false)
+    );
+    engine.abandon();
+    drop(engine);
+    let flushed = match wb_target::open(
+        legs,
+        rig.backing.clone(),
+        BACKING_IDENTITY,
+        rig.no_writeback(),
+    ) {
+        Err(e) => {
+            eprintln!("R23: restart refused: {e}");
+            false
+        }
+        Ok(engine) => {
+            eprintln!("R23: restarted, mode {}", engine.status().mode);
+            let r = engine
+                .write(0, &block_of(0xbb), false)
+                .and_then(|()| engine.flush());
+            eprintln!("R23: passthrough write + FLUSH after restart: {r:?}");
+            engine.abandon();
+            r.is_ok()
+        }
+    };
+    rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
+    rig.legs[1].faults.dead.store(false, Ordering::Relaxed);
+    drop(blocked);
+    match wb_target::open(
+        rig.leg_devices(),
+        rig.backing.clone(),
+        BACKING_IDENTITY,
+        rig.no_writeback(),
+    ) {
+        Err(e) => eprintln!("R23: final start refused: {e}"),
+        Ok(engine) => {
+            let got = read_block(&engine, 0);
+            eprintln!(
+                "R23: final mode {}, block0 {:#x}",
+                engine.status().mode,
+                got[0]
+            );
+            if flushed {
+                assert_eq!(
+                    got,
+                    block_of(0xbb),
+                    "R23: lost log replayed over a FLUSHed passthrough write"
+                );
+            }
+        }
+    }
+}
+
+struct Rendezvous {
+    inner: Arc<SimDisk>,
+    barrier: Arc<std::sync::Barrier>,
+    armed: AtomicBool,
+}
+impl Device for Rendezvous {
+    fn name(&self) -> &str {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.barrier.wait();
+        }
+        self.inner.name()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// R24: two concurrent replaces of the two healthy legs of a mirrored pair: each sees the other
+/// leg healthy, both mark their leg failed, the cache is lost with FLUSHed dirty data.
+#[test]
+fn r24_concurrent_replaces_of_a_healthy_pair_keep_flushed_data() {
+    let mut lost = 0;
+    for i in 0..3 {
+        let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+        let engine = Arc::new(rig.open_with(rig.no_writeback()));
+        engine.write(0, &block_of(0x11), false).unwrap();
+        engine.flush().unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let mut threads = Vec::new();
+        for leg in 0..2 {
+            let dev = Arc::new(Rendezvous {
+                inner: SimDisk::new(&format!("sim:new{leg}"), rig.legs[0].size_bytes()),
+                barrier: barrier.clone(),
+                armed: AtomicBool::new(true),
+            });
+            let e = engine.clone();
+            threads.push(std::thread::spawn(move || {
+                e.replace_leg(leg, dev as Arc<dyn Device>, Duration::from_millis(1500))
+            }));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let st = engine.status();
+        if st.cache_lost.is_some() || read_block(&engine, 0) != block_of(0x11) {
+            lost += 1;
+            eprintln!(
+                "R24[{i}]: cache lost {:?}, mode {}",
+                st.cache_lost.is_some(),
+                st.mode
+            );
+        }
+    }
+    assert_eq!(
+        lost, 0,
+        "R24: {lost}/3 concurrent replace pairs lost FLUSHed data"
+    );
+}
+
+/// R25: replacing a healthy leg of a mirrored pair takes it out of use for the whole drain; the
+/// other leg failing meanwhile loses FLUSHed data that the healthy leg still holds.
+#[test]
+fn r25_a_real_failure_during_a_replace_of_the_other_leg_keeps_flushed_data() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let engine = Arc::new(rig.open_with(rig.no_writeback()));
+    engine.write(0, &block_of(0x11), false).unwrap();
+    engine.flush().unwrap();
+    let fresh = SimDisk::new("sim:new0", rig.legs[0].size_bytes());
+    let e = engine.clone();
+    let t = std::thread::spawn(move || {
+        e.replace_leg(0, fresh as Arc<dyn Device>, Duration::from_secs(3))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    rig.legs[1].faults.dead.store(true, Ordering::Relaxed); // the only real failure
+    let mut failed_reads = 0;
+    for _ in 0..20 {
+        let mut b = vec![0u8; BLOCK];
+        if engine.read(0, &mut b).is_err() {
+            failed_reads += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!("R25: reads of a FLUSHed block that failed: {failed_reads}/20");
+    let r = t.join().unwrap();
+    let st = engine.status();
+    eprintln!(
+        "R25: replace {r:?}; mode {}; lost {:?}",
+        st.mode,
+        st.cache_lost.is_some()
+    );
+    assert_eq!(
+        read_block(&engine, 0),
+        block_of(0x11),
+        "R25: FLUSHed write lost after one leg failed during a replace of the other"
+    );
 }

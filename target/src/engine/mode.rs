@@ -141,7 +141,7 @@ impl Shared {
     /// timer and after every writeback commit.
     pub(crate) fn check_mode_transition(&self, state: &mut State) {
         let degraded =
-            self.legs.healthy_count() < self.legs.all().len() || state.replacing_last_leg;
+            self.legs.healthy_count() < self.legs.all().len() || state.replacing_legs > 0;
         if state.passthrough || !degraded || state.failure.is_some() || state.shutting_down {
             return;
         }
@@ -292,10 +292,10 @@ impl Shared {
 }
 
 impl Engine {
-    /// Replaces cache leg `index` by `device`, online. A healthy leg is first taken out of use
-    /// (the last healthy one is not: the log closes instead, see `replacing_last_leg`). Waits
-    /// (with writeback at full speed) until the cache is clean and in passthrough, then formats
-    /// `device` as leg `index` of the set and returns to mirrored operation.
+    /// Replaces cache leg `index` by `device`, online. Waits (with writeback at full speed) until
+    /// the cache is clean and in passthrough — a healthy leg stays in use meanwhile, the log
+    /// closing as if degraded (`replacing_legs`) — then formats `device` as leg `index` of the
+    /// set and returns to mirrored operation.
     pub fn replace_leg(
         &self,
         index: usize,
@@ -306,18 +306,17 @@ impl Engine {
         let leg = self.check_replacement(index, device.as_ref())?;
         self.loss_on_record_before_replace()?;
         let generation = leg.generation();
-        let last_healthy = leg.is_healthy() && s.legs.healthy_count() == 1;
-        if last_healthy {
-            // Taking it out of use would lose the cache: close the log and let writeback empty
-            // it first, as a degraded set does on its way to passthrough.
-            s.state.lock().replacing_last_leg = true;
-        } else if leg.is_healthy() {
-            leg.mark_failed(&std::io::Error::other("taken out of use for replacement"));
-        }
-        let swapped = self.swap_leg(leg, generation, device, timeout);
-        if last_healthy && leg.generation() == generation {
-            // Not swapped (timed out, refused): the log opens again.
-            self.resume_after_failed_replace()?;
+        // Checked and counted under one lock: two replaces of the two legs both keep theirs.
+        let healthy = {
+            let mut state = s.state.lock();
+            let healthy = leg.is_healthy();
+            state.replacing_legs += healthy as u32;
+            healthy
+        };
+        let swapped = self.swap_leg(leg, generation, healthy, device, timeout);
+        if healthy && leg.generation() == generation {
+            // Not swapped (timed out, refused): the log may open again.
+            self.resume_after_failed_replace();
         }
         swapped
     }
@@ -360,6 +359,7 @@ impl Engine {
         &self,
         leg: &Leg,
         generation: u64,
+        healthy: bool,
         device: Arc<dyn Device>,
         timeout: Duration,
     ) -> Result<()> {
@@ -386,9 +386,17 @@ impl Engine {
                 format!("leg {index} was replaced meanwhile"),
             ));
         }
-        assert!(
-            !leg.is_healthy() || s.legs.healthy_count() == 1,
-            "a healthy leg is swapped only as the last one, in passthrough"
+        if state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none() {
+            // Lost while this waited, and not on record: attaching now would drop the loss.
+            return Err(EngineError::CacheFailed(
+                "the cache was lost while the replacement waited, and the loss is not on record \
+                 yet; no leg is attached before it is"
+                    .into(),
+            ));
+        }
+        debug_assert!(
+            state.passthrough && state.open.is_none(),
+            "swapped only when clean"
         );
         let incarnation = state.leg_incarnations[index] + 1;
         format_as_leg(s, &state, index, incarnation, device.as_ref())?;
@@ -396,8 +404,9 @@ impl Engine {
         state.leg_incarnations[index] = incarnation;
         state.leg_written[index] = state.written_id;
         state.leg_durable[index] = state.durable_id;
-        state.replacing_last_leg = false;
-        let all_back = s.legs.healthy_count() == s.legs.all().len();
+        state.replacing_legs -= healthy as u32;
+        // Back to the log only once no other replace waits for passthrough.
+        let all_back = s.legs.healthy_count() == s.legs.all().len() && state.replacing_legs == 0;
         let lost = state.cache_lost;
         if all_back {
             state.cache_lost = None;
@@ -449,26 +458,29 @@ impl Engine {
         })
     }
 
-    /// The last healthy leg was not swapped after all: the log opens again. If the engine got
-    /// to passthrough meanwhile, what passthrough wrote is flushed first (like any way out of
-    /// passthrough).
-    fn resume_after_failed_replace(&self) -> Result<()> {
+    /// A healthy leg was not swapped after all: if no other replace waits and nothing failed
+    /// meanwhile, the log opens again. Leaving passthrough flushes what it wrote first (like any
+    /// way out of passthrough); if that flush fails, the device stays in passthrough (safe) and
+    /// says so.
+    fn resume_after_failed_replace(&self) {
         let s = &self.shared;
         let mut state = s.state.lock();
-        state.replacing_last_leg = false;
+        state.replacing_legs -= 1;
         let all_healthy = s.legs.healthy_count() == s.legs.all().len();
-        if !all_healthy || state.cache_lost.is_some() {
-            return Ok(()); // a real failure meanwhile: its own way applies
+        if state.replacing_legs > 0 || !all_healthy || state.cache_lost.is_some() {
+            return; // another replace, or a real failure meanwhile: its own way applies
         }
         state.closing_log = false;
         if state.passthrough {
             drop(state);
-            s.passthrough_flush()?;
+            if let Err(e) = s.passthrough_flush() {
+                log::error!("staying in passthrough after a replace that did not happen: {e}");
+                return;
+            }
             state = s.state.lock();
             state.passthrough = false;
         }
         s.space_freed.notify_all();
-        Ok(())
     }
 
     /// Waits (writeback at full speed meanwhile) until leg `leg` may be swapped: see

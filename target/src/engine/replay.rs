@@ -133,7 +133,7 @@ impl State {
             shutting_down: false,
             failure: None,
             closing_log: false,
-            replacing_last_leg: false,
+            replacing_legs: 0,
             passthrough: r.cache_lost.is_some(),
             cache_lost: r.cache_lost,
             lost_dirty_blocks: None,

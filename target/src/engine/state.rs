@@ -132,9 +132,10 @@ pub(crate) struct State {
     /// Degraded and (almost) clean: no new segment is opened until writeback catches up, then
     /// the engine goes to passthrough (see `mode`).
     pub closing_log: bool,
-    /// `replace` of the last healthy leg: the log closes for passthrough as if degraded, so the
-    /// cache is clean (and nothing lives only on that leg) before it is swapped.
-    pub replacing_last_leg: bool,
+    /// `replace`s of healthy legs under way: the log closes for passthrough as if degraded, so
+    /// the cache is clean before the leg is swapped, while the leg stays in use (taking it out
+    /// at once would leave the cache on one leg, or none, for the whole drain).
+    pub replacing_legs: u32,
     /// Requests go straight to the backing device (a leg is missing and the cache is clean, or
     /// every leg is lost).
     pub passthrough: bool,
