@@ -103,7 +103,7 @@ impl SsdHealth {
             .map(|p| if p { "SMART passed" } else { "SMART FAILED" }.to_string()));
         add(self
             .data_units_written
-            .map(|u| format!("{} GB written", u as u128 * 512_000 / 1_000_000_000)));
+            .map(|u| format!("{} written", decimal_bytes(u as u128 * 512_000))));
         add(self.power_on_hours.map(|h| format!("{h} h on")));
         add(self.temperature_celsius.map(|t| format!("{t} °C")));
         match self.source {
@@ -114,6 +114,25 @@ impl SsdHealth {
             Source::Nvme => format!("nvme {device}: {}", parts.join(", ")),
             Source::Smartctl => format!("smartctl {device}: {}", parts.join(", ")),
         }
+    }
+}
+
+/// Bytes in the decimal units drive makers rate endurance in: `1.5 MB`, `12.3 TB`.
+fn decimal_bytes(n: u128) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    let mut v = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v < 1000.0 {
+            break;
+        }
+        v /= 1000.0;
+        unit = u;
+    }
+    if unit == "B" {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {unit}")
     }
 }
 
@@ -226,10 +245,12 @@ pub fn target_of_entry(dir: &Path, sys: &Path, depth: u32) -> Target {
         dir
     };
     let disk_name = name(disk);
-    if let Ok(under) = fs::read_dir(disk.join("slaves")) {
-        let under: Vec<PathBuf> = under.flatten().map(|e| e.path()).collect();
+    // Every disk has a `slaves` folder; a stacked one (dm, md) lists what is under it.
+    let under: Vec<PathBuf> = fs::read_dir(disk.join("slaves"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if !under.is_empty() {
         return match under.as_slice() {
-            [] => Target::Unknown(format!("{disk_name}: no device under it")),
             [one] if depth < 8 => match fs::canonicalize(sys.join("class/block").join(name(one))) {
                 Ok(d) => target_of_entry(&d, sys, depth + 1),
                 Err(e) => Target::Unknown(format!("{disk_name}: {e}")),

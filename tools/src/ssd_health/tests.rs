@@ -90,6 +90,9 @@ fn fake_sys() -> tempfile::TempDir {
         let name = rel.rsplit('/').next().unwrap();
         std::fs::create_dir_all(s.join("class/block")).unwrap();
         symlink(s.join(rel), s.join("class/block").join(name)).unwrap();
+        // Every block device has one, empty unless stacked (and partitions too, here: a
+        // test that it is the disk's that counts).
+        std::fs::create_dir(s.join(rel).join("slaves")).unwrap();
         s.join(rel)
     };
     dev("devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1");
@@ -98,13 +101,13 @@ fn fake_sys() -> tempfile::TempDir {
     dev("devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda");
     dev("devices/virtual/block/loop0");
     dev("devices/pci0000:00/0000:00:05.0/virtio1/block/vda");
+    dev("devices/virtual/block/dm-9"); // a dm device with nothing under it yet
     for (dm, under) in [
         ("dm-0", &["nvme0n1p2"][..]),
         ("dm-1", &["sda", "nvme0n1p2"][..]),
         ("dm-2", &["dm-0"][..]),
     ] {
         let d = dev(&format!("devices/virtual/block/{dm}"));
-        std::fs::create_dir(d.join("slaves")).unwrap();
         for u in under {
             symlink(s.join("class/block").join(u), d.join("slaves").join(u)).unwrap();
         }
@@ -130,6 +133,7 @@ fn legs_map_to_the_disk_that_answers() {
         ("dm-1", "over 2 devices"),
         ("loop0", "loop device"),
         ("vda", "neither NVMe nor SCSI"),
+        ("dm-9", "neither NVMe nor SCSI"),
     ] {
         match target(name) {
             Target::Unknown(reason) => assert!(reason.contains(why), "{name}: {reason}"),
@@ -160,8 +164,12 @@ fn the_summary_names_the_figures() {
     assert_eq!(
         h.summary(),
         "nvme /dev/nvme0n1: 3 % used, spare 100 % (threshold 10 %), 0 media errors, \
-         no critical warning, 1024 GB written, 5 h on, 40 °C"
+         no critical warning, 1.0 TB written, 5 h on, 40 °C"
     );
+    h.data_units_written = Some(3);
+    assert!(h.summary().contains(", 1.5 MB written,"), "{}", h.summary());
+    h.data_units_written = Some(0);
+    assert!(h.summary().contains(", 0 B written,"), "{}", h.summary());
     h.critical_warning = Some(1);
     assert!(h
         .summary()
