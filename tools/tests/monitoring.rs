@@ -85,6 +85,8 @@ fn the_dashboard_is_json_with_its_panels_on_emitted_metrics() {
         "Read hit ratio",
         "Writer stalls",
         "Cache leg health",
+        "Cache leg SSD wear and spare",
+        "Cache leg SSD alarms",
     ] {
         assert!(
             titles.contains(&wanted),
