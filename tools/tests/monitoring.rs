@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use wb_tools::metrics::{exposition, exposition_with_health, metric_names, Scrape, MODES};
+use wb_tools::metrics::{exposition_with_health, metric_names, Scrape, MODES};
 
 fn monitoring(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
