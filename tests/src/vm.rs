@@ -189,11 +189,14 @@ fn guest_kernel_panicked(run: &VmRun) -> bool {
     run.status == Some(251) && run.output.contains("Kernel panic")
 }
 
-/// A disk image for the VM: name, size (truncate syntax), throttled like an HDD or not.
+/// A disk image for the VM: name, size (truncate syntax), throttled like an HDD or not, and
+/// whether it is attached as the namespace of an emulated NVMe controller (with these extra
+/// `-device nvme` properties, e.g. ",smart_critical_warning=4") instead of a virtio disk.
 pub struct Disk {
     pub name: &'static str,
     pub size: &'static str,
     pub throttle: bool,
+    pub nvme: Option<&'static str>,
 }
 
 pub const fn disk(name: &'static str, size: &'static str, throttle: bool) -> Disk {
@@ -201,6 +204,18 @@ pub const fn disk(name: &'static str, size: &'static str, throttle: bool) -> Dis
         name,
         size,
         throttle,
+        nvme: None,
+    }
+}
+
+/// A disk attached as an emulated NVMe namespace (`run.sh --disk FILE:nvme...`): /dev/nvmeKn1
+/// in the guest once the script loads the nvme module.
+pub const fn nvme_disk(name: &'static str, size: &'static str, props: &'static str) -> Disk {
+    Disk {
+        name,
+        size,
+        throttle: false,
+        nvme: Some(props),
     }
 }
 
@@ -252,11 +267,12 @@ impl VmTest<'_> {
                 );
             }
             vm_args.push("--disk".into());
-            vm_args.push(format!(
-                "{}{}",
-                path.display(),
-                if d.throttle { ":throttle" } else { "" }
-            ));
+            let attach = match (d.throttle, d.nvme) {
+                (_, Some(props)) => format!(":nvme{props}"),
+                (true, None) => ":throttle".into(),
+                (false, None) => String::new(),
+            };
+            vm_args.push(format!("{}{attach}", path.display()));
         }
         vm_args.push(self.script.into());
         vm_args.extend(self.args.iter().map(|a| a.to_string()));
