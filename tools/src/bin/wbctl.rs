@@ -144,6 +144,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (OUT/man) and bash/zsh/fish completions (OUT/completions) made
+    /// from these definitions; used to build the Debian package, hidden from users.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -276,7 +283,7 @@ fn main() {
     // Nothing in a run folder others can write is believed (state files name the devices that
     // `delete --force` removes and `recover` writes to).
     let trusted = match cli.command {
-        Cmd::Check { .. } => Ok(()),
+        Cmd::Check { .. } | Cmd::GenerateDocs { .. } => Ok(()),
         _ => run_dir.check_if_present().map_err(anyhow::Error::from),
     };
     let result = trusted.and_then(|()| match cli.command {
@@ -306,11 +313,22 @@ fn main() {
         Cmd::Replace { name, old, new } => replace(&run_dir, &name, old, new),
         Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
         Cmd::Check { caches, json } => check(&caches, json),
+        Cmd::GenerateDocs { out } => generate_docs(&out),
     });
     if let Err(e) = result {
         eprintln!("wbctl: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn generate_docs(out: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    let written = wb_tools::docs::generate(Cli::command(), out)
+        .with_context(|| format!("writing man pages and completions under {}", out.display()))?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------ create
