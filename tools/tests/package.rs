@@ -46,6 +46,13 @@ fn deb() -> &'static Path {
     path
 }
 
+/// One file of the package, as text.
+fn packaged_file(deb: &Path, path: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir.path()));
+    std::fs::read_to_string(dir.path().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 /// Every file the issue asks for, where Debian puts it.
 const EXPECTED: &[&str] = &[
     "./usr/sbin/wbctl",
@@ -84,22 +91,36 @@ fn the_package_holds_wbctl_units_config_man_pages_completions_and_monitoring() {
             "{want} not in the package:\n{listing}"
         );
     }
-    assert!(entries.iter().all(|(_, owner, _)| *owner == "root/root"), "{listing}");
+    assert!(
+        entries.iter().all(|(_, owner, _)| *owner == "root/root"),
+        "{listing}"
+    );
     let mode = |p: &str| entries.iter().find(|e| e.2 == p).map(|e| e.0);
     assert_eq!(mode("./usr/sbin/wbctl"), Some("-rwxr-xr-x"));
     assert_eq!(mode("./etc/writeboost/example.toml"), Some("-rw-r--r--"));
     // One page per visible subcommand, and none for the hidden generate-docs.
     assert!(!listing.contains("generate-docs"), "{listing}");
+    let bash = packaged_file(deb(), "./usr/share/bash-completion/completions/wbctl");
+    assert!(bash.contains("create status metrics list"), "{bash}");
+    assert!(
+        !bash.contains("generate-docs"),
+        "the internal subcommand is completed"
+    );
     // Test and benchmark programs stay out of the package.
     for absent in ["wbbench", "wb-null"] {
-        assert!(!listing.contains(absent), "{absent} in the package:\n{listing}");
+        assert!(
+            !listing.contains(absent),
+            "{absent} in the package:\n{listing}"
+        );
     }
 }
 
 #[test]
 fn the_control_fields_name_the_version_dependencies_and_conffile() {
     let info = text(&run(Command::new("dpkg-deb").arg("-I").arg(deb())));
-    let wbctl = text(&run(Command::new(env!("CARGO_BIN_EXE_wbctl")).arg("--version")));
+    let wbctl = text(&run(
+        Command::new(env!("CARGO_BIN_EXE_wbctl")).arg("--version")
+    ));
     let version = wbctl.trim().strip_prefix("wbctl ").expect("wbctl VERSION");
     assert!(info.contains(" Package: writeboost\n"), "{info}");
     assert!(info.contains(&format!(" Version: {version}\n")), "{info}");
@@ -108,8 +129,14 @@ fn the_control_fields_name_the_version_dependencies_and_conffile() {
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .unwrap_or_else(|| panic!("no Depends:\n{info}"));
     assert!(depends.contains("libc6 (>= "), "{depends}");
-    for script in ["conffiles", "md5sums", "postinst", "postrm"] {
-        assert!(info.contains(&format!(" {script}\n")), "{script}:\n{info}");
+    // "   29 bytes,   1 lines      conffiles": the control archive's members.
+    let members: Vec<&str> = info
+        .lines()
+        .filter(|l| l.contains(" bytes, "))
+        .flat_map(str::split_whitespace)
+        .collect();
+    for member in ["conffiles", "md5sums", "postinst", "postrm"] {
+        assert!(members.contains(&member), "no {member}:\n{info}");
     }
     let conffiles = text(&run(Command::new("dpkg-deb")
         .args(["-I"])
@@ -174,10 +201,16 @@ fn the_config_man_page_documents_every_key_the_daemon_reads() {
     assert!(keys.len() >= 9, "{keys:?}");
     let documented = |key: &str| page.lines().any(|l| l == format!(".B {key}"));
     for key in keys.keys().filter(|k| *k != "policy") {
-        assert!(documented(key), "writeboost.toml(5) does not document `{key}`");
+        assert!(
+            documented(key),
+            "writeboost.toml(5) does not document `{key}`"
+        );
     }
     assert!(page.contains(".SH [policy] TABLE"), "no [policy] section");
     for knob in writeback::KNOBS {
-        assert!(documented(knob), "writeboost.toml(5) does not document `{knob}`");
+        assert!(
+            documented(knob),
+            "writeboost.toml(5) does not document `{knob}`"
+        );
     }
 }

@@ -35,9 +35,11 @@ marker=etc/wb-pkg-marker.$$
 touch "$R/$marker"
 [[ -e $T/up/$marker && ! -e /$marker ]] || fail "the overlay is not where writes go"
 rm "$R/$marker"
-# The real /dev (its /dev/null: without it, `>/dev/null` in the root makes a file) and a /proc.
+# The real /dev (its /dev/null: without it, `>/dev/null` in the root makes a file), a /proc,
+# and an empty /run as at boot (no /run/systemd/system: no systemd runs here).
 mount --bind /dev "$R/dev"
 mount -t proc proc "$R/proc"
+mount -t tmpfs wb-pkg-run "$R/run"
 
 in_root() { chroot "$R" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 cp "$DEB" "$R/tmp/writeboost.deb"
@@ -68,6 +70,15 @@ check_units() {
     done
     systemd-analyze --root="$R" cat-config systemd/system/writeboost@.service |
         grep -q '^ExecStart=/usr/sbin/wbctl create %i' || fail "writeboost@.service has no ExecStart"
+    # systemd's own parser and loader on the installed units, an instance of the template
+    # included: syntax, the units they name, the programs they run and their man pages.
+    local verify
+    # In the root (not --root=): it runs `man` for the units' Documentation= pages.
+    verify=$(in_root systemd-analyze verify writeboost@tank0.service \
+        writeboost-metrics.service writeboost-metrics.timer 2>&1) ||
+        fail "systemd-analyze verify: $verify"
+    [[ -z $verify ]] || fail "systemd-analyze verify complains: $verify"
+    log "systemd-analyze verify: clean"
     # The timer can be enabled the way the README says (offline: symlinks in the root).
     systemctl --root="$R" enable writeboost-metrics.timer 2>/dev/null
     [[ -L $R/etc/systemd/system/timers.target.wants/writeboost-metrics.timer ]] ||

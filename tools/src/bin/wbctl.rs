@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
@@ -144,13 +144,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the man pages (OUT/man) and bash/zsh/fish completions (OUT/completions) made
-    /// from these definitions; used to build the Debian package, hidden from users.
-    #[command(hide = true)]
-    GenerateDocs {
-        #[arg(long, value_name = "OUT")]
-        out: PathBuf,
-    },
+}
+
+/// `wbctl generate-docs --out DIR`: the man pages (DIR/man) and bash/zsh/fish completions
+/// (DIR/completions) made from `Cli`, for the Debian package. Added to the parser in `main`
+/// only, not to `Cli`: clap_complete completes hidden subcommands too, and the pages and
+/// completions generated from `Cli::command()` must offer only what users type.
+fn docs_subcommand() -> clap::Command {
+    clap::Command::new("generate-docs").hide(true).arg(
+        clap::Arg::new("out")
+            .long("out")
+            .value_name("DIR")
+            .required(true)
+            .value_parser(clap::value_parser!(PathBuf)),
+    )
 }
 
 #[derive(Args, Debug, Clone)]
@@ -267,7 +274,16 @@ fn parse_knob(s: &str) -> Result<(String, String)> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().subcommand(docs_subcommand()).get_matches();
+    if let Some(("generate-docs", m)) = matches.subcommand() {
+        let out = m.get_one::<PathBuf>("out").expect("--out is required");
+        if let Err(e) = generate_docs(out) {
+            eprintln!("wbctl: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
@@ -283,7 +299,7 @@ fn main() {
     // Nothing in a run folder others can write is believed (state files name the devices that
     // `delete --force` removes and `recover` writes to).
     let trusted = match cli.command {
-        Cmd::Check { .. } | Cmd::GenerateDocs { .. } => Ok(()),
+        Cmd::Check { .. } => Ok(()),
         _ => run_dir.check_if_present().map_err(anyhow::Error::from),
     };
     let result = trusted.and_then(|()| match cli.command {
@@ -313,7 +329,6 @@ fn main() {
         Cmd::Replace { name, old, new } => replace(&run_dir, &name, old, new),
         Cmd::Recover { name, foreground } => recover(&run_dir, &name, foreground),
         Cmd::Check { caches, json } => check(&caches, json),
-        Cmd::GenerateDocs { out } => generate_docs(&out),
     });
     if let Err(e) = result {
         eprintln!("wbctl: error: {e:#}");
@@ -322,7 +337,6 @@ fn main() {
 }
 
 fn generate_docs(out: &Path) -> Result<()> {
-    use clap::CommandFactory;
     let written = wb_tools::docs::generate(Cli::command(), out)
         .with_context(|| format!("writing man pages and completions under {}", out.display()))?;
     for path in written {
