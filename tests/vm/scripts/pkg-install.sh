@@ -6,8 +6,8 @@
 # root that `dpkg -i` / `-r` / `--purge` run in (chroot), so dpkg works on this machine's real
 # package database and dependencies, and every write lands in the tmpfs, dropped at exit.
 # Checks: install; `wbctl --version`; `man -w` finds wbctl(8), a subcommand page and
-# writeboost.toml(5); systemd's offline tools see the units in that root (no systemd runs there,
-# so `systemctl cat` cannot: it asks the running manager); bash completion completes a
+# writeboost.toml(5); systemd's offline tools see and verify the units in that root (no systemd
+# runs there, so `systemctl cat` cannot: it asks the running manager); bash completion completes a
 # subcommand; remove keeps the conffile; purge leaves nothing but the administrator's config
 # (the metrics file the timer wrote goes too).
 # Prints "pkg-install: PASS" at the end.
@@ -20,9 +20,14 @@ DEB=$(realpath "${1:?usage: pkg-install.sh PACKAGE.deb}")
 [[ -f $DEB ]] || fail "no package at $DEB"
 [[ $(id -u) -eq 0 ]] || fail "must run as root (dpkg, mount)"
 
-if [[ -z ${WB_PKG_NS:-} ]]; then
-    exec env WB_PKG_NS=1 unshare --mount --propagation private bash "$0" "$@"
+# WB_PKG_CALLER_NS: the caller's mount namespace. The mounts below must never be made in it.
+if [[ -z ${WB_PKG_CALLER_NS:-} ]]; then
+    WB_PKG_CALLER_NS=$(readlink /proc/self/ns/mnt)
+    export WB_PKG_CALLER_NS
+    exec unshare --mount --propagation private bash "$0" "$@"
 fi
+here_ns=$(readlink /proc/self/ns/mnt)
+[[ -n $here_ns && $here_ns != "$WB_PKG_CALLER_NS" ]] || fail "not in a private mount namespace"
 
 T=$(mktemp -d /tmp/wb-pkg.XXXXXX)
 trap 'umount -R "$T" 2>/dev/null; rmdir "$T"' EXIT
