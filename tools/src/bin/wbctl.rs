@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
@@ -149,6 +149,20 @@ enum Cmd {
     },
 }
 
+/// `wbctl generate-docs --out DIR`: the man pages (DIR/man) and bash/zsh/fish completions
+/// (DIR/completions) made from `Cli`, for the Debian package. Added to the parser in `main`
+/// only, not to `Cli`: clap_complete completes hidden subcommands too, and the pages and
+/// completions generated from `Cli::command()` must offer only what users type.
+fn docs_subcommand() -> clap::Command {
+    clap::Command::new("generate-docs").hide(true).arg(
+        clap::Arg::new("out")
+            .long("out")
+            .value_name("DIR")
+            .required(true)
+            .value_parser(clap::value_parser!(PathBuf)),
+    )
+}
+
 #[derive(Args, Debug, Clone)]
 struct CreateArgs {
     /// Device name (letters, digits, '_', '.', '-').
@@ -263,7 +277,16 @@ fn parse_knob(s: &str) -> Result<(String, String)> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().subcommand(docs_subcommand()).get_matches();
+    if let Some(("generate-docs", m)) = matches.subcommand() {
+        let out = m.get_one::<PathBuf>("out").expect("--out is required");
+        if let Err(e) = generate_docs(out) {
+            eprintln!("wbctl: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
@@ -314,6 +337,15 @@ fn main() {
         eprintln!("wbctl: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn generate_docs(out: &Path) -> Result<()> {
+    let written = wb_tools::docs::generate(Cli::command(), out)
+        .with_context(|| format!("writing man pages and completions under {}", out.display()))?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------ create
