@@ -255,22 +255,7 @@ pub fn open(
     let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
     );
-    // A leg that failed during recovery (invalidating the stale tail, repairing a torn copy,
-    // logging adopted buffers) is on record before a FLUSH may complete on the others; where it
-    // cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
-    // file for the next try (the one leg that took them may be the one that does not return).
-    if let Err(e) = engine.shared.record_faults() {
-        engine.abandon();
-        return Err(EngineError::CacheFailed(format!(
-            "a cache leg failed during start-up and its failure could not be recorded ({e}); not \
-             starting, because a later start could take that leg for a good one. Make the fault \
-             file writable or the leg readable, then start again"
-        )));
-    }
-    for a in &adopted {
-        engine.shared.ram.release(a.buffer);
-    }
-    Ok(engine)
+    faults_on_record_then_release(engine, &adopted)
 }
 
 /// Reads and checks the superblocks; a leg that cannot be read at all (a dead SSD) leaves a
@@ -508,10 +493,14 @@ fn open_lost(
     let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
     );
-    // A leg that failed during recovery (invalidating the stale tail, repairing a torn copy,
-    // logging adopted buffers) is on record before a FLUSH may complete on the others; where it
-    // cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
-    // file for the next try (the one leg that took them may be the one that does not return).
+    faults_on_record_then_release(engine, &adopted)
+}
+
+/// A leg that failed during recovery (invalidating the stale tail, repairing a torn copy,
+/// logging adopted buffers) is on record before a FLUSH may complete on the others; where it
+/// cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
+/// file for the next try (the one leg that took them may be the one that does not return).
+fn faults_on_record_then_release(engine: Engine, adopted: &[Adopted]) -> Result<Engine> {
     if let Err(e) = engine.shared.record_faults() {
         engine.abandon();
         return Err(EngineError::CacheFailed(format!(
@@ -520,7 +509,7 @@ fn open_lost(
              file writable or the leg readable, then start again"
         )));
     }
-    for a in &adopted {
+    for a in adopted {
         engine.shared.ram.release(a.buffer);
     }
     Ok(engine)
