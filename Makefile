@@ -47,7 +47,7 @@ build:
 
 test: setup
 	$(CARGO) build --release --workspace $(CARGO_JOBS)
-	$(CARGO) test --workspace --release $(CARGO_JOBS)
+	$(CARGO) test --workspace --release --no-fail-fast $(CARGO_JOBS)
 
 # Only wbctl goes in the package; build/deb/ holds the result.
 deb:
