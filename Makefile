@@ -8,6 +8,8 @@
 #   make check   cargo fmt --check + clippy --all-targets -D warnings
 #   make setup   only tests/vm/setup.sh (packages, VM kernel, initramfs)
 #   make build   cargo build --release --workspace
+#   make deb     the Debian package build/deb/writeboost_VERSION_ARCH.deb (wbctl, units,
+#                man pages, completions, monitoring files; tools/debian/build-deb.sh)
 #   make vm-smoke  the null-target smoke test in the VM (harness check)
 #   make demo-iscsi  the README's iSCSI recipe for real, in the VM: the device
 #                exported by LIO (targetcli), an initiator logged in over
@@ -32,10 +34,10 @@ DEMO_DIR := $(REPO)/.vm-cache/demo
 DEMO_BACKING_SIZE ?= 2G
 DEMO_CACHE_SIZE ?= 1G
 
-.PHONY: help setup build test check demo demo-iscsi vm-smoke
+.PHONY: help setup build test check deb demo demo-iscsi vm-smoke
 
 help:
-	@sed -n '3,19p' $(REPO)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,21p' $(REPO)/Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	bash $(REPO)/tests/vm/setup.sh
@@ -45,7 +47,12 @@ build:
 
 test: setup
 	$(CARGO) build --release --workspace $(CARGO_JOBS)
-	$(CARGO) test --workspace --release $(CARGO_JOBS)
+	$(CARGO) test --workspace --release --no-fail-fast $(CARGO_JOBS)
+
+# Only wbctl goes in the package; build/deb/ holds the result.
+deb:
+	$(CARGO) build --release -p wb-tools --bin wbctl $(CARGO_JOBS)
+	bash $(REPO)/tools/debian/build-deb.sh --wbctl $(BIN)/wbctl --out $(REPO)/build/deb
 
 check:
 	$(CARGO) fmt --all -- --check

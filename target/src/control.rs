@@ -277,6 +277,32 @@ pub struct DeviceState {
     /// (`daemon::hand_over`): its absence is a stop, not a crash.
     #[serde(default)]
     pub handed_over: bool,
+    /// The engine's counters as that daemon left them (set with `handed_over`): the next daemon
+    /// goes on from them, so that they only grow across a stop and start the engine knew
+    /// about. After a crash there is nothing exact to go on from: they start again from zero.
+    #[serde(default)]
+    pub counters: Option<Counters>,
+}
+
+/// The engine's cumulative counters (`status`, `wbctl metrics`), carried from a daemon that
+/// handed its device over to the next one.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub reads: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub stall_ns: u64,
+    pub written_back_bytes: u64,
+    pub written_back_segments: u64,
+    pub backing_write_ios: u64,
+    pub backing_errors: u64,
+    pub partial_merges: u64,
+    pub passthrough_writes: u64,
+    pub writeback_errors: u64,
 }
 
 impl DeviceState {
@@ -873,7 +899,12 @@ mod tests {
             started_unix_secs: 1,
             event_hook: Some("/usr/local/bin/hook".into()),
             config: Some("/etc/writeboost/d0.toml".into()),
-            handed_over: false,
+            handed_over: true,
+            counters: Some(Counters {
+                writes: 7,
+                stall_ns: u64::MAX,
+                ..Counters::default()
+            }),
         };
         state.store(&run.state("d0")).unwrap();
         assert_eq!(DeviceState::load(&run.state("d0")).unwrap(), state);

@@ -189,11 +189,14 @@ fn guest_kernel_panicked(run: &VmRun) -> bool {
     run.status == Some(251) && run.output.contains("Kernel panic")
 }
 
-/// A disk image for the VM: name, size (truncate syntax), throttled like an HDD or not.
+/// A disk image for the VM: name, size (truncate syntax), throttled like an HDD or not, and
+/// whether it is attached as the namespace of an emulated NVMe controller (with these extra
+/// `-device nvme` properties, e.g. ",smart_critical_warning=4") instead of a virtio disk.
 pub struct Disk {
     pub name: &'static str,
     pub size: &'static str,
     pub throttle: bool,
+    pub nvme: Option<&'static str>,
 }
 
 pub const fn disk(name: &'static str, size: &'static str, throttle: bool) -> Disk {
@@ -201,6 +204,18 @@ pub const fn disk(name: &'static str, size: &'static str, throttle: bool) -> Dis
         name,
         size,
         throttle,
+        nvme: None,
+    }
+}
+
+/// A disk attached as an emulated NVMe namespace (`run.sh --disk FILE:nvme...`): /dev/nvmeKn1
+/// in the guest once the script loads the nvme module.
+pub const fn nvme_disk(name: &'static str, size: &'static str, props: &'static str) -> Disk {
+    Disk {
+        name,
+        size,
+        throttle: false,
+        nvme: Some(props),
     }
 }
 
@@ -220,29 +235,44 @@ pub struct VmTest<'a> {
 impl VmTest<'_> {
     /// Fresh sparse images in `dir`, then one boot on the script.
     fn boot(&self, dir: &Path) -> VmRun {
-        let test = self.test;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).expect("creating the image folder");
+        self.boot_on(dir, true)
+    }
+
+    /// One boot on the images in `dir`: made fresh (`truncate`) when `fresh`, else the ones a
+    /// previous boot left there (which must exist).
+    fn boot_on(&self, dir: &Path, fresh: bool) -> VmRun {
+        let test = self.test;
         let mut vm_args: Vec<String> = vec!["--timeout".into(), self.timeout_secs.to_string()];
         for d in self.disks {
             let path = dir.join(format!("{}.img", d.name));
-            let st = Command::new("truncate")
-                .args(["-s", d.size])
-                .arg(&path)
-                .status()
-                .expect("running truncate");
-            assert!(
-                st.success(),
-                "{test}: truncate -s {} {}",
-                d.size,
-                path.display()
-            );
+            if fresh {
+                let st = Command::new("truncate")
+                    .args(["-s", d.size])
+                    .arg(&path)
+                    .status()
+                    .expect("running truncate");
+                assert!(
+                    st.success(),
+                    "{test}: truncate -s {} {}",
+                    d.size,
+                    path.display()
+                );
+            } else {
+                assert!(
+                    path.is_file(),
+                    "{test}: no image {} left by the previous boot",
+                    path.display()
+                );
+            }
             vm_args.push("--disk".into());
-            vm_args.push(format!(
-                "{}{}",
-                path.display(),
-                if d.throttle { ":throttle" } else { "" }
-            ));
+            let attach = match (d.throttle, d.nvme) {
+                (_, Some(props)) => format!(":nvme{props}"),
+                (true, None) => ":throttle".into(),
+                (false, None) => String::new(),
+            };
+            vm_args.push(format!("{}{attach}", path.display()));
         }
         vm_args.push(self.script.into());
         vm_args.extend(self.args.iter().map(|a| a.to_string()));
@@ -282,6 +312,87 @@ impl VmTest<'_> {
         let _ = std::fs::remove_dir_all(&dir);
         Some(run)
     }
+}
+
+/// Tests that boot twice on the same images: a first boot that must end in a power cut (the
+/// guest powers itself off mid-script, `echo o > /proc/sysrq-trigger`), then a second boot on
+/// what the cut left in the image files (QEMU's cache=none: what the guest saw complete is
+/// there). `run` stays the one-boot path of every other test.
+impl VmTest<'_> {
+    /// Builds, makes fresh images, boots, and checks the guest powered off before the script
+    /// could report a status (run.sh's 251 without a kernel panic) after printing `pass_line`
+    /// (the line the script prints just before the cut). The images stay in
+    /// `.vm-cache/<test>/` for `run_again`. Returns the run, or `None` when skipped.
+    pub fn run_until_power_cut(&self) -> Option<VmRun> {
+        let test = self.test;
+        let _guard = lock_vm();
+        if let Err(why) = prepare(test, self.bins) {
+            skip(test, &why);
+            return None;
+        }
+        let dir = repo_root().join(".vm-cache").join(test);
+        let mut run = self.boot(&dir);
+        if guest_kernel_panicked(&run) {
+            eprintln!(
+                "\n!!! {test}: THE GUEST KERNEL PANICKED (console above); booting once more\n"
+            );
+            println!("{test}: guest kernel panic on the first boot; retried");
+            run = self.boot(&dir);
+        }
+        eprintln!(
+            "{test}: VM wall time {:.1?} (boot ending in a power cut)",
+            run.wall
+        );
+        assert!(
+            !guest_kernel_panicked(&run),
+            "{test}: the guest kernel panicked instead of powering off"
+        );
+        assert_eq!(
+            run.status,
+            Some(251),
+            "{test}: the boot did not end in a power cut: {} (exit {:?})",
+            explain(run.status),
+            run.status
+        );
+        assert!(
+            run.output.contains(self.pass_line),
+            "{test}: no '{}' line before the power cut",
+            self.pass_line
+        );
+        Some(run)
+    }
+
+    /// Like `run`, but boots on the images a previous boot of the same `test` left in
+    /// `.vm-cache/<test>/` (`run_until_power_cut`) instead of fresh ones; `disks` must name
+    /// the same images (their throttling may differ). Removes the images when it passed.
+    pub fn run_again(&self) -> Option<VmRun> {
+        let test = self.test;
+        let _guard = lock_vm();
+        if let Err(why) = prepare(test, self.bins) {
+            skip(test, &why);
+            return None;
+        }
+        let dir = repo_root().join(".vm-cache").join(test);
+        let run = self.boot_on(&dir, false);
+        eprintln!(
+            "{test}: VM wall time {:.1?} (boot on the same images)",
+            run.wall
+        );
+        assert_passed(test, &run);
+        assert!(
+            run.output.contains(self.pass_line),
+            "{test}: no '{}' line in the VM output",
+            self.pass_line
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(run)
+    }
+}
+
+/// The host folder of a boot's `$WB_OUT` (run.sh's "run folder" line).
+pub fn run_folder(test: &str, output: &str) -> PathBuf {
+    let line = lines_with(test, output, "run.sh: run folder ")[0];
+    PathBuf::from(line.split("run.sh: run folder ").nth(1).unwrap().trim())
 }
 
 /// The output lines containing `needle`; at least one must exist.

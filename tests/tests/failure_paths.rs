@@ -371,9 +371,14 @@ fn a_late_error_of_a_replaced_device_does_not_fail_the_new_one() {
     let replacer = std::thread::spawn(move || {
         e.replace_leg(0, fresh as Arc<dyn Device>, Duration::from_secs(60))
     });
-    wait_for_mode(&engine, "passthrough");
-    // Time for a replace that does not wait for the old leg's writer to swap the device.
+    // The replace waits: the old device still holds a write (a healthy leg stays in use until
+    // the cache is clean). Time for a replace that did not wait for it to swap the device.
     std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        engine.status().legs[0].path,
+        "sim:leg0",
+        "swapped under a write in flight"
+    );
     gate.release();
     finishes_within(60, "replace", move || replacer.join().unwrap()).unwrap();
     finishes_within(60, "the FLUSH", move || flusher.join().unwrap()).unwrap();

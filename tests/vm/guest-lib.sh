@@ -19,7 +19,8 @@
 #   need_ublk            ublk_drv loaded and /dev/ublk-control present
 #   wb_bin NAME          path of $WB_BIN_DIR/NAME (default $WB_REPO/build/release;
 #                        fail if not built)
-#   disk N               N-th --disk of run.sh: disk 0 -> /dev/vda
+#   disk N               N-th --disk of run.sh: disk 0 -> /dev/vda (an ":nvme" one is
+#                        /dev/nvmeKn1: `need_module nvme` first)
 #   wait_for_blockdev DEV [SECS]   wait until DEV is a block device
 #   start_wb_null [ARGS] start the null ublk target in the background; sets
 #                        WB_NULL_DEV (/dev/ublkbN) and WB_NULL_PID; stopped at exit
@@ -94,9 +95,11 @@ wb_bin() {
 }
 
 disk() {
-    local letters=(a b c d e f g h i j k l m n o p)
-    local d="/dev/vd${letters[$1]}"
-    [[ -b "$d" ]] || fail "disk $1 ($d) is missing: pass it with run.sh --disk FILE"
+    # WB_DISKS lists them in --disk order (virtio and NVMe mixed).
+    local disks
+    read -r -a disks <<<"${WB_DISKS:-}"
+    local d="${disks[$1]:-}"
+    [[ -n "$d" && -b "$d" ]] || fail "disk $1 (${d:-none}) is missing: pass it with run.sh --disk FILE"
     echo "$d"
 }
 

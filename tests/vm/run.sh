@@ -6,11 +6,19 @@
 #   tests/vm/run.sh [options] SCRIPT [ARGS...]
 #
 # Options:
-#   --disk FILE[:throttle]  attach an existing image file as a virtio disk
+#   --disk FILE[:throttle|:nvme[,PROP=V...]]
+#                           attach an existing image file as a virtio disk
 #                           (repeatable; /dev/vda, /dev/vdb, ... in order;
 #                           cache=none,aio=threads). ":throttle" makes it a
 #                           slow "HDD": iops-total=300, bps-total=60000000
 #                           (override with WB_VM_THROTTLE_IOPS/_BPS).
+#                           ":nvme" attaches it instead as the namespace of
+#                           QEMU's emulated NVMe controller (-device nvme,
+#                           serial wbnvmeK for the K-th such disk, K from 0),
+#                           which serves a real SMART / Health log page; the
+#                           guest sees /dev/nvmeKn1 once the script ran
+#                           `need_module nvme`. PROP=V are more -device nvme
+#                           properties, e.g. ":nvme,smart_critical_warning=4".
 #   --timeout SECS          kill the VM after SECS (default $WB_VM_TIMEOUT or 900)
 #   --mem MIB               guest memory (default $WB_VM_MEM or 2048)
 #   --smp N                 vCPUs (default $WB_VM_SMP or 2)
@@ -23,7 +31,7 @@
 # $REPO/.vm-cache/runs/<id>, kept afterwards with console.log).
 # ublk_drv and virtio_blk are already loaded; /run/ublksrvd exists.
 # The guest script sees: WB_IN_VM=1 WB_REPO WB_OUT WB_KDIR WB_KVER
-# WB_DISKS ("/dev/vda /dev/vdb ...") and every WB_*/RUST_LOG/RUST_BACKTRACE
+# WB_DISKS ("/dev/vda /dev/nvme0n1 /dev/vdb ...", in --disk order) and every WB_*/RUST_LOG/RUST_BACKTRACE
 # variable of the caller. Source tests/vm/guest-lib.sh for helpers.
 # Build what the script needs (cargo build --release ...) BEFORE calling this:
 # the guest cannot write the host's tree.
@@ -126,19 +134,39 @@ INITRD="$CACHE/initrd.img"
 DRIVE_ARGS=()
 GUEST_DISKS=()
 letters=(a b c d e f g h i j k l m n o p)
-i=0
+i=0    # virtio disks so far
+nvme=0 # NVMe controllers so far
 for spec in "${DISKS[@]}"; do
     file="$spec"
     throttle=0
-    if [[ "$spec" == *:throttle ]]; then
+    kind=virtio
+    props=""
+    case "$spec" in
+    *:throttle)
         file="${spec%:throttle}"
         throttle=1
-    fi
+        ;;
+    *:nvme | *:nvme,*)
+        file="${spec%:nvme*}"
+        kind=nvme
+        props="${spec##*:nvme}"
+        ;;
+    esac
     [[ -f "$file" || -b "$file" ]] || harness_fail "disk image '$file' does not exist (create it first, e.g. truncate -s 1G $file)"
     file="$(realpath -e -- "$file")"
     case "$file" in
     /tmp/* | /dev/shm/*) say "warning: $file is on tmpfs on the host; cache=none (O_DIRECT) may fail" ;;
     esac
+    if [[ $kind == nvme ]]; then
+        # One controller per image, its namespace 1 the image; the guest enumerates the
+        # controllers in PCI order, which is the order of the -device options.
+        DRIVE_ARGS+=(-drive "file=${file//,/,,},if=none,id=nvd$nvme,format=raw,cache=none,aio=threads"
+            -device "nvme,serial=wbnvme$nvme,drive=nvd$nvme$props")
+        GUEST_DISKS+=("/dev/nvme${nvme}n1")
+        say "disk /dev/nvme${nvme}n1 = $file (emulated NVMe, serial wbnvme$nvme${props:+, ${props#,}})"
+        nvme=$((nvme + 1))
+        continue
+    fi
     ((i < ${#letters[@]})) || harness_fail "too many disks"
     opt="file=${file//,/,,},if=virtio,format=raw,cache=none,aio=threads"
     if ((throttle)); then

@@ -29,8 +29,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${WB_VM_CACHE:-$REPO/.vm-cache}"
 # prometheus: only for /usr/bin/promtool (`promtool check metrics|rules` in tools/tests); its
 # server is disabled again below if this script installed it.
+# dpkg-dev (dpkg-shlibdeps), man-db, lintian: `make deb` and its test (tools/tests/package.rs).
 PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup
-    prometheus targetcli-fb open-iscsi dbus iproute2 samba cifs-utils)
+    prometheus targetcli-fb open-iscsi dbus iproute2 samba cifs-utils dpkg-dev man-db lintian)
 
 log() { echo "setup.sh: $*" >&2; }
 die() {
@@ -82,7 +83,8 @@ if [[ " ${missing[*]:-} " == *" prometheus "* ]] && command -v systemctl >/dev/n
     log "disabling the prometheus server that came with promtool"
     systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
-for tool in qemu-system-x86_64 busybox cpio fio depmod xz promtool targetcli iscsiadm iscsid dbus-daemon ip smbd smbpasswd mount.cifs; do
+for tool in qemu-system-x86_64 busybox cpio fio depmod xz promtool targetcli iscsiadm iscsid dbus-daemon ip smbd smbpasswd mount.cifs \
+    dpkg-shlibdeps man lintian; do
     command -v "$tool" >/dev/null || die "'$tool' is still missing after installing packages"
 done
 

@@ -4,7 +4,9 @@
 //! - 0 OK — mirrored (or single, as created), the cache in use;
 //! - 1 WARNING — a leg failed (degraded, or passthrough until `wbctl replace`), dirty data
 //!   above the writeback pressure point, writers stalled recently (they waited for cache space
-//!   within the last minute: `stall_ms_last_minute`), backing-device errors;
+//!   within the last minute: `stall_ms_last_minute`), backing-device errors, a cache leg's SSD
+//!   worn past 80 %, its spare below the drive's threshold, a critical warning in its SMART log
+//!   or a failed SMART self-assessment (`ssd_health::warnings`);
 //! - 2 CRITICAL — the cache was lost, no cache leg is usable, the engine failed, the daemon is
 //!   down (its device waits for `wbctl recover`);
 //! - 3 UNKNOWN — the status could not be read (e.g. not root).
@@ -12,6 +14,8 @@
 //! The exit status of `status -x` is the worst verdict over the devices shown.
 
 use wb_target::control::DeviceStatus;
+
+use crate::ssd_health::{self, LegHealth};
 
 /// A verdict, ordered from best to worst except `Unknown`, which ranks below `Critical` when
 /// verdicts are combined (a device known to be critical is worse than one not read).
@@ -124,6 +128,29 @@ pub fn of_status(s: &DeviceStatus) -> (Health, String) {
         );
     }
     (Health::Ok, format!("{}, {dirty:.0}% dirty", s.mode))
+}
+
+/// The verdict on a device from its status and its legs' SSD health: a leg whose SSD wears
+/// out (see `ssd_health::warnings`) makes an OK device a WARNING, and its reason joins a
+/// warning the status gave; a CRITICAL verdict stays as it is (it says more).
+pub fn of_status_and_ssds(s: &DeviceStatus, legs: &LegHealth) -> (Health, String) {
+    let (health, why) = of_status(s);
+    let ssd: Vec<String> = s
+        .legs
+        .iter()
+        .filter_map(|l| Some((l.path.as_str(), legs.get(&l.path)?)))
+        .flat_map(|(path, h)| {
+            ssd_health::warnings(h)
+                .into_iter()
+                .map(move |w| format!("cache leg {path} SSD: {w}"))
+        })
+        .collect();
+    match health {
+        _ if ssd.is_empty() => (health, why),
+        Health::Ok => (Health::Warning, ssd.join("; ")),
+        Health::Warning => (Health::Warning, format!("{why}; {}", ssd.join("; "))),
+        Health::Critical | Health::Unknown => (health, why),
+    }
 }
 
 /// The verdict on a device whose status could not be read: its daemon is down (critical: its
@@ -275,6 +302,71 @@ mod tests {
         s.policy
             .insert("pressure_start".into(), serde_json::json!("0.9"));
         assert_eq!(of_status(&s).0, Health::Ok, "85% is below 90%");
+    }
+
+    /// SSD health joins the verdict: a worn leg makes an OK device a WARNING and is named; a
+    /// healthy or unknown one changes nothing; a critical verdict stays critical.
+    #[test]
+    fn a_worn_ssd_leg_is_a_warning() {
+        use crate::ssd_health::{Source, SsdHealth};
+        let nvme = |used: u32, spare: u32, warning: u32| SsdHealth {
+            source: Source::Nvme,
+            device: Some("/dev/nvme0n1".into()),
+            reason: None,
+            percentage_used: Some(used),
+            available_spare: Some(spare),
+            available_spare_threshold: Some(10),
+            critical_warning: Some(warning),
+            ..SsdHealth::unknown(None, "")
+        };
+        let both = || vec![leg("/dev/a", "ok"), leg("/dev/b", "ok")];
+        let legs = |a: SsdHealth| {
+            LegHealth::from([
+                ("/dev/a".to_string(), a),
+                ("/dev/b".to_string(), SsdHealth::unknown(None, "a file")),
+            ])
+        };
+        let ok = status("mirrored", both(), 100);
+        let verdict = |s: &DeviceStatus, a: SsdHealth| of_status_and_ssds(s, &legs(a));
+        assert_eq!(
+            verdict(&ok, nvme(80, 100, 0)),
+            of_status(&ok),
+            "80 % is fine"
+        );
+        assert_eq!(
+            verdict(&ok, nvme(81, 100, 0)),
+            (
+                Health::Warning,
+                "cache leg /dev/a SSD: wear 81 % of its rated life (above 80 %)".into()
+            )
+        );
+        let (h, why) = verdict(&ok, nvme(5, 9, 0));
+        assert_eq!(h, Health::Warning);
+        assert!(
+            why.contains("available spare 9 % below its threshold 10 %"),
+            "{why}"
+        );
+        let (h, why) = verdict(&ok, nvme(5, 100, 0x02));
+        assert_eq!(h, Health::Warning);
+        assert!(
+            why.contains("critical warning 0x02 (temperature out of range)"),
+            "{why}"
+        );
+        // Joined to a warning the status gives.
+        let full = status("mirrored", both(), 900);
+        let (h, why) = verdict(&full, nvme(95, 100, 0));
+        assert_eq!(h, Health::Warning);
+        assert!(
+            why.contains("90% dirty") && why.contains("wear 95 %"),
+            "{why}"
+        );
+        // Critical stays critical.
+        let dead = status(
+            "passthrough",
+            vec![leg("/dev/a", "failed"), leg("/dev/b", "failed")],
+            0,
+        );
+        assert_eq!(verdict(&dead, nvme(95, 100, 0)).0, Health::Critical);
     }
 
     #[test]

@@ -6,12 +6,18 @@
 //! path) and `mode`. The text is written by `prometheus-client`'s encoder, not by hand, so
 //! escaping and the suffix rules are the library's.
 //!
-//! **Counters reset when a daemon restarts.** The engine keeps its request, byte, flush,
-//! stall and per-leg error counters in memory only, so every `_total` here is monotonic within
-//! one daemon's life and starts again from 0 at a restart, recovery or upgrade. Prometheus'
-//! `rate()` and `increase()` treat a drop as a reset, which is what it is; nothing here pretends
-//! otherwise (`writeboost_uptime_seconds` shows when it happened). Segment ids are kept in the
-//! log and do survive restarts; they are gauges.
+//! **Counters across restarts.** The engine keeps its request, byte, flush, stall and writeback
+//! counters in memory; a daemon that hands its device over (a stop with the device in use, an
+//! upgrade) leaves them in the state file and the next daemon goes on from them, so those
+//! `_total`s only grow across such a restart. After a crash they start again from 0, and the
+//! per-leg error counters restart with every daemon: Prometheus' `rate()` and `increase()` treat
+//! a drop as a reset, which is what it is (`writeboost_uptime_seconds` shows when it happened).
+//! Segment ids are kept in the log and do survive restarts; they are gauges. So does
+//! `writeboost_leg_media_errors_total`: the drive keeps it.
+//!
+//! The SSD health of each leg (`writeboost_leg_wear_ratio`, `_available_spare_ratio`, ...) is
+//! read by `wbctl` itself (`crate::ssd_health`), never by the daemon; a leg whose health is
+//! unknown has no such sample.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -25,6 +31,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use wb_target::control::{DeviceStatus, LegReport};
+
+use crate::ssd_health::{LegHealth, SsdHealth};
 
 /// A device as one collection found it.
 #[derive(Debug, Clone)]
@@ -172,13 +180,51 @@ const LEG_FIGURES: &[LegFigure] = &[
         started", true, |l| l.repairs),
 ];
 
+/// A per-leg SSD health figure (labels `device`, `leg`): name, help, unit, counter or gauge,
+/// and how to read it (`None`: the leg's source does not report it, no sample). A leg whose
+/// health is unknown (an image file, a virtio disk, no smartctl) has none of these.
+type SsdFigure = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    bool,
+    fn(&SsdHealth) -> Option<Num>,
+);
+
+fn percent_ratio(p: Option<u32>) -> Option<Num> {
+    p.map(|p| Num::Real(f64::from(p) / 100.0))
+}
+
+#[rustfmt::skip]
+const SSD_FIGURES: &[SsdFigure] = &[
+    ("leg_wear", "Life used of the cache leg's SSD as its vendor rates it (NVMe percentage used, \
+        or the SATA/SAS endurance indicator); may pass 1", RATIO, false,
+        |h| percent_ratio(h.percentage_used)),
+    ("leg_available_spare", "Spare capacity left on the cache leg's NVMe SSD", RATIO, false,
+        |h| percent_ratio(h.available_spare)),
+    ("leg_available_spare_threshold", "Spare level below which the cache leg's NVMe SSD raises \
+        a critical warning", RATIO, false, |h| percent_ratio(h.available_spare_threshold)),
+    ("leg_media_errors", "Unrecovered data integrity errors over the life of the cache leg's \
+        NVMe SSD (kept by the drive: survives daemon restarts)", None, true,
+        |h| h.media_errors.map(Num::Int)),
+    ("leg_critical_warning", "Critical warning bits of the cache leg's NVMe SSD (0: none; 1 \
+        spare, 2 temperature, 4 reliability, 8 read-only, 16 volatile backup)", None, false,
+        |h| h.critical_warning.map(|c| Num::Int(u64::from(c)))),
+    ("leg_temperature", "Temperature of the cache leg's SSD", Some("celsius"), false,
+        |h| h.temperature_celsius.map(|t| Num::Real(t as f64))),
+    ("leg_smart_passed", "1 when smartctl's overall health self-assessment of the cache leg's \
+        SATA/SAS SSD passed, 0 when it failed", None, false, |h| h.smart_passed.map(|p| {
+        Num::Int(u64::from(p))
+    })),
+];
+
 fn device_label(name: &str) -> Vec<(&'static str, String)> {
     vec![("device", name.to_string())]
 }
 
-/// Every family for these devices, in a fixed order; a family no device has a sample for is
-/// left out (a HELP without samples says nothing).
-fn families(devices: &[Scrape]) -> Vec<Family> {
+/// Every family for these devices and their legs' SSD health, in a fixed order; a family no
+/// device has a sample for is left out (a HELP without samples says nothing).
+fn families(devices: &[Scrape], ssds: &LegHealth) -> Vec<Family> {
     let up = devices.iter().filter_map(|d| match d {
         Scrape::Up(s) => Some(s.as_ref()),
         Scrape::Down(_) => None,
@@ -233,7 +279,37 @@ fn families(devices: &[Scrape]) -> Vec<Family> {
             samples,
         });
     }
+    all.extend(ssd_families(up, ssds));
     all.retain(|f| !f.samples.is_empty());
+    all
+}
+
+/// The per-leg SSD health families of the devices that answered.
+fn ssd_families<'a>(
+    up: impl Iterator<Item = &'a DeviceStatus> + Clone,
+    ssds: &LegHealth,
+) -> Vec<Family> {
+    let mut all = Vec::new();
+    for &(name, help, unit, counter, read) in SSD_FIGURES {
+        let samples = up
+            .clone()
+            .flat_map(|s| s.legs.iter().map(move |l| (s, l)))
+            .filter_map(|(s, l)| {
+                let value = read(ssds.get(&l.path)?)?;
+                Some(Sample {
+                    labels: vec![("device", s.name.clone()), ("leg", l.path.clone())],
+                    value,
+                })
+            })
+            .collect();
+        all.push(Family {
+            name,
+            help,
+            unit,
+            counter,
+            samples,
+        });
+    }
     all
 }
 
@@ -286,10 +362,16 @@ impl Collector for StatusCollector {
     }
 }
 
-/// The exposition of these devices, in the Prometheus text format.
+/// The exposition of these devices, in the Prometheus text format, without SSD health.
 pub fn exposition(devices: &[Scrape]) -> String {
+    exposition_with_health(devices, &LegHealth::new())
+}
+
+/// The exposition of these devices and of their legs' SSD health (by leg path, as
+/// `ssd_health::read_all` gives it), in the Prometheus text format.
+pub fn exposition_with_health(devices: &[Scrape], ssds: &LegHealth) -> String {
     let mut registry = Registry::with_prefix("writeboost");
-    registry.register_collector(Box::new(StatusCollector(families(devices))));
+    registry.register_collector(Box::new(StatusCollector(families(devices, ssds))));
     let mut text = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
         .expect("writing to a String does not fail");
@@ -307,6 +389,7 @@ pub fn metric_names() -> Vec<String> {
     let mut names = vec![name("daemon_up", None, false), name("mode", None, false)];
     names.extend(DEVICE_FIGURES.iter().map(|f| name(f.0, f.2, f.3)));
     names.extend(LEG_FIGURES.iter().map(|f| name(f.0, None, f.2)));
+    names.extend(SSD_FIGURES.iter().map(|f| name(f.0, f.2, f.3)));
     names
 }
 

@@ -8,6 +8,7 @@ use serde_json::Value;
 use wb_target::control::DeviceStatus;
 
 use crate::health::percent;
+use crate::ssd_health::LegHealth;
 
 /// The version of the `status --json` and `status -x --json` documents. Raise it when a field
 /// changes meaning or goes away (adding one does not).
@@ -17,6 +18,22 @@ pub const OUTPUT_VERSION: u32 = 1;
 /// `{"output_version": 1, "devices": [...]}`.
 pub fn json_document(devices: Vec<Value>) -> Value {
     serde_json::json!({ "output_version": OUTPUT_VERSION, "devices": devices })
+}
+
+/// One device's object in `status --json`: the daemon's status, each leg with its SSD health
+/// (`"ssd_health": {"source": "nvme"|"smartctl"|"unknown", ...}`) read by wbctl; a leg's
+/// `"health"` stays the engine's word on it (`ok`, `failed`).
+pub fn device_json(s: &DeviceStatus, ssds: &LegHealth) -> serde_json::Result<Value> {
+    let mut v = serde_json::to_value(s)?;
+    if let Some(legs) = v["legs"].as_array_mut() {
+        for leg in legs {
+            let path = leg["path"].as_str().unwrap_or_default().to_string();
+            if let Some(h) = ssds.get(&path) {
+                leg["ssd_health"] = serde_json::to_value(h)?;
+            }
+        }
+    }
+    Ok(v)
 }
 
 /// `3d 4h 12m`, `4h 0m`, `12m 5s`, `5s`: the two largest units, for people.
@@ -92,6 +109,45 @@ pub fn watch_line_down(name: &str, error: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_leg_object_carries_its_ssd_health() {
+        use crate::ssd_health::SsdHealth;
+        let s: DeviceStatus = serde_json::from_value(serde_json::json!({
+            "name": "d", "device": "/dev/ublkb0", "dev_id": 0, "pid": 1, "mode": "mirrored",
+            "failure": null, "cache_lost_at": null, "backing": "/dev/sda",
+            "legs": [
+                {"path": "/dev/a", "health": "ok", "errors": 0, "read_errors": 0,
+                 "write_errors": 0, "repairs": 0},
+                {"path": "/dev/b", "health": "failed", "errors": 0, "read_errors": 0,
+                 "write_errors": 0, "repairs": 0}
+            ],
+            "device_size_bytes": 1u64 << 30, "logical_block_size": 4096,
+            "capacity_bytes": 1000, "used_bytes": 0, "dirty_bytes": 0,
+            "segments": {"current_id": 1, "last_flushed_id": 0, "last_written_back_id": 0},
+            "epoch_id": 1, "reads": {"requests": 0, "hits": 0, "misses": 0},
+            "writes": 0, "write_bytes": 0, "flushes": 0, "written_back_bytes": 0,
+            "backing_write_ios": 0, "backing_errors": 0, "passthrough_writes": 0,
+            "write_bytes_per_sec": 0, "written_back_bytes_per_sec": 0, "stall_ms": 0,
+            "map_bytes": 0, "metadata_bytes": 0, "queues": 1, "depth": 64,
+            "uptime_secs": 1, "policy": {}
+        }))
+        .expect("a status");
+        let ssds = LegHealth::from([(
+            "/dev/a".to_string(),
+            SsdHealth::unknown(None, "not a block device"),
+        )]);
+        let v = device_json(&s, &ssds).unwrap();
+        assert_eq!(v["legs"][0]["health"], "ok", "the engine's word stays");
+        assert_eq!(v["legs"][0]["ssd_health"]["source"], "unknown");
+        assert_eq!(v["legs"][0]["ssd_health"]["reason"], "not a block device");
+        assert_eq!(v["legs"][1]["health"], "failed");
+        assert!(
+            v["legs"][1].get("ssd_health").is_none(),
+            "not read: not shown"
+        );
+        assert_eq!(v["name"], "d");
+    }
 
     #[test]
     fn durations_for_people() {

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use wb_tools::metrics::{exposition, metric_names, Scrape, MODES};
+use wb_tools::metrics::{exposition_with_health, metric_names, Scrape, MODES};
 
 fn monitoring(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,9 +35,13 @@ fn writeboost_names(expr: &str) -> Vec<String> {
         .collect()
 }
 
-/// The names in the real exposition of a device with every figure known.
+/// The names in the real exposition of a device with every figure known, its legs' SSD
+/// health included.
 fn emitted() -> Vec<String> {
-    let text = exposition(&[Scrape::Up(Box::new(common::canned_status()))]);
+    let text = exposition_with_health(
+        &[Scrape::Up(Box::new(common::canned_status()))],
+        &common::canned_ssds(),
+    );
     let names: Vec<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -81,6 +85,8 @@ fn the_dashboard_is_json_with_its_panels_on_emitted_metrics() {
         "Read hit ratio",
         "Writer stalls",
         "Cache leg health",
+        "Cache leg SSD wear and spare",
+        "Cache leg SSD alarms",
     ] {
         assert!(
             titles.contains(&wanted),
@@ -165,7 +171,7 @@ fn promtool_accepts_every_mode() {
     lost.legs[0].health = "failed".into();
     devices.push(Scrape::Up(Box::new(lost)));
     devices.push(Scrape::Down("down".into()));
-    let text = exposition(&devices);
+    let text = exposition_with_health(&devices, &common::canned_ssds());
     common::assert_promtool_accepts(promtool, &text);
     assert!(text.contains(r#"writeboost_mode{device="d_failed",mode="failed"} 1"#));
 }

@@ -342,6 +342,7 @@ fn name_in_use_by_a_running_daemon() {
         event_hook: None,
         config: None,
         handed_over: false,
+        counters: None,
     };
     state.store(&run.state("d0")).unwrap();
     let before = digests(&[&d.c0, &d.c1]);
@@ -379,6 +380,7 @@ fn name_left_by_a_dead_daemon_of_other_devices() {
         event_hook: None,
         config: None,
         handed_over: false,
+        counters: None,
     };
     state.store(&run.state("d0")).unwrap();
     let out = create(&rig, &d.backing, &[&d.c0, &d.c1], &[]);

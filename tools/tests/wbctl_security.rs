@@ -94,6 +94,7 @@ impl Rig {
             event_hook: None,
             config: None,
             handed_over: false,
+            counters: None,
         }
     }
 }

@@ -53,6 +53,37 @@ fn the_table_shows_lag_dirty_percent_uptime_and_recent_stalls() {
     }
 }
 
+/// The stand-in daemon's legs are paths that do not exist: their SSD health is unknown, with
+/// the reason, in the JSON and the table, and that alone is no warning for `-x`.
+#[test]
+fn legs_whose_ssd_health_is_unknown_say_why() {
+    if !can_test("legs_whose_ssd_health_is_unknown_say_why") {
+        return;
+    }
+    let dir = run_folder();
+    let doc = json_of(&wbctl(dir.path(), &["status", "d0", "--json"]));
+    for leg in doc["devices"][0]["legs"].as_array().unwrap() {
+        assert_eq!(leg["health"], "ok", "{leg}");
+        let ssd = &leg["ssd_health"];
+        assert_eq!(ssd["source"], "unknown", "{leg}");
+        let path = leg["path"].as_str().unwrap();
+        assert!(
+            ssd["reason"].as_str().unwrap().contains(path),
+            "the reason names the leg: {leg}"
+        );
+        assert_eq!(ssd["percentage_used"], serde_json::Value::Null);
+    }
+    let out = wbctl(dir.path(), &["status", "d0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ssd unknown (/dev/a: No such file or directory"),
+        "{text}"
+    );
+    let out = wbctl(dir.path(), &["metrics", "d0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("writeboost_leg_wear_ratio"), "{text}");
+}
+
 #[test]
 fn writers_stalled_recently_is_a_warning() {
     if !can_test("writers_stalled_recently_is_a_warning") {

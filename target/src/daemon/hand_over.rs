@@ -126,6 +126,7 @@ fn leave_to_kernel(daemon: &Daemon, gate: &RequestGate, users: &[String]) -> ! {
     // the daemon left on purpose, so that status and the next start do not report a crash.
     let mut state = daemon.state();
     state.handed_over = true;
+    state.counters = Some(daemon.engine.counters());
     if let Err(e) = state.store(&daemon.spec.run_dir.state(name)) {
         log::warn!("{name}: marking the state file as handed over: {e}");
     }

@@ -32,8 +32,8 @@ use thiserror::Error;
 use writeback::Policy;
 
 use crate::control::{
-    self, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply, Request, RunDir,
-    SegmentReport,
+    self, Counters, DeviceState, DeviceStatus, LegReport, Progress, ReadReport, Reply, Request,
+    RunDir, SegmentReport,
 };
 use crate::device::{Device, DeviceNode, FileDevice};
 use crate::engine::status::EngineStatus;
@@ -149,9 +149,13 @@ pub enum Start {
     },
     /// Open the existing cache set, then add a device.
     Attach { dev_id: i32 },
-    /// A daemon of this device died: open the cache (adopting its RAM buffer) and take over
-    /// its device through ublk user recovery.
-    Recover { dev_id: u32 },
+    /// A daemon of this device died or stopped with it in use: open the cache (adopting its
+    /// RAM buffer) and take over its device through ublk user recovery; the counters go on from
+    /// where a daemon that handed the device over left them.
+    Recover {
+        dev_id: u32,
+        counters: Option<Counters>,
+    },
 }
 
 /// Why the main loop ended.
@@ -198,6 +202,7 @@ impl Daemon {
             event_hook: self.spec.event_hook.clone(),
             config: self.spec.config.clone(),
             handed_over: false,
+            counters: None,
         }
     }
 
@@ -558,7 +563,12 @@ fn open_and_attach(spec: &DaemonSpec, start: &Start) -> Result<(Arc<Engine>, Vec
     let attach = match *start {
         Start::Format { .. } => Attach::Add { dev_id: -1 },
         Start::Attach { dev_id } => Attach::Add { dev_id },
-        Start::Recover { dev_id } => Attach::Recover { dev_id },
+        Start::Recover { dev_id, counters } => {
+            if let Some(counters) = &counters {
+                engine.continue_counters(counters);
+            }
+            Attach::Recover { dev_id }
+        }
     };
     let options = UblkOptions {
         queues: spec.queues,

@@ -234,6 +234,7 @@ pub fn check_create(req: &CreateRequest) -> Result<(DaemonSpec, Start)> {
         }
         decided.start = Start::Recover {
             dev_id: state.dev_id,
+            counters: state.counters.filter(|_| state.handed_over),
         };
     }
     check_root("wbctl create")?;
@@ -691,6 +692,7 @@ pub fn check_recover(name: &str, run_dir: &RunDir) -> Result<(DaemonSpec, Start)
         },
         Start::Recover {
             dev_id: state.dev_id,
+            counters: state.counters.filter(|_| state.handed_over),
         },
     ))
 }

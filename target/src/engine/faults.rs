@@ -152,7 +152,9 @@ pub fn newest(a: Faults, b: Option<Faults>) -> Faults {
 ///
 /// An error if it is durable nowhere — or if it records a newly failed leg, a fault file is
 /// configured, and only the surviving legs took it: such a record is lost with them, and the
-/// failed leg, coming back alone, would pass for a good one.
+/// failed leg, coming back alone, would pass for a good one; or if it records a new cache loss
+/// that neither the fault file nor every leg took: a start on a leg without it would replay the
+/// lost log.
 pub(crate) fn persist(
     legs: &CacheLegs,
     file: Option<&FaultFile>,
@@ -163,10 +165,12 @@ pub(crate) fn persist(
     // Durable somewhere other than the legs still in use: the host's file or a failed leg.
     let mut beyond_survivors = false;
     let mut errors = Vec::new();
+    let mut file_took = false;
     match file.map(|f| (f, f.store(&checkpoint.faults))) {
         Some((f, Ok(()))) => {
             places.push(f.path().display().to_string());
             beyond_survivors = true;
+            file_took = true;
         }
         Some((f, Err(e))) => errors.push(format!("{}: {e}", f.path().display())),
         None => {}
@@ -198,6 +202,21 @@ pub(crate) fn persist(
     if places.is_empty() {
         return Err(io::Error::other(format!(
             "the fault record could not be written anywhere: {}",
+            errors.join("; ")
+        )));
+    }
+    // A loss must be where every later start looks, whichever legs come back: in the fault
+    // file or on every leg (one failed leg that took it may be the one that never returns).
+    let legs_holding = places.len() - file_took as usize;
+    if checkpoint.faults.cache_lost.is_some()
+        && previous.cache_lost.is_none()
+        && !file_took
+        && legs_holding < legs.all().len()
+    {
+        return Err(io::Error::other(format!(
+            "the cache loss could be recorded on {legs_holding} of {} legs and not in the fault \
+             file: a start on another leg would replay the lost log ({})",
+            legs.all().len(),
             errors.join("; ")
         )));
     }
@@ -284,9 +303,10 @@ impl Shared {
                 Err(e) => {
                     log::error!("CRITICAL: {e}");
                     self.state.lock().fault_record_error = Some(e.to_string());
-                    // FLUSHes waiting for this record fail now instead of waiting for a wake-up
-                    // that may have come (from the leg writer) before the error was set.
+                    // FLUSHes waiting for this record fail now rather than sleep until some
+                    // unrelated progress wakes them.
                     self.progress.notify_all();
+                    self.space_freed.notify_all();
                     return Err(e);
                 }
             };

@@ -89,7 +89,12 @@ impl Shared {
             }
             self.progress.wait(&mut state);
         }
-        state.flushed_id = state.flushed_id.max(target);
+        if covers.is_some() {
+            // Only a client's FLUSH covers every write before it: a FUA write vouches for itself,
+            // a drain or a shutdown for nothing the client can see (a loss after them still owes
+            // the client the error for the writes in between).
+            state.flushed_id = state.flushed_id.max(target);
+        }
         // New legs were attached after a loss that no FLUSH has reported yet: this one does (a
         // FUA write vouches for itself only, and its data is durable).
         let owed = self.take_owed_flush_error(&mut state, covers.is_ok());

@@ -126,10 +126,14 @@ pub struct Shared {
     /// One checkpoint writer at a time (writeback's commit, the fault record): each takes the
     /// next sequence, and its slot, from the state.
     pub(crate) checkpoint_lock: Mutex<()>,
-    /// A passthrough write or zeroing was acknowledged and the backing device not flushed since:
-    /// the next FLUSH flushes it, in passthrough or not (a FLUSH after leaving passthrough must
-    /// cover the writes made in it).
-    pub(crate) backing_unflushed: AtomicBool,
+    /// Passthrough writes and zeroings acknowledged so far (a predecessor's, possibly unflushed,
+    /// count as one). A FLUSH covers those acknowledged before it, in passthrough or not (a
+    /// FLUSH after leaving passthrough must cover the writes made in it).
+    pub(crate) backing_writes: AtomicU64,
+    /// How many of `backing_writes` the newest successful backing flush covers. Held across the
+    /// flush: a FLUSH that finds one in flight waits for it instead of returning before it
+    /// (CONTRACT §2).
+    pub(crate) backing_flushed: Mutex<u64>,
     /// On tmpfs beside the RAM buffer file: present while a cache loss owes the client a FLUSH
     /// error (it outlives a daemon crash, like the client's view of the device; not a reboot).
     pub(crate) flush_error_marker: std::path::PathBuf,
@@ -203,7 +207,8 @@ impl Shared {
             fault_file: p.fault_file,
             fault_recorder: Mutex::new(()),
             checkpoint_lock: Mutex::new(()),
-            backing_unflushed: AtomicBool::new(p.backing_unflushed),
+            backing_writes: AtomicU64::new(p.backing_unflushed as u64),
+            backing_flushed: Mutex::new(0),
             flush_error_marker: p.flush_error_marker,
             run_nonce: p.run_nonce,
             chain: Mutex::new(p.chain),
@@ -240,6 +245,17 @@ impl Engine {
 
     pub fn device_size_bytes(&self) -> u64 {
         self.shared.geometry.device_size_bytes
+    }
+
+    /// The cumulative counters (`status`), for a successor to go on from.
+    pub fn counters(&self) -> crate::control::Counters {
+        self.shared.stats.snapshot()
+    }
+
+    /// Goes on from a predecessor's final counters (a hand-over: `daemon::hand_over`), before
+    /// the device serves I/O.
+    pub fn continue_counters(&self, from: &crate::control::Counters) {
+        self.shared.stats.continue_from(from)
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

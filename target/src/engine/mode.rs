@@ -28,6 +28,7 @@ use logfmt::{
 use crate::device::{AlignedBuf, Device};
 use crate::engine::{Engine, SealReason, Shared, Slot, State};
 use crate::error::{EngineError, Result};
+use crate::log::legs::Leg;
 use crate::map::block_map::BlockMap;
 use crate::map::zero_ranges::ZeroRanges;
 use parking_lot::MutexGuard;
@@ -159,7 +160,8 @@ impl Shared {
     /// Degraded → (closing the log) → passthrough, as writeback catches up. Called by the sync
     /// timer and after every writeback commit.
     pub(crate) fn check_mode_transition(&self, state: &mut State) {
-        let degraded = self.legs.healthy_count() < self.legs.all().len();
+        let degraded =
+            self.legs.healthy_count() < self.legs.all().len() || state.replacing_legs > 0;
         if state.passthrough || !degraded || state.failure.is_some() || state.shutting_down {
             return;
         }
@@ -170,6 +172,12 @@ impl Shared {
             self.seal(state, SealReason::Timer);
         }
         if state.closing_log && state.open.is_none() && state.written_back_id == state.sealed_id {
+            if self.legs.failed_mask() & !state.faults_recorded.failed_legs != 0 {
+                // Not before the failure is on record: a restart could otherwise take the failed
+                // leg for a good one and replay its stale log over the passthrough writes.
+                // The sync timer records it and calls again.
+                return;
+            }
             log::warn!(
                 "degraded and clean: passthrough until a replacement leg is attached \
                  (`wbctl replace`)"
@@ -218,7 +226,7 @@ impl Shared {
         self.backing
             .write_at(&buf[..data.len()], offset)
             .map_err(|e| EngineError::io(self.backing.name(), e))?;
-        self.backing_unflushed.store(true, Ordering::SeqCst);
+        self.backing_writes.fetch_add(1, Ordering::SeqCst);
         self.stats
             .passthrough_writes
             .fetch_add(1, Ordering::Relaxed);
@@ -236,25 +244,34 @@ impl Shared {
         // What a FLUSH returns for covers everything on the backing device, a writeback write
         // issued before the loss included.
         self.wait_for_fenced_writeback();
-        self.flush_backing()
+        self.flush_backing(true)
     }
 
-    /// Flushes the backing device; a failure leaves the flag for the next FLUSH to try again.
-    fn flush_backing(&self) -> Result<()> {
-        self.backing_unflushed.store(false, Ordering::SeqCst);
-        self.backing.flush().map_err(|e| {
-            self.backing_unflushed.store(true, Ordering::SeqCst);
-            EngineError::io(self.backing.name(), e)
-        })
+    /// Flushes the backing device — `always`, or if a passthrough write acknowledged before
+    /// this call is not yet covered by a flush that succeeded. One flush at a time: a caller
+    /// that finds one in flight waits for it and then needs no flush of its own if it covered
+    /// what this caller must cover. A failure leaves the writes uncovered for the next FLUSH.
+    fn flush_backing(&self, always: bool) -> Result<()> {
+        let mut flushed = self.backing_flushed.lock();
+        let written = self.backing_writes.load(Ordering::SeqCst);
+        debug_assert!(
+            *flushed <= written,
+            "a flush covers only writes made before it"
+        );
+        if !always && *flushed >= written {
+            return Ok(());
+        }
+        self.backing
+            .flush()
+            .map_err(|e| EngineError::io(self.backing.name(), e))?;
+        *flushed = written;
+        Ok(())
     }
 
     /// A FLUSH through the log also covers the passthrough writes acknowledged before it (made
     /// before the engine left passthrough, or racing that switch).
     pub(crate) fn flush_backing_if_written(&self) -> Result<()> {
-        if self.backing_unflushed.load(Ordering::SeqCst) {
-            return self.flush_backing();
-        }
-        Ok(())
+        self.flush_backing(false)
     }
 
     /// A FLUSH in passthrough. After a cache loss that took acknowledged writes no FLUSH had
@@ -289,21 +306,43 @@ impl Shared {
         self.backing
             .zero_range(offset, len, kind == EntryKind::Discard)
             .map_err(|e| EngineError::io(self.backing.name(), e))?;
-        self.backing_unflushed.store(true, Ordering::SeqCst);
+        self.backing_writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl Engine {
-    /// Replaces cache leg `index` by `device`, online. A healthy leg is first taken out of use.
-    /// Waits (with writeback at full speed) until the cache is clean and in passthrough, then
-    /// formats `device` as leg `index` of the set and returns to mirrored operation.
+    /// Replaces cache leg `index` by `device`, online. Waits (with writeback at full speed) until
+    /// the cache is clean and in passthrough — a healthy leg stays in use meanwhile, the log
+    /// closing as if degraded (`replacing_legs`) — then formats `device` as leg `index` of the
+    /// set and returns to mirrored operation.
     pub fn replace_leg(
         &self,
         index: usize,
         device: Arc<dyn Device>,
         timeout: Duration,
     ) -> Result<()> {
+        let s = &self.shared;
+        let leg = self.check_replacement(index, device.as_ref())?;
+        self.loss_on_record_before_replace()?;
+        let generation = leg.generation();
+        // Checked and counted under one lock: two replaces of the two legs both keep theirs.
+        let healthy = {
+            let mut state = s.state.lock();
+            let healthy = leg.is_healthy();
+            state.replacing_legs += healthy as u32;
+            healthy
+        };
+        let swapped = self.swap_leg(leg, generation, healthy, device, timeout);
+        if healthy && leg.generation() == generation {
+            // Not swapped (timed out, refused): the log may open again.
+            self.resume_after_failed_replace();
+        }
+        swapped
+    }
+
+    /// The leg `index` names, if `device` may become it.
+    fn check_replacement(&self, index: usize, device: &dyn Device) -> Result<&Leg> {
         let s = &self.shared;
         let legs = s.legs.all();
         let Some(leg) = legs.get(index) else {
@@ -331,9 +370,21 @@ impl Engine {
                 "is already the other leg of this cache set",
             ));
         }
-        if leg.is_healthy() {
-            leg.mark_failed(&std::io::Error::other("taken out of use for replacement"));
-        }
+        Ok(leg)
+    }
+
+    /// Waits until `leg` may be swapped, formats `device` as it and records the change; then
+    /// leaves passthrough if every leg is back.
+    fn swap_leg(
+        &self,
+        leg: &Leg,
+        generation: u64,
+        healthy: bool,
+        device: Arc<dyn Device>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let s = &self.shared;
+        let index = leg.index;
         let deadline = std::time::Instant::now() + timeout;
         let (_recorder, mut state) = loop {
             self.wait_until_replaceable(leg, deadline, device.name())?;
@@ -348,13 +399,25 @@ impl Engine {
                 break (recorder, state);
             }
         };
-        if leg.is_healthy() {
+        if leg.generation() != generation {
             // Another `replace` of this leg got here first.
             return Err(EngineError::refused(
                 device.name(),
                 format!("leg {index} was replaced meanwhile"),
             ));
         }
+        if state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none() {
+            // Lost while this waited, and not on record: attaching now would drop the loss.
+            return Err(EngineError::CacheFailed(
+                "the cache was lost while the replacement waited, and the loss is not on record \
+                 yet; no leg is attached before it is"
+                    .into(),
+            ));
+        }
+        debug_assert!(
+            state.passthrough && state.open.is_none(),
+            "swapped only when clean"
+        );
         // Every sealed segment is handled (`replaceable`): the chain is settled, and checkpoints
         // from now on go to a leg again.
         state.anchor_crc = Some(s.anchor(&state));
@@ -364,7 +427,9 @@ impl Engine {
         state.leg_incarnations[index] = incarnation;
         state.leg_written[index] = state.written_id;
         state.leg_durable[index] = state.durable_id;
-        let all_back = s.legs.healthy_count() == legs.len();
+        state.replacing_legs -= healthy as u32;
+        // Back to the log only once no other replace waits for passthrough.
+        let all_back = s.legs.healthy_count() == s.legs.all().len() && state.replacing_legs == 0;
         let lost = state.cache_lost;
         if all_back {
             state.cache_lost = None;
@@ -397,11 +462,55 @@ impl Engine {
         Ok(())
     }
 
+    /// A leg is attached only once a cache loss is on record: the record that attaches it says
+    /// what the set is from then on, and without the loss in it a restart would replay the lost
+    /// log (and adopt its buffers) over what passthrough wrote since.
+    fn loss_on_record_before_replace(&self) -> Result<()> {
+        let s = &self.shared;
+        let unrecorded = {
+            let state = s.state.lock();
+            state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none()
+        };
+        if !unrecorded {
+            return Ok(());
+        }
+        s.record_faults().map_err(|e| {
+            EngineError::CacheFailed(format!(
+                "the cache loss is not on record yet ({e}); no leg is attached before it is"
+            ))
+        })
+    }
+
+    /// A healthy leg was not swapped after all: if no other replace waits and nothing failed
+    /// meanwhile, the log opens again. Leaving passthrough flushes what it wrote first (like any
+    /// way out of passthrough); if that flush fails, the device stays in passthrough (safe) and
+    /// says so.
+    fn resume_after_failed_replace(&self) {
+        let s = &self.shared;
+        let mut state = s.state.lock();
+        state.replacing_legs -= 1;
+        let all_healthy = s.legs.healthy_count() == s.legs.all().len();
+        if state.replacing_legs > 0 || !all_healthy || state.cache_lost.is_some() {
+            return; // another replace, or a real failure meanwhile: its own way applies
+        }
+        state.closing_log = false;
+        if state.passthrough {
+            drop(state);
+            if let Err(e) = s.passthrough_flush() {
+                log::error!("staying in passthrough after a replace that did not happen: {e}");
+                return;
+            }
+            state = s.state.lock();
+            state.passthrough = false;
+        }
+        s.space_freed.notify_all();
+    }
+
     /// Waits (writeback at full speed meanwhile) until leg `leg` may be swapped: see
     /// `Shared::replaceable`.
     fn wait_until_replaceable(
         &self,
-        leg: &crate::log::legs::Leg,
+        leg: &Leg,
         deadline: std::time::Instant,
         name: &str,
     ) -> Result<()> {
@@ -431,7 +540,7 @@ impl Shared {
     /// while its writes are being dropped); and once the leg's writer has handled every segment
     /// sealed for it (a write it still had queued must not land on the new device, nor a late
     /// error of the old device fail the new one).
-    fn replaceable(&self, state: &State, leg: &crate::log::legs::Leg) -> bool {
+    fn replaceable(&self, state: &State, leg: &Leg) -> bool {
         state.passthrough
             && !self.writeback_fenced.load(Ordering::Acquire)
             && leg.handled_id.load(Ordering::Acquire) >= state.sealed_id

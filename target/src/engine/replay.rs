@@ -172,6 +172,7 @@ impl State {
             shutting_down: false,
             failure: None,
             closing_log: false,
+            replacing_legs: 0,
             passthrough: r.cache_lost.is_some(),
             cache_lost: r.cache_lost,
             lost_dirty_blocks: None,

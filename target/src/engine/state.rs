@@ -4,11 +4,12 @@
 //! placement of the newest segments after every change of them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use logfmt::{Entry, Position, MAX_ENTRIES_PER_SEGMENT, SLOT_BLOCKS};
 
+use crate::control::Counters;
 use crate::error::{EngineError, Result};
 use crate::map::block_map::{BlockMap, Location};
 use crate::map::zero_ranges::ZeroRanges;
@@ -173,6 +174,10 @@ pub(crate) struct State {
     /// Degraded and (almost) clean: no new segment is opened until writeback catches up, then
     /// the engine goes to passthrough (see `mode`).
     pub closing_log: bool,
+    /// `replace`s of healthy legs under way: the log closes for passthrough as if degraded, so
+    /// the cache is clean before the leg is swapped, while the leg stays in use (taking it out
+    /// at once would leave the cache on one leg, or none, for the whole drain).
+    pub replacing_legs: u32,
     /// Requests go straight to the backing device (a leg is missing and the cache is clean, or
     /// every leg is lost).
     pub passthrough: bool,
@@ -440,6 +445,7 @@ fn partition(
 
 #[derive(Default)]
 pub struct Stats {
+    // Each field is named once more in `counters!` below.
     pub writes: AtomicU64,
     pub write_bytes: AtomicU64,
     pub reads: AtomicU64,
@@ -455,6 +461,51 @@ pub struct Stats {
     pub partial_merges: AtomicU64,
     pub passthrough_writes: AtomicU64,
     pub writeback_errors: AtomicU64,
+}
+
+/// Applies `$m!(field)` to every counter of `Stats` (and of `control::Counters`, its image).
+macro_rules! counters {
+    ($m:ident) => {
+        $m!(writes);
+        $m!(write_bytes);
+        $m!(reads);
+        $m!(read_hits);
+        $m!(read_misses);
+        $m!(flushes);
+        $m!(discards);
+        $m!(stall_ns);
+        $m!(written_back_bytes);
+        $m!(written_back_segments);
+        $m!(backing_write_ios);
+        $m!(backing_errors);
+        $m!(partial_merges);
+        $m!(passthrough_writes);
+        $m!(writeback_errors);
+    };
+}
+
+impl Stats {
+    /// The counters as they stand.
+    pub fn snapshot(&self) -> Counters {
+        let mut c = Counters::default();
+        macro_rules! take {
+            ($f:ident) => {
+                c.$f = self.$f.load(Ordering::Relaxed)
+            };
+        }
+        counters!(take);
+        c
+    }
+
+    /// Goes on from `base` (a predecessor's final counters): each counter grows by it.
+    pub fn continue_from(&self, base: &Counters) {
+        macro_rules! add {
+            ($f:ident) => {
+                self.$f.fetch_add(base.$f, Ordering::Relaxed)
+            };
+        }
+        counters!(add);
+    }
 }
 
 #[cfg(test)]
@@ -496,6 +547,30 @@ mod tests {
     }
 
     /// Writeback may only take segments that are on every leg.
+    #[test]
+    fn counters_go_on_from_a_predecessors() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = super::Stats::default();
+        stats.writes.fetch_add(3, Relaxed);
+        stats.writeback_errors.fetch_add(1, Relaxed);
+        let base = crate::control::Counters {
+            writes: 10,
+            stall_ns: 5,
+            writeback_errors: 2,
+            ..Default::default()
+        };
+        stats.continue_from(&base);
+        let c = stats.snapshot();
+        assert_eq!(
+            (c.writes, c.stall_ns, c.writeback_errors, c.reads),
+            (13, 5, 3, 0)
+        );
+        // Every counter is carried: a snapshot fed back doubles each one.
+        stats.continue_from(&c);
+        let d = stats.snapshot();
+        assert_eq!((d.writes, d.stall_ns, d.writeback_errors), (26, 10, 6));
+    }
+
     #[test]
     #[should_panic(expected = "written_back_id ≤ written_id")]
     fn writeback_past_the_written_log_is_caught() {

@@ -212,6 +212,13 @@ impl Shared {
         let mut stall_started: Option<Instant> = None;
         while state.open.is_none() {
             state.admit_to_log()?;
+            if let (true, Some(why)) = (state.closing_log, &state.fault_record_error) {
+                // The log is closing for passthrough, which waits for a failure that cannot be
+                // recorded: fail the write rather than hold it for as long as that lasts.
+                return Err(EngineError::CacheFailed(format!(
+                    "a cache leg failed and its failure cannot be recorded: {why}"
+                )));
+            }
             let at = state.place;
             let slot = &state.slots[at.slot as usize];
             // Block 0 starts a new lap of the slot: it must be free (writeback freed every segment

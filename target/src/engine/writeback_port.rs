@@ -206,7 +206,10 @@ impl CacheLog for Shared {
             idle_for: self.idle_for(now),
             writers_waiting: state.writers_waiting > 0,
             drain_requested: state.drain_requested,
-            degraded: self.legs.healthy_count() < self.legs.all().len(),
+            // Full speed also while a replace waits for the cache to empty.
+            degraded: self.legs.healthy_count() < self.legs.all().len()
+                || state.replacing_legs > 0
+                || state.closing_log,
         }
     }
 

@@ -47,9 +47,9 @@ impl Leg {
         (device.clone(), self.generation.load(Ordering::Acquire))
     }
 
-    /// Puts a new device in place of a failed one and brings the leg back.
+    /// Puts a new device in place of the old one (a failed leg, or the last healthy one of a
+    /// clean cache in passthrough) and brings the leg back.
     pub(crate) fn replace(&self, device: Arc<dyn Device>) {
-        assert!(!self.is_healthy(), "only a failed leg is replaced");
         let mut slot = self.device.write();
         *slot = device;
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -60,6 +60,11 @@ impl Leg {
         self.write_errors.store(0, Ordering::Relaxed);
         self.repairs.store(0, Ordering::Relaxed);
         self.failed.store(false, Ordering::Release);
+    }
+
+    /// Bumped by every `replace`: two replaces of one leg tell that the other came first.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn is_healthy(&self) -> bool {

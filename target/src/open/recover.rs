@@ -216,7 +216,7 @@ pub fn open(
         .as_deref()
         .map(|dir| FaultFile::new(dir, &sb.uuid));
     let (checkpoint, _) = read_checkpoint(&legs, &sb.uuid);
-    let faults = apply_fault_record(
+    let (faults, on_record) = apply_fault_record(
         &legs,
         &sb.uuid,
         &incarnations,
@@ -237,8 +237,16 @@ pub fn open(
         });
         let mut recovered = Recovered::empty(&sb, through, place, anchor);
         recovered.checkpoint_sequence = checkpoint_sequence;
-        recovered.faults_recorded = faults;
-        return open_lost(legs, sb, backing, options, fault_file, recovered);
+        recovered.faults_recorded = on_record;
+        return open_lost(
+            legs,
+            sb,
+            backing,
+            options,
+            fault_file,
+            recovered,
+            (faults, lost),
+        );
     }
     let report = scan(&legs, &sb);
     if let Some(why) = &report.checkpoint_error {
@@ -264,7 +272,7 @@ pub fn open(
     let headers = log.len();
     let mut recovered = Recovered::replay(&sb, &log, &report, place, head_crc);
     recovered.run_nonce = run_nonce;
-    recovered.faults_recorded = faults;
+    recovered.faults_recorded = on_record;
     // Legs attached after a loss that no FLUSH reported yet: the error is still owed.
     recovered.flush_error_owed = flush_error_marker(&options).exists();
     log::info!(
@@ -278,9 +286,10 @@ pub fn open(
         report.bytes_read,
         report.stop_reason
     );
-    Ok(start(
+    let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
-    ))
+    );
+    faults_on_record_then_release(engine)
 }
 
 /// Reads and checks the superblocks; a leg that cannot be read at all (a dead SSD) leaves a
@@ -347,14 +356,16 @@ fn open_legs(
 /// Takes the newest fault record (the legs' checkpoints, the host's file) and applies it: a leg
 /// recorded as failed stays out of use, and after a cache loss every leg does. Records what
 /// changed (legs unreadable now) before anything is written to the legs, and brings a copy that
-/// is behind up to date. Returns the record now in force.
+/// is behind up to date. Returns the record now in force, and the record on record where every
+/// later start looks (the same, unless the newest copy could not be made that durable: then
+/// the engine's run-time guards treat the difference as not yet recorded).
 fn apply_fault_record(
     legs: &CacheLegs,
     uuid: &[u8; 16],
     incarnations: &[Option<u32>],
     file: Option<&FaultFile>,
     checkpoint: &CheckpointRead,
-) -> Result<Faults> {
+) -> Result<(Faults, Faults)> {
     let from_file = match file {
         Some(f) => f
             .load()
@@ -363,6 +374,14 @@ fn apply_fault_record(
     };
     let on_legs = checkpoint.as_ref().map_or(Faults::default(), |c| c.faults);
     let recorded = faults::newest(on_legs, from_file);
+    // What is on record where every later start looks: with a fault file, what the file holds.
+    // A failure or loss the legs' newest copy has beyond it may have been written to one leg
+    // only (a record attempt that failed): it is recorded again below under the same rules as
+    // at run time, or the engine starts with the file's record and its guards hold.
+    let trusted = match file {
+        Some(_) => from_file.unwrap_or_default(),
+        None => recorded,
+    };
     mark_recorded_failures(legs, incarnations, &recorded);
     if legs.healthy_count() == 0 && recorded.cache_lost.is_none() {
         return Err(EngineError::refused(
@@ -381,27 +400,33 @@ fn apply_fault_record(
     let file_behind = file.is_some() && from_file.map(|f| f.sequence) != Some(recorded.sequence);
     let legs_behind = on_legs.sequence != recorded.sequence;
     if !changed && !(any_fault && (file_behind || legs_behind)) {
-        return Ok(recorded);
+        return Ok((recorded, recorded));
     }
     let next = Faults {
         sequence: recorded.sequence + 1,
         ..now
     };
     let record = fault_checkpoint(legs, uuid, checkpoint, next)?;
-    match faults::persist(legs, file, &record, &recorded) {
+    match faults::persist(legs, file, &record, &trusted) {
         Ok(places) => {
             log::warn!(
                 "fault record {} written to {}",
                 next.sequence,
                 places.join(", ")
             );
-            Ok(next)
+            Ok((next, next))
         }
         // A new failure must be on record before the legs that are left are written to.
         Err(e) if changed => Err(EngineError::CacheFailed(e.to_string())),
         Err(e) => {
             log::warn!("bringing the fault record's copies up to date: {e}");
-            Ok(recorded)
+            // Only what every start would find counts as recorded (newest sequence kept, so
+            // the next record still wins).
+            let on_record = Faults {
+                sequence: recorded.sequence,
+                ..trusted
+            };
+            Ok((recorded, on_record))
         }
     }
 }
@@ -486,12 +511,10 @@ fn open_lost(
     options: OpenOptions,
     fault_file: Option<FaultFile>,
     mut recovered: Recovered,
+    (faults, lost): (Faults, logfmt::CacheLost),
 ) -> Result<Engine> {
-    let faults = recovered.faults_recorded;
-    let lost = faults.cache_lost.expect("a lost cache");
     let (ram, adopted) = RamBuffers::open(&options.buffer_path, options.ram_buffers, &sb.uuid)
         .map_err(|e| EngineError::io(options.buffer_path.display().to_string(), e))?;
-    ram.release_all();
     log::error!(
         "CRITICAL: cache {} was lost (fault record {}): segments {}..={} are gone and are not \
          replayed; the backing device holds every segment up to id {}. Starting in \
@@ -517,9 +540,30 @@ fn open_lost(
         stop_reason: "the cache was lost: its log is not replayed".into(),
         ..ScanReport::default()
     };
-    Ok(start(
+    let engine = start(
         legs, backing, ram, sb, recovered, report, fault_file, options,
-    ))
+    );
+    faults_on_record_then_release(engine)
+}
+
+/// A leg that failed during recovery (repairing a torn copy,
+/// logging adopted buffers) is on record before a FLUSH may complete on the others; where it
+/// cannot be recorded, the engine does not start, and the adopted buffers stay in the buffer
+/// file for the next try (the one leg that took them may be the one that does not return).
+fn faults_on_record_then_release(engine: Engine) -> Result<Engine> {
+    if let Err(e) = engine.shared.record_faults() {
+        engine.abandon();
+        return Err(EngineError::CacheFailed(format!(
+            "a cache leg failed during start-up and its failure could not be recorded ({e}); not \
+             starting, because a later start could take that leg for a good one. Make the fault \
+             file writable or the leg readable, then start again"
+        )));
+    }
+    // Every buffer the predecessor left is logged or given up (a lost log, or segments
+    // writeback already passed); no segment of this run is open yet to own one.
+    debug_assert!(engine.shared.state.lock().open.is_none());
+    engine.shared.ram.release_all();
+    Ok(engine)
 }
 
 /// Makes the legs agree again: a torn copy on one leg is rewritten from the other.
@@ -601,7 +645,7 @@ fn adopt_buffers(
     }
     legs.flush_all()
         .map_err(|e| EngineError::CacheFailed(format!("flushing cache legs: {e}")))?;
-    ram.release_all();
+    // The buffers are released by `open` once the legs that took them are on record.
     Ok((log, place, prev))
 }
 

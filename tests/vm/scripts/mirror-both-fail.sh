@@ -95,6 +95,9 @@ log "status after:  $(status_excerpt m2)"
 read -r mode lost <<<"$(wb_field m2 mode cache_lost_at)"
 [[ "$mode" == passthrough ]] || fail "mode is $mode after both legs failed, not passthrough"
 [[ "$lost" =~ ^[0-9]+$ ]] || fail "cache_lost_at is '$lost', not a segment id"
+wb_metrics_check m2 passthrough
+grep -q '^writeboost_cache_lost{device="m2"} 1$' "$WB_OUT/metrics-m2-passthrough.prom" ||
+    fail "wbctl metrics does not say the cache of m2 is lost"
 [[ "$(leg_field m2 0 health) $(leg_field m2 1 health)" == "failed failed" ]] || fail "both legs should be failed"
 critical="$(grep -E "ERROR .*CRITICAL: every cache leg has failed" "$(daemon_log m2)" || true)"
 [[ -n "$critical" ]] || fail "no error-level CRITICAL line in $(daemon_log m2)"

@@ -511,8 +511,10 @@ def selftest_on(j, rng, name, valid=8, reorders=3):
         if xs and zs:
             cands.append((boundary, xs, zs))
     if not cands:
-        say(f"self-test {name}: no two consecutive epochs to reorder (journal too small?)")
-        return good, bad + 1
+        # A run whose epochs are long (seeds with an fsync every up to 3000 writes) may end
+        # before its first fsync: nothing to reorder. The synthetic journals test reordering;
+        # the mutations below still run on this one.
+        say(f"self-test {name}: no two consecutive epochs to reorder; reordering not tested on it")
     for boundary, xs, zs in rng.sample(cands, min(reorders, len(cands))):
         x = rng.choice([b for b in xs if b not in zs] or xs)
         img = j.image(boundary + 2, set(), set(wins))

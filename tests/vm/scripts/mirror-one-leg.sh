@@ -41,6 +41,7 @@ printf 'backing = "%s"\ncaches = ["%s", "%s"]\nevent_hook = "%s"\n[policy]\nlow_
 dev="$(JOURNAL_STREAM=8:1 wb_create d1 --config "$CONF")"
 log "wbctl create d1 -> $dev"
 [[ "$(wb_field d1 mode)" == mirrored ]] || fail "mode is $(wb_field d1 mode), not mirrored"
+wb_metrics_check d1 mirrored
 mode_sampler d1 "$WB_OUT/modes.txt"
 
 fio_job() { # NAME SIZE OFFSET RATE
@@ -98,6 +99,7 @@ log "fio verify job passed: $(((after - inj_written) >> 20)) MiB written after t
 grep -E "err= *0|READ:|WRITE:" "$WB_OUT/d1.mirror-one-leg-1.log" | sed 's/^ */  /' || true
 
 wait_mode d1 passthrough 900
+wb_metrics_check d1 passthrough
 stop_mode_sampler
 log "mode samples (secs mode legA-health legA-errors legB-health legB-errors dirty_bytes): $(wc -l <"$WB_OUT/modes.txt") in $WB_OUT/modes.txt"
 python3 - "$WB_OUT/modes.txt" "$(awk -v a="$WB_LIB_T0" -v b="$t_inj" 'BEGIN{print b-a}')" "$(daemon_log d1)" <<'PY' || fail "the modes did not go mirrored -> degraded -> passthrough"

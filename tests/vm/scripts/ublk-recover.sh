@@ -25,11 +25,11 @@ BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)" SPARE="$(disk 3)"
 dev="$(wb_create r0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1")"
 log "wbctl create r0 -> $dev"
 
-# Random 4 KiB writes over 256 MiB with an fsync every 64 writes (so acknowledged writes are
+# Random 4 KiB writes over 128 MiB with an fsync every 64 writes (so acknowledged writes are
 # both flushed and not), then a full read-back verify.
 out="$WB_OUT/recover-fio.log"
 fio --name=crash-verify --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
-    --bs=4k --iodepth=32 --size=256M --randrepeat=0 --fsync=64 --verify=crc32c \
+    --bs=4k --iodepth=32 --size=128M --randrepeat=0 --fsync=64 --verify=crc32c \
     --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
 fio_pid=$!
 on_exit "kill $fio_pid 2>/dev/null || true"
@@ -81,7 +81,7 @@ log "fio passed its verify after $recovered kill -9 + recover cycles"
 # A kill -9 with no I/O in flight, right after unflushed writes were acknowledged: recover,
 # and a verify-only pass of the same job (same seeds: randrepeat) reads every one of them back.
 last=(--name=last-writes --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k
-    --iodepth=16 --size=16M --offset=256M --randrepeat=1 --verify=crc32c --verify_state_save=0
+    --iodepth=16 --size=16M --offset=128M --randrepeat=1 --verify=crc32c --verify_state_save=0
     --eta=never)
 fio "${last[@]}" --do_verify=0 >/dev/null || fail "last-writes fio failed"
 kill -9 "$(wb_pid r0)"
@@ -94,7 +94,7 @@ fio "${last[@]}" --verify_only=1 --verify_fatal=1 >"$WB_OUT/last-writes-verify.l
 log "16 MiB of unflushed writes read back after kill -9 + recover"
 
 # Replace a leg online: data the same before and after, mirrored again, the state file follows.
-region=$((272 << 20)) # both jobs above
+region=$((144 << 20)) # both jobs above
 before_sum="$(dev_sha256 "$dev" $region)"
 if "$WBCTL" replace r0 --old /dev/nonexistent --new "$SPARE" 2>/dev/null; then fail "replace of a non-leg succeeded"; fi
 "$WBCTL" replace r0 --old "$CACHE1" --new "$SPARE" || fail "wbctl replace failed"

@@ -106,6 +106,8 @@ grep -q "its daemon stopped and left $dev to the kernel; taking it over" "$WB_OU
 [[ "$again" == "$dev" ]] || fail "the start made $again, expected the same $dev"
 log "stop + start under fio: taken over in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s (writes before the stop: $before; new pid $(wb_pid u0))"
 [[ "$(wb_field u0 mode)" == mirrored ]] || fail "mode after the start: $(wb_field u0 mode)"
+after="$(wb_field u0 writes)"
+((after >= before)) || fail "the writes counter went back across the hand-over: $before -> $after"
 
 # ---- upgrade: a new binary installed by rename while the old daemon runs from the old file
 sleep 5

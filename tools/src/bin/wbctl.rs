@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
@@ -27,6 +27,7 @@ use wb_target::log::legs::CacheLegs;
 use wb_tools::health::{self, percent, Health};
 use wb_tools::journal;
 use wb_tools::metrics::Scrape;
+use wb_tools::ssd_health::{self, LegHealth};
 use wb_tools::status_view::{self, human_duration};
 use writeback::Policy;
 
@@ -64,7 +65,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Health check: exit 0 healthy, 1 warning (a failed leg, dirty above the pressure
-        /// point, writers stalled in the last minute, backing errors), 2 critical (cache lost,
+        /// point, writers stalled in the last minute, backing errors, a leg's SSD worn past 80 %,
+        /// its spare below threshold or a SMART critical warning), 2 critical (cache lost,
         /// no usable leg, daemon down), 3 unknown (status unreadable).
         #[arg(short = 'x', long = "check", conflicts_with = "watch")]
         check: bool,
@@ -80,7 +82,8 @@ enum Cmd {
     },
     /// The devices' figures in the Prometheus text format (for node_exporter's textfile
     /// collector: see tools/systemd/writeboost-metrics.timer). A device whose daemon does not
-    /// answer shows as writeboost_daemon_up 0. Counters restart from 0 with the daemon.
+    /// answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of the
+    /// daemon (a hand-over) and restart from 0 after a crash.
     Metrics {
         /// One device (default: all).
         name: Option<String>,
@@ -144,6 +147,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `wbctl generate-docs --out DIR`: the man pages (DIR/man) and bash/zsh/fish completions
+/// (DIR/completions) made from `Cli`, for the Debian package. Added to the parser in `main`
+/// only, not to `Cli`: clap_complete completes hidden subcommands too, and the pages and
+/// completions generated from `Cli::command()` must offer only what users type.
+fn docs_subcommand() -> clap::Command {
+    clap::Command::new("generate-docs").hide(true).arg(
+        clap::Arg::new("out")
+            .long("out")
+            .value_name("DIR")
+            .required(true)
+            .value_parser(clap::value_parser!(PathBuf)),
+    )
 }
 
 #[derive(Args, Debug, Clone)]
@@ -260,7 +277,16 @@ fn parse_knob(s: &str) -> Result<(String, String)> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().subcommand(docs_subcommand()).get_matches();
+    if let Some(("generate-docs", m)) = matches.subcommand() {
+        let out = m.get_one::<PathBuf>("out").expect("--out is required");
+        if let Err(e) = generate_docs(out) {
+            eprintln!("wbctl: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let daemon_like = matches!(cli.command, Cmd::Create(_) | Cmd::Recover { .. });
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(if daemon_like { "info" } else { "warn" }),
@@ -311,6 +337,15 @@ fn main() {
         eprintln!("wbctl: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn generate_docs(out: &Path) -> Result<()> {
+    let written = wb_tools::docs::generate(Cli::command(), out)
+        .with_context(|| format!("writing man pages and completions under {}", out.display()))?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------ create
@@ -364,7 +399,7 @@ fn create(run_dir: &RunDir, args: CreateArgs) -> Result<()> {
         config: args.config.clone(),
     };
     let (spec, start) = daemon::check_create(&request)?;
-    if let Start::Recover { dev_id } = start {
+    if let Start::Recover { dev_id, .. } = start {
         match run_dir.load_state(&spec.name) {
             Ok(state) if state.handed_over => log::info!(
                 "{}: its daemon stopped and left /dev/ublkb{dev_id} to the kernel; taking it over",
@@ -539,11 +574,12 @@ fn fetch_status(run_dir: &RunDir, name: &str) -> Result<DeviceStatus> {
 fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
     if let Some(name) = name {
         let s = fetch_status(run_dir, name)?;
+        let ssds = leg_ssds(&s);
         if json {
-            let document = status_view::json_document(vec![serde_json::to_value(&s)?]);
+            let document = status_view::json_document(vec![status_view::device_json(&s, &ssds)?]);
             println!("{}", serde_json::to_string_pretty(&document)?);
         } else {
-            print!("{}", human_status(&s));
+            print!("{}", human_status(&s, &ssds));
         }
         return Ok(());
     }
@@ -552,8 +588,9 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
     for name in device_names(run_dir)? {
         match fetch_status(run_dir, &name) {
             Ok(s) => {
-                text.push_str(&human_status(&s));
-                all.push(serde_json::to_value(&s)?);
+                let ssds = leg_ssds(&s);
+                text.push_str(&human_status(&s, &ssds));
+                all.push(status_view::device_json(&s, &ssds)?);
             }
             Err(e) => {
                 text.push_str(&format!("{name}: DOWN: {e:#}\n"));
@@ -572,6 +609,11 @@ fn status(run_dir: &RunDir, name: Option<&str>, json: bool) -> Result<()> {
         print!("{text}");
     }
     Ok(())
+}
+
+/// The SSD health of a device's legs, read here (NVMe ioctl, smartctl), never by the daemon.
+fn leg_ssds(s: &DeviceStatus) -> LegHealth {
+    ssd_health::read_all(s.legs.iter().map(|l| l.path.as_str()))
 }
 
 /// `status -x`: a verdict line per device (JSON objects with --json); returns the exit status,
@@ -656,9 +698,13 @@ fn metrics(run_dir: &RunDir, name: Option<&str>, output: Option<&Path>) -> Resul
         None => device_names(run_dir)?,
     };
     let mut scrapes = Vec::new();
+    let mut ssds = LegHealth::new();
     for n in names {
         match fetch_status(run_dir, &n) {
-            Ok(s) => scrapes.push(Scrape::Up(Box::new(s))),
+            Ok(s) => {
+                ssds.extend(leg_ssds(&s));
+                scrapes.push(Scrape::Up(Box::new(s)))
+            }
             // Listed from its state file, or one named that has a state file: down.
             Err(_) if name.is_none() || has_state_file(run_dir, &n) => {
                 scrapes.push(Scrape::Down(n))
@@ -666,7 +712,7 @@ fn metrics(run_dir: &RunDir, name: Option<&str>, output: Option<&Path>) -> Resul
             Err(e) => return Err(e),
         }
     }
-    let text = wb_tools::metrics::exposition(&scrapes);
+    let text = wb_tools::metrics::exposition_with_health(&scrapes, &ssds);
     match output {
         None => print!("{text}"),
         Some(file) => wb_tools::metrics::write_atomically(file, text.as_bytes())
@@ -682,7 +728,7 @@ fn has_state_file(run_dir: &RunDir, name: &str) -> bool {
 /// The verdict on one device: from its status, or from why the status could not be read.
 fn device_health(run_dir: &RunDir, name: &str) -> (Health, String) {
     match fetch_status(run_dir, name) {
-        Ok(s) => health::of_status(&s),
+        Ok(s) => health::of_status_and_ssds(&s, &leg_ssds(&s)),
         Err(e) => {
             let down = run_dir
                 .load_state(name)
@@ -692,10 +738,10 @@ fn device_health(run_dir: &RunDir, name: &str) -> (Health, String) {
     }
 }
 
-fn human_status(s: &DeviceStatus) -> String {
+fn human_status(s: &DeviceStatus, ssds: &LegHealth) -> String {
     let mut out = String::new();
     status_headline(&mut out, s);
-    status_devices(&mut out, s);
+    status_devices(&mut out, s, ssds);
     status_traffic(&mut out, s);
     status_setup(&mut out, s);
     out
@@ -730,8 +776,8 @@ fn status_headline(w: &mut String, s: &DeviceStatus) {
     }
 }
 
-/// The backing device, the cache legs and how full the cache is.
-fn status_devices(w: &mut String, s: &DeviceStatus) {
+/// The backing device, the cache legs (with their SSD health) and how full the cache is.
+fn status_devices(w: &mut String, s: &DeviceStatus, ssds: &LegHealth) {
     let _ = writeln!(
         w,
         "  backing    {} ({}, logical block {})",
@@ -745,6 +791,9 @@ fn status_devices(w: &mut String, s: &DeviceStatus) {
             "  leg {i}      {} {} (errors: {} read, {} write; {} repaired)",
             l.path, l.health, l.read_errors, l.write_errors, l.repairs
         );
+        if let Some(h) = ssds.get(&l.path) {
+            let _ = writeln!(w, "             ssd {}", h.summary());
+        }
     }
     let _ = writeln!(
         w,

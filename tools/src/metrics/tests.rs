@@ -27,6 +27,37 @@ pub(super) fn status() -> DeviceStatus {
     .expect("a status")
 }
 
+/// The SSD health of d0's legs: /dev/a an NVMe drive 3 % used, /dev/b a SATA SSD by smartctl
+/// 12 % used whose self-assessment passed (every SSD figure is reported by one of them).
+pub(super) fn ssds() -> LegHealth {
+    use crate::ssd_health::Source;
+    let nvme = SsdHealth {
+        source: Source::Nvme,
+        device: Some("/dev/nvme0n1".into()),
+        reason: None,
+        percentage_used: Some(3),
+        available_spare: Some(100),
+        available_spare_threshold: Some(10),
+        critical_warning: Some(0),
+        media_errors: Some(2),
+        data_units_written: Some(1000),
+        power_on_hours: Some(100),
+        temperature_celsius: Some(41),
+        ..SsdHealth::unknown(None, "")
+    };
+    let sata = SsdHealth {
+        source: Source::Smartctl,
+        device: Some("/dev/sdb".into()),
+        reason: None,
+        percentage_used: Some(12),
+        reallocated_sectors: Some(0),
+        smart_passed: Some(true),
+        temperature_celsius: Some(30),
+        ..SsdHealth::unknown(None, "")
+    };
+    LegHealth::from([("/dev/a".into(), nvme), ("/dev/b".into(), sata)])
+}
+
 fn up(s: DeviceStatus) -> Scrape {
     Scrape::Up(Box::new(s))
 }
@@ -39,7 +70,7 @@ fn lines(devices: &[Scrape]) -> Vec<String> {
 /// `WB_UPDATE_GOLDEN=1 cargo test -p wb-tools metrics` rewrites the file; review its diff.
 #[test]
 fn golden_exposition() {
-    let text = exposition(&[up(status()), Scrape::Down("d1".into())]);
+    let text = exposition_with_health(&[up(status()), Scrape::Down("d1".into())], &ssds());
     let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics/golden.prom");
     if std::env::var_os("WB_UPDATE_GOLDEN").is_some() {
         std::fs::write(golden, &text).expect("writing the golden file");
@@ -184,7 +215,7 @@ fn units_knobs_and_down_devices() {
 /// Counters and gauges are typed as such, counters end in `_total`, every family has a HELP.
 #[test]
 fn types_and_suffixes() {
-    let text = exposition(&[up(status())]);
+    let text = exposition_with_health(&[up(status())], &ssds());
     let types: Vec<(&str, &str)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -209,7 +240,7 @@ fn types_and_suffixes() {
 /// with every figure known emits.
 #[test]
 fn metric_names_are_the_names_emitted() {
-    let text = exposition(&[up(status())]);
+    let text = exposition_with_health(&[up(status())], &ssds());
     let mut emitted: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -219,6 +250,63 @@ fn metric_names_are_the_names_emitted() {
     emitted.sort_unstable();
     names.sort_unstable();
     assert_eq!(emitted, names);
+}
+
+/// SSD health per leg: percentages as ratios, the drive's media error count a counter, only
+/// the figures a leg's source reports, nothing for a leg whose health is unknown.
+#[test]
+fn ssd_health_of_the_legs() {
+    let lines = |ssds: &LegHealth| -> Vec<String> {
+        exposition_with_health(&[up(status())], ssds)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let all = lines(&ssds());
+    for want in [
+        r#"writeboost_leg_wear_ratio{device="d0",leg="/dev/a"} 0.03"#,
+        r#"writeboost_leg_wear_ratio{device="d0",leg="/dev/b"} 0.12"#,
+        r#"writeboost_leg_available_spare_ratio{device="d0",leg="/dev/a"} 1.0"#,
+        r#"writeboost_leg_available_spare_threshold_ratio{device="d0",leg="/dev/a"} 0.1"#,
+        r#"writeboost_leg_media_errors_total{device="d0",leg="/dev/a"} 2"#,
+        r#"writeboost_leg_critical_warning{device="d0",leg="/dev/a"} 0"#,
+        r#"writeboost_leg_temperature_celsius{device="d0",leg="/dev/a"} 41.0"#,
+        r#"writeboost_leg_smart_passed{device="d0",leg="/dev/b"} 1"#,
+        "# TYPE writeboost_leg_media_errors_total counter",
+    ] {
+        assert!(
+            all.iter().any(|l| l == want),
+            "{want:?} not in\n{}",
+            all.join("\n")
+        );
+    }
+    // smartctl reports no spare; NVMe no self-assessment.
+    assert!(!all.iter().any(
+        |l| l.starts_with("writeboost_leg_available_spare_ratio{device=\"d0\",leg=\"/dev/b\"")
+    ));
+    assert!(!all
+        .iter()
+        .any(|l| l.starts_with("writeboost_leg_smart_passed{device=\"d0\",leg=\"/dev/a\"")));
+    // Unknown health (an image file): no SSD family at all; a leg not in the map neither.
+    let mut unknown = LegHealth::new();
+    unknown.insert(
+        "/dev/a".into(),
+        SsdHealth::unknown(None, "not a block device"),
+    );
+    let text = lines(&unknown).join("\n");
+    for family in [
+        "wear",
+        "available_spare",
+        "media_errors",
+        "critical_warning",
+        "temperature",
+    ] {
+        assert!(
+            !text.contains(&format!("writeboost_leg_{family}")),
+            "{family} in\n{text}"
+        );
+    }
+    assert_eq!(text + "\n", exposition(&[up(status())]));
 }
 
 #[test]

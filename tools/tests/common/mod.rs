@@ -46,6 +46,38 @@ pub fn canned_status() -> DeviceStatus {
     .expect("a status")
 }
 
+/// SSD health for the canned status's legs, every SSD figure reported by one of them: /dev/a
+/// an NVMe drive, /dev/b a SATA SSD read by smartctl. (The stand-in daemon's legs are paths
+/// that do not exist, so the real `wbctl` finds their health unknown.)
+pub fn canned_ssds() -> wb_tools::ssd_health::LegHealth {
+    let h = |v: serde_json::Value| -> wb_tools::ssd_health::SsdHealth {
+        serde_json::from_value(v).expect("an SSD health")
+    };
+    let none = serde_json::Value::Null;
+    wb_tools::ssd_health::LegHealth::from([
+        (
+            "/dev/a".to_string(),
+            h(serde_json::json!({
+                "source": "nvme", "device": "/dev/nvme0n1", "reason": none,
+                "percentage_used": 3, "available_spare": 100, "available_spare_threshold": 10,
+                "critical_warning": 0, "media_errors": 0, "data_units_written": 10,
+                "power_on_hours": 1, "temperature_celsius": 40, "reallocated_sectors": none,
+                "smart_passed": none
+            })),
+        ),
+        (
+            "/dev/b".to_string(),
+            h(serde_json::json!({
+                "source": "smartctl", "device": "/dev/sdb", "reason": none,
+                "percentage_used": 12, "available_spare": none, "available_spare_threshold": none,
+                "critical_warning": none, "media_errors": none, "data_units_written": none,
+                "power_on_hours": 2, "temperature_celsius": 30, "reallocated_sectors": 0,
+                "smart_passed": true
+            })),
+        ),
+    ])
+}
+
 /// A run folder with `d0`, served by a stand-in daemon for the life of the process, and `d1`,
 /// a state file without a daemon (it shows as down).
 pub fn run_folder() -> tempfile::TempDir {
