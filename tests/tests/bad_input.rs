@@ -289,3 +289,33 @@ fn a_buffer_file_of_another_cache_is_not_overwritten() {
         "buffer file changed"
     );
 }
+
+/// A buffer file an older format version left with segments in it (a daemon killed before it
+/// logged them, then an upgrade) is refused, not emptied: this version cannot log them.
+#[test]
+fn a_buffer_file_of_another_format_version_is_not_overwritten() {
+    let a = Rig::new(1, 16, 1 << 20, 4096);
+    {
+        let mut options = a.options();
+        options.writeback = None;
+        let engine = a.open_with(options);
+        engine.write(0, &[9u8; 4096], false).unwrap();
+        engine.abandon();
+    }
+    let mut old = std::fs::read(a.buffer_path()).unwrap();
+    old[8..12].copy_from_slice(&1u32.to_le_bytes()); // the header's format version
+    std::fs::write(a.buffer_path(), &old).unwrap();
+    let err = wb_target::open(
+        a.leg_devices(),
+        a.backing.clone(),
+        BACKING_IDENTITY,
+        a.options(),
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("format version 1"), "{err}");
+    assert!(
+        std::fs::read(a.buffer_path()).unwrap() == old,
+        "buffer file changed"
+    );
+}

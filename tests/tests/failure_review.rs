@@ -21,6 +21,19 @@ fn is_checkpoint_slot(op: &IoOp<'_>) -> bool {
     matches!(op, IoOp::Write { offset, data } if *offset < logfmt::SEGMENT_AREA_OFFSET && *offset > 0 && data.len() == 4096)
 }
 
+/// Writes a slot's worth of blocks from `first`, the last one FUA if `fua`: the log moves on to
+/// the next slot, so once they are on the legs the RAM buffer of the slot before is released and
+/// reads of what it held go to the legs (format v2 keeps a slot's blocks in RAM until then).
+fn fill_a_slot_from(engine: &wb_target::Engine, first: u64, fua: bool) {
+    let n = logfmt::SLOT_BLOCKS as u64 + 8;
+    for b in first..first + n {
+        let last = b == first + n - 1;
+        engine
+            .write(b * BLOCK as u64, &block_of(0x5a), fua && last)
+            .unwrap();
+    }
+}
+
 /// R12: a FUA write advances `flushed_id`: an earlier plain write, never covered by a FLUSH, is
 /// lost with the cache and the first FLUSH after the loss succeeds.
 #[test]
@@ -29,6 +42,7 @@ fn r12_a_fua_write_does_not_count_as_a_flush_of_earlier_writes() {
     let engine = rig.open_with(rig.no_writeback());
     engine.write(0, &block_of(0x11), false).unwrap(); // never FLUSHed
     engine.write(BLOCK as u64, &block_of(0x22), true).unwrap(); // FUA
+    fill_a_slot_from(&engine, 2, true); // more FUA-covered writes; reads go to the legs
     rig.kill_legs(true);
     // Noticed by reads (nothing new is logged).
     for _ in 0..40 {
@@ -287,6 +301,7 @@ fn r17_a_flush_fails_when_a_leg_failure_found_by_reads_cannot_be_recorded() {
             .write(b * BLOCK as u64, &block_of(0xaa), false)
             .unwrap();
     }
+    fill_a_slot_from(&engine, 32, false); // reads of blocks 0..32 go to the legs
     engine.flush().unwrap();
     gate.armed.store(true, Ordering::Release);
     rig.legs[0].faults.dead.store(true, Ordering::Relaxed);

@@ -89,7 +89,7 @@ impl Shared {
             }
             self.progress.wait(&mut state);
         }
-        if covers.is_some() {
+        if covers.is_ok() {
             // Only a client's FLUSH covers every write before it: a FUA write vouches for itself,
             // a drain or a shutdown for nothing the client can see (a loss after them still owes
             // the client the error for the writes in between).

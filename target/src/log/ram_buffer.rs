@@ -96,6 +96,16 @@ impl RamBuffers {
                         path.display()
                     )))
                 }
+                Err(logfmt::FormatError::UnsupportedVersion { version, .. })
+                    if holds_segments(bytes) =>
+                {
+                    return Err(io::Error::other(format!(
+                        "{}: RAM buffer file of format version {version} holds segments that were \
+                         never logged, and this version cannot read them; start the version that \
+                         wrote it to log them (or drain the cache with it) first",
+                        path.display()
+                    )))
+                }
                 // Not a buffer file of ours with anything in it: start afresh.
                 Err(_) => {}
             }

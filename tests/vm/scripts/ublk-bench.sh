@@ -4,7 +4,11 @@
 #      (wb-null, the transport ceiling) with the same queues and depth -> ratio (goal >= 0.8);
 #   2. the time for a 4 KiB random-write burst that fits in the cache (QD32, then one fsync,
 #      like fio-jobs/burst-4k-randwrite.fio) through writeboost against the same burst on the
-#      throttled backing device alone -> speed-up (goal >= 3x).
+#      throttled backing device alone -> speed-up (goal >= 3x);
+#   3. fsync'd 4 KiB writes (fio --fsync=1: one writer at QD1, then 8 writers) through writeboost
+#      against the raw cache disk (measured before the cache is created on it) -> ratio (goal for
+#      one writer >= 0.4), with the bytes each fsync'd write cost the cache leg (its
+#      /sys/block/*/stat) and how many such writes the cache holds at that cost.
 #
 #   cargo build --release -p wb-tools --bin wbctl --bin wb-null
 #   truncate -s 2G backing.img; truncate -s 4G cache0.img cache1.img
@@ -27,6 +31,22 @@ log "kernel $(uname -r), $(nproc) CPUs; queues $QUEUES depth $DEPTH; runtime ${R
 
 randwrite=(--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 --time_based
     --runtime="$RUNTIME" --ramp_time=2 --size=256M --randrepeat=0 --norandommap)
+
+# fio's fsync'd writes: one file per run, IOPS and write count read back from it.
+sync_run() { # NAME DEVICE JOBS -> "IOPS WRITES"
+    local out="$WB_OUT/sync-$1.json"
+    fio --name="$1" --filename="$2" --numjobs="$3" --ioengine=psync --rw=randwrite --bs=4k \
+        --fsync=1 --time_based --runtime="$RUNTIME" --size=256M --offset=1536M --randrepeat=0 \
+        --norandommap --output-format=json --output="$out" --eta=never >&2 ||
+        fail "fio $1 on $2 failed: $(cat "$out" 2>/dev/null)"
+    echo "$(fio_json_field "$out" write iops) $(fio_json_field "$out" write total_ios)"
+}
+sectors_written() { awk '{print $7}' "/sys/block/$(basename "$1")/stat"; }
+
+# ---- 3a. fsync'd writes on the raw cache disk, before writeboost formats it
+read -r raw1 _ <<<"$(sync_run raw-sync-1 "$CACHE0" 1)"
+read -r raw8 _ <<<"$(sync_run raw-sync-8 "$CACHE0" 8)"
+log "bench: raw cache disk $CACHE0: 4k randwrite fsync=1: 1 writer $raw1/s, 8 writers $raw8/s"
 
 # The writeboost device: a fresh cache, large enough that neither measurement fills it (every
 # write takes log space, rewrites included; a full cache runs at the backing device's pace).
@@ -69,6 +89,25 @@ wb, n1, n2 = map(int, sys.argv[1:4])
 null = (n1 + n2) / 2
 print(f"bench: IOPS ratio writeboost/null = {wb}/{null:.0f} = {wb / null:.3f} (goal >= 0.8)")
 PY
+# ---- 3b. fsync'd writes through writeboost (the cache is far from full: no writer waits)
+for jobs in 1 8; do
+    read -r stall0 <<<"$(wb_field b0 stall_ms)"
+    s0=$(sectors_written "$CACHE0")
+    read -r iops writes <<<"$(sync_run wb-sync-$jobs "$dev" $jobs)"
+    s1=$(sectors_written "$CACHE0")
+    read -r stall1 cap <<<"$(wb_field b0 stall_ms capacity_bytes)"
+    raw=$([[ $jobs == 1 ]] && echo "$raw1" || echo "$raw8")
+    python3 - "$jobs" "$iops" "$raw" "$writes" "$((s1 - s0))" "$cap" "$((stall1 - stall0))" <<'PY'
+import sys
+jobs, iops, raw, writes, sectors, cap, stall = map(int, sys.argv[1:8])
+per = sectors * 512 / max(writes, 1)
+goal = " (goal >= 0.4)" if jobs == 1 else ""
+print(f"bench: fsync'd 4k writes, {jobs} writer(s): writeboost {iops}/s vs raw cache disk {raw}/s"
+      f" = {iops / raw:.3f}{goal}")
+print(f"bench: fsync'd 4k writes, {jobs} writer(s): {writes} writes, {per:.0f} bytes each on a cache leg,"
+      f" so the {cap >> 20} MiB cache holds {int(cap / per)} of them (goal >= 200000); stalled {stall} ms")
+PY
+done
 "$WBCTL" status b0
 "$WBCTL" delete b0 >/dev/null || fail "wbctl delete failed"
 log "ublk-bench: DONE"
