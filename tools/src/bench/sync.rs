@@ -4,7 +4,9 @@
 //! 2. engine: `W` writers, each a random 4 KiB write and a FLUSH after every `N` writes, for
 //!    `--seconds`, through a device that counts the bytes the log writes → FLUSHes/s against
 //!    the limit, log bytes per fsync'd write, and how many such writes the cache holds before
-//!    writers would wait (its slots' bytes over the log bytes each write costs).
+//!    writers would wait (its slots' bytes over the log bytes each write costs);
+//! 3. with `W` > 1, first the same with one writer on a fresh cache: `W` writers' FLUSHes/s over
+//!    one writer's is what group commit gains (FLUSHes arriving together share a log write).
 //!
 //! Figures are printed, never asserted.
 
@@ -28,6 +30,10 @@ pub struct SyncReport {
     pub engine_flushes_per_sec: f64,
     pub flush_ratio: f64,
     pub engine_writes_per_sec: f64,
+    /// One writer's FLUSHes/s in the same run (only with more than one writer).
+    pub single_writer_flushes_per_sec: Option<f64>,
+    /// `engine_flushes_per_sec` over `single_writer_flushes_per_sec`: group commit.
+    pub group_commit_ratio: Option<f64>,
     pub log_bytes_per_fsynced_write: f64,
     pub cache_bytes: u64,
     pub writes_the_cache_holds: u64,
@@ -39,19 +45,18 @@ pub fn run(args: &EngineArgs, every: u64) -> Result<SyncReport> {
     let images = Images::create(args)?;
     let duration = Duration::from_secs(args.seconds.max(1));
     let raw = raw_fsync_rate(&images, duration)?;
-    images.format()?;
-    let counting = CountingDevice::new(Arc::new(FileDevice::open(&images.cache)?));
-    let engine = images.open(counting.clone())?;
-    let start_bytes = counting.bytes_written.load(Ordering::Relaxed);
-    let (writes, flushes, elapsed) = drive(&engine, args.writers.max(1), every, duration)?;
-    let log_bytes = counting.bytes_written.load(Ordering::Relaxed) - start_bytes;
-    let status = engine.status();
-    engine.abandon();
-    drop(engine);
+    let single = if args.writers > 1 {
+        let one = phase(&images, 1, every, duration)?;
+        Some(one.flushes as f64 / one.elapsed)
+    } else {
+        None
+    };
+    let p = phase(&images, args.writers.max(1), every, duration)?;
     if !args.keep {
         images.remove();
     }
-    let per_write = log_bytes as f64 / writes.max(1) as f64;
+    let (writes, flushes, elapsed, status) = (p.writes, p.flushes, p.elapsed, p.status);
+    let per_write = p.log_bytes as f64 / writes.max(1) as f64;
     // The ring's bytes (slots of 512 KiB), as the cost per write fills them.
     let ring_bytes =
         status.capacity_bytes / logfmt::DATA_BLOCKS_PER_SEGMENT as u64 * logfmt::SLOT_BLOCKS as u64;
@@ -63,10 +68,40 @@ pub fn run(args: &EngineArgs, every: u64) -> Result<SyncReport> {
         engine_flushes_per_sec: flushes_per_sec,
         flush_ratio: flushes_per_sec / raw,
         engine_writes_per_sec: writes as f64 / elapsed,
+        single_writer_flushes_per_sec: single,
+        group_commit_ratio: single.map(|one| flushes_per_sec / one),
         log_bytes_per_fsynced_write: per_write,
         cache_bytes: args.cache_gib << 30,
         writes_the_cache_holds: (ring_bytes as f64 / per_write.max(1.0)) as u64,
         stall_ms: status.stall_ms,
+    })
+}
+
+/// What one engine phase did: writes, FLUSHes, seconds, the log's bytes, the final status.
+struct Phase {
+    writes: u64,
+    flushes: u64,
+    elapsed: f64,
+    log_bytes: u64,
+    status: wb_target::EngineStatus,
+}
+
+/// `writers` writers for `duration` on a freshly formatted cache.
+fn phase(images: &Images, writers: usize, every: u64, duration: Duration) -> Result<Phase> {
+    images.format()?;
+    let counting = CountingDevice::new(Arc::new(FileDevice::open(&images.cache)?));
+    let engine = images.open(counting.clone())?;
+    let start_bytes = counting.bytes_written.load(Ordering::Relaxed);
+    let (writes, flushes, elapsed) = drive(&engine, writers, every, duration)?;
+    let log_bytes = counting.bytes_written.load(Ordering::Relaxed) - start_bytes;
+    let status = engine.status();
+    engine.abandon();
+    Ok(Phase {
+        writes,
+        flushes,
+        elapsed,
+        log_bytes,
+        status,
     })
 }
 
@@ -152,6 +187,12 @@ pub fn print(r: &SyncReport, json: bool) -> Result<()> {
         "flush_ratio                       : {:>10.3}  (budget ≥ 0.5 single writer)",
         r.flush_ratio
     );
+    if let (Some(one), Some(ratio)) = (r.single_writer_flushes_per_sec, r.group_commit_ratio) {
+        println!(
+            "group_commit_ratio                : {:>10.3}  ({} writers over 1 writer's {:.0} /s; budget ≥ 2 with 8)",
+            ratio, r.writers, one
+        );
+    }
     println!(
         "log bytes per fsync'd write       : {:>10.0}  (budget ≤ 12288)",
         r.log_bytes_per_fsynced_write
