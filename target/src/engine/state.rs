@@ -317,6 +317,14 @@ impl State {
         let s = &self.slots[slot as usize];
         assert!(s.in_use(), "slot {slot} holds no segment");
         let first = s.first_id.max(self.written_back_id + 1);
+        // A map entry points only into live segments: an abandoned open segment may leave a
+        // slot's ids all written back, but then nothing maps into the slot.
+        assert!(
+            s.last_id >= first,
+            "slot {slot}: its segments through {} are written back (through {})",
+            s.last_id,
+            self.written_back_id
+        );
         let ids = first..=s.last_id;
         let start = (first - self.written_back_id - 1) as usize;
         let count = (s.last_id + 1 - first) as usize;
