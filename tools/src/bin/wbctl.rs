@@ -81,9 +81,9 @@ enum Cmd {
         count: Option<u64>,
     },
     /// The devices' figures in the Prometheus text format (for node_exporter's textfile
-    /// collector: see tools/systemd/writeboost-metrics.timer). A device whose daemon does not
-    /// answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of the
-    /// daemon (a hand-over) and restart from 0 after a crash.
+    /// collector: see /lib/systemd/system/writeboost-metrics.timer). A device whose daemon does
+    /// not answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of
+    /// the daemon (a hand-over) and restart from 0 after a crash.
     Metrics {
         /// One device (default: all).
         name: Option<String>,
@@ -182,7 +182,7 @@ struct CreateArgs {
     /// Stay in the foreground (for systemd); otherwise the daemon detaches.
     #[arg(long)]
     foreground: bool,
-    /// Per-device TOML configuration (see tools/systemd/example.toml); flags override it.
+    /// Per-device TOML configuration (see /etc/writeboost/example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// ublk queues (default: one per CPU).
