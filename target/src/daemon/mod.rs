@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use libublk::ctrl::UblkCtrl;
+use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
 use thiserror::Error;
 use writeback::Policy;
@@ -392,36 +393,33 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// Blocks the stop signals in this thread and every thread it spawns afterwards, so that only
-/// `wb-signal` takes them (synchronously, with `sigwait`).
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-set manipulation on a local sigset_t; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+/// Blocks the stop signals (SIGTERM, SIGINT) and SIGHUP in this thread and every thread it
+/// spawns afterwards, so that only `wb-signal` takes them, synchronously: a signal handled in a
+/// ublk queue thread would end its io_uring wait with EINTR, and libublk ends the queue then.
+fn block_stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
     }
+    // pthread_sigmask fails only for an invalid `how`; SIG_BLOCK is valid.
+    set.thread_block().expect("blocking the stop signals");
+    set
 }
 
-fn spawn_signal_thread(set: libc::sigset_t, daemon: Arc<Daemon>) {
+fn spawn_signal_thread(set: SigSet, daemon: Arc<Daemon>) {
     std::thread::Builder::new()
         .name("wb-signal".into())
         .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid, initialised signal set and `sig` a live c_int.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
+            // sigwait fails only for a set holding an invalid signal; this one holds none.
+            let Ok(sig) = set.wait() else {
                 continue;
-            }
-            if sig == libc::SIGHUP {
+            };
+            if sig == Signal::SIGHUP {
                 reload(&daemon);
                 continue;
             }
+            // By number: the logs and the VM tests say "signal 15".
+            let sig = sig as i32;
             log::info!("signal {sig}: stopping");
             if daemon.events.send(Stop::Signal(sig)).is_err() {
                 return;
