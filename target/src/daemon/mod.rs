@@ -29,6 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 use libublk::ctrl::UblkCtrl;
 use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
+use sd_notify::NotifyState;
 use thiserror::Error;
 use writeback::Policy;
 
@@ -535,7 +536,7 @@ pub fn run(
     let daemon = Arc::new(Daemon::new(spec, engine, &ctrl, events_tx));
     spawn_signal_thread(signals, daemon.clone());
     let (served, stop) = serve(&daemon, &ctrl, listener, events_rx, ready);
-    notify_systemd("STOPPING=1");
+    notify_systemd(&[NotifyState::Stopping]);
     shut_down(daemon, &ctrl, stop, served, holds)
 }
 
@@ -653,7 +654,8 @@ fn serve(
             spawn_stats_thread(daemon.clone());
             log::info!("{}: live as {}", daemon.spec.name, daemon.device);
             ready(&daemon.device);
-            notify_systemd(&format!("READY=1\nSTATUS=serving {}", daemon.device));
+            let status = format!("serving {}", daemon.device);
+            notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
             let stop = wait_for_stop(&events, &queues_down);
             daemon.stopping.store(true, Ordering::SeqCst);
             if matches!(stop, Stop::Signal(_)) {
@@ -834,26 +836,12 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
 
 /// Tells systemd (a `Type=notify` unit) how the daemon is doing: `READY=1` once the device is
 /// live, so that units ordered after it (the iSCSI target, Samba) find `/dev/ublkbN`. Does
-/// nothing outside systemd.
-pub(super) fn notify_systemd(message: &str) {
-    if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Err(e) = notify_socket(&socket, message) {
-            log::warn!("telling systemd '{message}': {e}");
-        }
+/// nothing outside systemd (no `NOTIFY_SOCKET`).
+pub(super) fn notify_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        let shown: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+        log::warn!("telling systemd '{}': {e}", shown.join("\n"));
     }
-}
-
-/// Sends one notification datagram to `socket` (a path, or `@name` for an abstract socket).
-fn notify_socket(socket: &std::ffi::OsStr, message: &str) -> io::Result<()> {
-    let sender = std::os::unix::net::UnixDatagram::unbound()?;
-    if let Some(name) = socket.as_encoded_bytes().strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-        sender.send_to_addr(message.as_bytes(), &addr)?;
-    } else {
-        sender.send_to(message.as_bytes(), Path::new(socket))?;
-    }
-    Ok(())
 }
 
 fn wait_for_stop(events: &Receiver<Stop>, queues_down: &AtomicBool) -> Stop {
@@ -1129,26 +1117,6 @@ mod tests {
         assert_eq!(knobs["pressure_curve"], serde_json::json!("linear"));
         assert_eq!(knobs.len(), knob_map(&policy).len(), "every knob");
         assert_eq!((percent(1, 3), percent(5, 0)), (33.33, 0.0));
-    }
-
-    #[test]
-    fn systemd_notifications_reach_path_and_abstract_sockets() {
-        use std::os::unix::net::UnixDatagram;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let receiver = UnixDatagram::bind(&path).unwrap();
-        notify_socket(path.as_os_str(), "READY=1").unwrap();
-        let mut buf = [0u8; 64];
-        let n = receiver.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1");
-
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("wb-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-        let receiver = UnixDatagram::bind_addr(&addr).unwrap();
-        notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
-        let n = receiver.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"STOPPING=1");
     }
 
     #[test]
