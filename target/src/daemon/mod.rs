@@ -364,26 +364,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `2024-05-01 12:00:00 UTC` from seconds since the epoch (no time-zone database needed).
+/// `2024-05-01 12:00:00 UTC` from seconds since the epoch (UTC: no time-zone database needed).
 pub fn format_unix_time(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    match i64::try_from(secs).map(jiff::Timestamp::from_second) {
+        Ok(Ok(t)) => t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        // Past the year 9999 (jiff's range): no date a cache was made on, so the number as is.
+        _ => format!("{secs} s after 1970-01-01 00:00:00 UTC"),
+    }
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
@@ -1182,5 +1169,9 @@ mod tests {
         assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_unix_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(
+            format_unix_time(u64::MAX),
+            "18446744073709551615 s after 1970-01-01 00:00:00 UTC"
+        );
     }
 }
