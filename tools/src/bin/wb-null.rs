@@ -55,23 +55,14 @@ struct Args {
     dev_file: Option<std::path::PathBuf>,
 }
 
+/// `--size`: a byte count; K/M/G/T (and KiB, KB, ...) are all powers of 1024, and a fraction
+/// such as 1.5G is taken. The device is made of 4 KiB pages, so the size is a multiple.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .parse()
+    let bytes = ::parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
         .map_err(|e| format!("bad size {s:?}: {e} (use e.g. 4096, 512M, 16G)"))?;
-    let bytes = n
-        .checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("size {s:?} overflows"))?;
-    if bytes == 0 || bytes & 4095 != 0 {
+    if bytes == 0 || bytes % 4096 != 0 {
         return Err(format!("size {s:?} must be a non-zero multiple of 4096"));
     }
     Ok(bytes)
@@ -253,10 +244,16 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("16g").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
         assert!(parse_size("100").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(
+            parse_size(" 4k ").unwrap(),
+            4096,
+            "blanks around are ignored"
+        );
     }
 
     /// Blocked in this test's thread only; `raise` sends to this very thread, so the signal
