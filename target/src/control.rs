@@ -746,16 +746,6 @@ pub fn daemon_answers(socket: &Path) -> bool {
     UnixStream::connect(socket).is_ok()
 }
 
-/// Whether process `pid` exists.
-pub fn process_alive(pid: u32) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks for the process; it touches no memory.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

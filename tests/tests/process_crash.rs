@@ -275,10 +275,8 @@ fn run_case(seed: u64) {
         // Hundreds of writes per round (checked below), however loaded the machine: the kill
         // waits for them rather than trusting the sleep alone (a CI run under load saw 61).
         wait_for_writes(&journal, first_seq + MIN_WRITES_PER_ROUND, &mut child);
-        // SAFETY: kill only sends a signal to the child we spawned and still own.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGKILL);
-        }
+        // SIGKILL: the child gets no chance to flush anything.
+        child.kill().unwrap();
         let status = child.wait().unwrap();
         assert!(
             status.code().is_none(),

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileTypeExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 /// Where a leg's health figures came from.
@@ -103,7 +104,7 @@ impl SsdHealth {
             .map(|p| if p { "SMART passed" } else { "SMART FAILED" }.to_string()));
         add(self
             .data_units_written
-            .map(|u| format!("{} written", decimal_bytes(u as u128 * 512_000))));
+            .map(|u| format!("{} written", written_bytes(u))));
         add(self.power_on_hours.map(|h| format!("{h} h on")));
         add(self.temperature_celsius.map(|t| format!("{t} °C")));
         match self.source {
@@ -117,23 +118,13 @@ impl SsdHealth {
     }
 }
 
-/// Bytes in the decimal units drive makers rate endurance in: `1.5 MB`, `12.3 TB`.
-fn decimal_bytes(n: u128) -> String {
-    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
-    let mut v = n as f64;
-    let mut unit = "B";
-    for u in UNITS {
-        if v < 1000.0 {
-            break;
-        }
-        v /= 1000.0;
-        unit = u;
-    }
-    if unit == "B" {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {unit}")
-    }
+/// NVMe's data units written (thousands of 512-byte blocks) in the decimal units drive makers
+/// rate endurance in: `1.5 MB`, `12.3 TB` (saturating at 18.4 EB, far past any drive's life).
+fn written_bytes(data_units: u64) -> String {
+    ByteSize(data_units.saturating_mul(512_000))
+        .display()
+        .si()
+        .to_string()
 }
 
 /// Wear above this percentage of the rated life is a warning in `status -x`.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use jiff::{RoundMode, SignedDuration, Span, SpanRound, Unit};
 use serde_json::Value;
 use wb_target::control::DeviceStatus;
 
@@ -36,37 +37,44 @@ pub fn device_json(s: &DeviceStatus, ssds: &LegHealth) -> serde_json::Result<Val
     Ok(v)
 }
 
-/// `3d 4h 12m`, `4h 0m`, `12m 5s`, `5s`: the two largest units, for people.
+/// `3d 4h 12m`, `4h`, `12m 5s`, `5s`, for people: to the minute from an hour up, else to the
+/// second (a unit that is zero is left out).
 pub fn human_duration(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    if d > 0 {
-        format!("{d}d {h}h {m}m")
-    } else if h > 0 {
-        format!("{h}h {m}m")
-    } else if m > 0 {
-        format!("{m}m {s}s")
+    let smallest = if secs >= 3600 {
+        Unit::Minute
     } else {
-        format!("{s}s")
+        Unit::Second
+    };
+    let rounding = SpanRound::new()
+        .largest(Unit::Day)
+        .smallest(smallest)
+        .mode(RoundMode::Trunc)
+        .days_are_24_hours();
+    let span = i64::try_from(secs)
+        .ok()
+        .and_then(|s| Span::new().try_seconds(s).ok())
+        .and_then(|span| span.round(rounding).ok());
+    match span {
+        // `{:#}`: jiff's "friendly" format, `1m 15s`.
+        Some(span) => format!("{span:#}"),
+        // Past jiff's range (some 20,000 years): no real age or uptime, so the number as is.
+        None => format!("{secs}s"),
     }
 }
 
-/// The interval of `--watch`: whole seconds (`2`), or a number with a unit (`500ms`, `2s`,
-/// `1m`, `1h`). At least 100 ms, so a typo cannot make a busy loop of status queries.
+/// The interval of `--watch`: whole seconds (`2`, as `zpool iostat 2` takes it), or a duration
+/// with units (`500ms`, `2s`, `1m`, `1h30m`). At least 100 ms, so a typo cannot make a busy
+/// loop of status queries.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("'{text}': not an interval (e.g. 2, 2s, 500ms, 1m)"))?;
-    let interval = match unit.trim() {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        other => return Err(format!("'{text}': unknown unit '{other}' (ms, s, m or h)")),
+    let bad = || format!("'{text}': not an interval (e.g. 2, 2s, 500ms, 1m)");
+    let interval = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse().map_err(|_| bad())?)
+    } else {
+        // Days and weeks are refused: they are calendar units to jiff, and no one watches a
+        // device once a week.
+        let signed: SignedDuration = text.parse().map_err(|_| bad())?;
+        Duration::try_from(signed).map_err(|_| bad())?
     };
     if interval < Duration::from_millis(100) {
         return Err(format!("'{text}': the interval must be at least 100ms"));
@@ -154,11 +162,14 @@ mod tests {
         assert_eq!(human_duration(0), "0s");
         assert_eq!(human_duration(59), "59s");
         assert_eq!(human_duration(65), "1m 5s");
-        assert_eq!(human_duration(3600), "1h 0m");
+        assert_eq!(human_duration(3600), "1h");
+        assert_eq!(human_duration(3600 + 59), "1h", "to the minute");
         assert_eq!(
             human_duration(3 * 86_400 + 4 * 3600 + 12 * 60 + 7),
             "3d 4h 12m"
         );
+        assert_eq!(human_duration(86_400 + 60), "1d 1m");
+        assert_eq!(human_duration(u64::MAX), "18446744073709551615s");
     }
 
     #[test]
@@ -167,7 +178,8 @@ mod tests {
         assert_eq!(parse_interval("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_interval("1m"), Ok(Duration::from_secs(60)));
-        for bad in ["", "0", "10ms", "2 weeks", "-1", "s"] {
+        assert_eq!(parse_interval("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "0", "10ms", "2 weeks", "-1", "-2s", "s", "1x"] {
             assert!(parse_interval(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -16,6 +16,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use sd_notify::NotifyState;
+
 use super::{holders, notify_systemd, Daemon};
 use crate::ublk::RequestGate;
 
@@ -100,7 +102,10 @@ fn leave_to_kernel(daemon: &Daemon, gate: &RequestGate, users: &[String]) -> ! {
         daemon.device,
         users.join("; ")
     );
-    notify_systemd("STOPPING=1\nSTATUS=leaving the device to the kernel");
+    notify_systemd(&[
+        NotifyState::Stopping,
+        NotifyState::Status("leaving the device to the kernel"),
+    ]);
     let code = if !gate.hold(HOLD_LIMIT) {
         log::error!(
             "{name}: requests still inside after {HOLD_LIMIT:?}; leaving without flushing the log \

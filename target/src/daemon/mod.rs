@@ -27,7 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use libublk::ctrl::UblkCtrl;
+use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
+use sd_notify::NotifyState;
 use thiserror::Error;
 use writeback::Policy;
 
@@ -363,26 +365,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `2024-05-01 12:00:00 UTC` from seconds since the epoch (no time-zone database needed).
+/// `2024-05-01 12:00:00 UTC` from seconds since the epoch (UTC: no time-zone database needed).
 pub fn format_unix_time(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    match i64::try_from(secs).map(jiff::Timestamp::from_second) {
+        Ok(Ok(t)) => t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        // Past the year 9999 (jiff's range): no date a cache was made on, so the number as is.
+        _ => format!("{secs} s after 1970-01-01 00:00:00 UTC"),
+    }
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
@@ -393,36 +382,33 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// Blocks the stop signals in this thread and every thread it spawns afterwards, so that only
-/// `wb-signal` takes them (synchronously, with `sigwait`).
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-set manipulation on a local sigset_t; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+/// Blocks the stop signals (SIGTERM, SIGINT) and SIGHUP in this thread and every thread it
+/// spawns afterwards, so that only `wb-signal` takes them, synchronously: a signal handled in a
+/// ublk queue thread would end its io_uring wait with EINTR, and libublk ends the queue then.
+fn block_stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
     }
+    // pthread_sigmask fails only for an invalid `how`; SIG_BLOCK is valid.
+    set.thread_block().expect("blocking the stop signals");
+    set
 }
 
-fn spawn_signal_thread(set: libc::sigset_t, daemon: Arc<Daemon>) {
+fn spawn_signal_thread(set: SigSet, daemon: Arc<Daemon>) {
     std::thread::Builder::new()
         .name("wb-signal".into())
         .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid, initialised signal set and `sig` a live c_int.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
+            // sigwait fails only for a set holding an invalid signal; this one holds none.
+            let Ok(sig) = set.wait() else {
                 continue;
-            }
-            if sig == libc::SIGHUP {
+            };
+            if sig == Signal::SIGHUP {
                 reload(&daemon);
                 continue;
             }
+            // By number: the logs and the VM tests say "signal 15".
+            let sig = sig as i32;
             log::info!("signal {sig}: stopping");
             if daemon.events.send(Stop::Signal(sig)).is_err() {
                 return;
@@ -538,7 +524,7 @@ pub fn run(
     let daemon = Arc::new(Daemon::new(spec, engine, &ctrl, events_tx));
     spawn_signal_thread(signals, daemon.clone());
     let (served, stop) = serve(&daemon, &ctrl, listener, events_rx, ready);
-    notify_systemd("STOPPING=1");
+    notify_systemd(&[NotifyState::Stopping]);
     shut_down(daemon, &ctrl, stop, served, holds)
 }
 
@@ -656,7 +642,8 @@ fn serve(
             spawn_stats_thread(daemon.clone());
             log::info!("{}: live as {}", daemon.spec.name, daemon.device);
             ready(&daemon.device);
-            notify_systemd(&format!("READY=1\nSTATUS=serving {}", daemon.device));
+            let status = format!("serving {}", daemon.device);
+            notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
             let stop = wait_for_stop(&events, &queues_down);
             daemon.stopping.store(true, Ordering::SeqCst);
             if matches!(stop, Stop::Signal(_)) {
@@ -837,26 +824,12 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
 
 /// Tells systemd (a `Type=notify` unit) how the daemon is doing: `READY=1` once the device is
 /// live, so that units ordered after it (the iSCSI target, Samba) find `/dev/ublkbN`. Does
-/// nothing outside systemd.
-pub(super) fn notify_systemd(message: &str) {
-    if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Err(e) = notify_socket(&socket, message) {
-            log::warn!("telling systemd '{message}': {e}");
-        }
+/// nothing outside systemd (no `NOTIFY_SOCKET`).
+pub(super) fn notify_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        let shown: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+        log::warn!("telling systemd '{}': {e}", shown.join("\n"));
     }
-}
-
-/// Sends one notification datagram to `socket` (a path, or `@name` for an abstract socket).
-fn notify_socket(socket: &std::ffi::OsStr, message: &str) -> io::Result<()> {
-    let sender = std::os::unix::net::UnixDatagram::unbound()?;
-    if let Some(name) = socket.as_encoded_bytes().strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-        sender.send_to_addr(message.as_bytes(), &addr)?;
-    } else {
-        sender.send_to(message.as_bytes(), Path::new(socket))?;
-    }
-    Ok(())
 }
 
 fn wait_for_stop(events: &Receiver<Stop>, queues_down: &AtomicBool) -> Stop {
@@ -1135,26 +1108,6 @@ mod tests {
     }
 
     #[test]
-    fn systemd_notifications_reach_path_and_abstract_sockets() {
-        use std::os::unix::net::UnixDatagram;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let receiver = UnixDatagram::bind(&path).unwrap();
-        notify_socket(path.as_os_str(), "READY=1").unwrap();
-        let mut buf = [0u8; 64];
-        let n = receiver.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1");
-
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("wb-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-        let receiver = UnixDatagram::bind_addr(&addr).unwrap();
-        notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
-        let n = receiver.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"STOPPING=1");
-    }
-
-    #[test]
     fn a_delete_says_where_the_data_is() {
         let mut st = EngineStatus::default();
         let clean = deleted_message("d", "/dev/ublkb0", &st);
@@ -1217,5 +1170,9 @@ mod tests {
         assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_unix_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(
+            format_unix_time(u64::MAX),
+            "18446744073709551615 s after 1970-01-01 00:00:00 UTC"
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! Copy mode only (no zero copy, no user copy): that is what the writeboost
 //! target uses on kernel 6.12.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ use clap::Parser;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,23 +55,14 @@ struct Args {
     dev_file: Option<std::path::PathBuf>,
 }
 
+/// `--size`: a byte count; K/M/G/T (and KiB, KB, ...) are all powers of 1024, and a fraction
+/// such as 1.5G is taken. The device is made of 4 KiB pages, so the size is a multiple.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .parse()
+    let bytes = ::parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
         .map_err(|e| format!("bad size {s:?}: {e} (use e.g. 4096, 512M, 16G)"))?;
-    let bytes = n
-        .checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("size {s:?} overflows"))?;
-    if bytes == 0 || bytes & 4095 != 0 {
+    if bytes == 0 || bytes % 4096 != 0 {
         return Err(format!("size {s:?} must be a non-zero multiple of 4096"));
     }
     Ok(bytes)
@@ -120,34 +115,28 @@ fn queue_fn(qid: u16, dev: &UblkDev, zero_reads: bool, down: &AtomicBool) {
     down.store(true, Ordering::SeqCst);
 }
 
-/// Block SIGINT/SIGTERM in this thread (and in every thread spawned after),
-/// so they can be taken synchronously with `sigtimedwait`.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-set manipulation on a local sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
+/// Blocks SIGINT/SIGTERM in this thread and in every thread spawned after (so no queue
+/// thread's io_uring wait is interrupted by one), and opens a signalfd to take them here.
+fn block_signals() -> Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("opening a signalfd for SIGINT/SIGTERM")
 }
 
-/// Wait for SIGINT/SIGTERM or until a queue reports it is down.
-fn wait_for_stop(set: &libc::sigset_t, down: &AtomicBool) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 200_000_000,
-    };
+/// Waits for SIGINT/SIGTERM, or until a queue reports it is down (looked at every 200 ms).
+fn wait_for_stop(signals: &SignalFd, down: &AtomicBool) -> Option<i32> {
     loop {
         if down.load(Ordering::SeqCst) {
             return None;
         }
-        // SAFETY: set and ts are valid for the call; siginfo may be null.
-        let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-        if sig > 0 {
-            return Some(sig);
+        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        // A signal, the timeout or EINTR: whichever, the signalfd and `down` say what to do.
+        let _ = poll(&mut fds, PollTimeout::from(200u8));
+        if let Ok(Some(info)) = signals.read_signal() {
+            return Some(info.ssi_signo as i32);
         }
     }
 }
@@ -161,7 +150,7 @@ fn main() -> Result<()> {
         bail!("/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv; kernel >= 6.0)");
     }
     // Before any thread is spawned: they all inherit the mask.
-    let sigset = block_signals();
+    let signals = block_signals()?;
     let ctrl = add_device(&args)?;
     let dev_id = ctrl.dev_info().dev_id;
 
@@ -179,7 +168,7 @@ fn main() -> Result<()> {
     let q_handler = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, zero_reads, &q_down);
 
     let dev_file = args.dev_file.clone();
-    let on_live = move |c: &UblkCtrl| serve_until_stopped(c, dev_file, &sigset, &down);
+    let on_live = move |c: &UblkCtrl| serve_until_stopped(c, dev_file, &signals, &down);
 
     ctrl.run_target(tgt_init, q_handler, on_live)
         .context("running the null target failed")?;
@@ -225,7 +214,7 @@ fn add_device(args: &Args) -> Result<UblkCtrl> {
 fn serve_until_stopped(
     c: &UblkCtrl,
     dev_file: Option<std::path::PathBuf>,
-    sigset: &libc::sigset_t,
+    signals: &SignalFd,
     down: &AtomicBool,
 ) {
     let bdev = c.get_bdev_path();
@@ -237,7 +226,7 @@ fn serve_until_stopped(
             eprintln!("wb-null: cannot write {}: {e}", f.display());
         }
     }
-    match wait_for_stop(sigset, down) {
+    match wait_for_stop(signals, down) {
         Some(sig) => eprintln!("wb-null: signal {sig}, stopping {bdev}"),
         None => eprintln!("wb-null: queues are down, stopping {bdev}"),
     }
@@ -255,10 +244,28 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("16g").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
         assert!(parse_size("100").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(
+            parse_size(" 4k ").unwrap(),
+            4096,
+            "blanks around are ignored"
+        );
+    }
+
+    /// Blocked in this test's thread only; `raise` sends to this very thread, so the signal
+    /// waits in the signalfd and no other test sees it.
+    #[test]
+    fn a_stop_signal_is_taken_from_the_signalfd() {
+        let signals = block_signals().unwrap();
+        let down = AtomicBool::new(false);
+        nix::sys::signal::raise(Signal::SIGTERM).unwrap();
+        assert_eq!(wait_for_stop(&signals, &down), Some(libc::SIGTERM));
+        down.store(true, Ordering::SeqCst);
+        assert_eq!(wait_for_stop(&signals, &down), None, "the queues are down");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytesize::ByteSize;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use comfy_table::{CellAlignment, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use wb_target::control::{self, DeviceStatus, Progress, Reply, Request, RunDir};
@@ -81,9 +83,9 @@ enum Cmd {
         count: Option<u64>,
     },
     /// The devices' figures in the Prometheus text format (for node_exporter's textfile
-    /// collector: see tools/systemd/writeboost-metrics.timer). A device whose daemon does not
-    /// answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of the
-    /// daemon (a hand-over) and restart from 0 after a crash.
+    /// collector: see /lib/systemd/system/writeboost-metrics.timer). A device whose daemon does
+    /// not answer shows as writeboost_daemon_up 0. Counters go on across a stop and start of
+    /// the daemon (a hand-over) and restart from 0 after a crash.
     Metrics {
         /// One device (default: all).
         name: Option<String>,
@@ -182,7 +184,7 @@ struct CreateArgs {
     /// Stay in the foreground (for systemd); otherwise the daemon detaches.
     #[arg(long)]
     foreground: bool,
-    /// Per-device TOML configuration (see tools/systemd/example.toml); flags override it.
+    /// Per-device TOML configuration (see /etc/writeboost/example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// ublk queues (default: one per CPU).
@@ -877,19 +879,9 @@ fn status_setup(w: &mut String, s: &DeviceStatus) {
     );
 }
 
+/// `512 B`, `1.5 GiB`: powers of 1024, one decimal.
 fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    ByteSize(n).display().iec().to_string()
 }
 
 #[derive(Serialize)]
@@ -929,23 +921,35 @@ fn list(run_dir: &RunDir, json: bool) -> Result<()> {
         println!("no writeboost devices");
         return Ok(());
     }
-    println!(
-        "{:<16} {:<14} {:>8} {:<8} {:<20} CACHE",
-        "NAME", "DEVICE", "PID", "DAEMON", "BACKING"
-    );
-    for e in &entries {
-        let caches: Vec<String> = e.caches.iter().map(|c| c.display().to_string()).collect();
-        println!(
-            "{:<16} {:<14} {:>8} {:<8} {:<20} {}",
-            e.name,
-            e.device,
-            e.pid,
-            if e.running { "running" } else { "DEAD" },
-            e.backing.display(),
-            caches.join(",")
-        );
-    }
+    println!("{}", list_table(&entries));
     Ok(())
+}
+
+/// `list`'s table: a column per field, as wide as its widest cell, two spaces apart.
+fn list_table(entries: &[ListEntry]) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(["NAME", "DEVICE", "PID", "DAEMON", "BACKING", "CACHE"]);
+    for e in entries {
+        let caches: Vec<String> = e.caches.iter().map(|c| c.display().to_string()).collect();
+        table.add_row([
+            e.name.clone(),
+            e.device.clone(),
+            e.pid.to_string(),
+            if e.running { "running" } else { "DEAD" }.to_string(),
+            e.backing.display().to_string(),
+            caches.join(","),
+        ]);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    if let Some(pid) = table.column_mut(2) {
+        pid.set_cell_alignment(CellAlignment::Right);
+    }
+    // The padding of the last column would leave trailing blanks.
+    table.trim_fmt()
 }
 
 fn set(run_dir: &RunDir, name: &str, knobs: &[String], runtime_only: bool) -> Result<()> {
@@ -1518,6 +1522,59 @@ mod tests {
             Some(PathBuf::from(
                 "/var/lib/prometheus/node-exporter/writeboost.prom"
             ))
+        );
+    }
+
+    #[test]
+    fn the_list_table_lines_up() {
+        let entry = |name: &str, device: &str, pid, running, caches: &[&str]| ListEntry {
+            name: name.into(),
+            device: device.into(),
+            pid,
+            running,
+            backing: "/dev/sda".into(),
+            caches: caches.iter().map(PathBuf::from).collect(),
+        };
+        let text = list_table(&[
+            entry(
+                "d0",
+                "/dev/ublkb0",
+                1234,
+                true,
+                &["/dev/nvme0n1", "/dev/nvme1n1"],
+            ),
+            entry("tank_volume_1", "/dev/ublkb12", 7, false, &["/dev/x"]),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        let words = |line: &str| line.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(words(lines[0]), "NAME DEVICE PID DAEMON BACKING CACHE");
+        assert_eq!(
+            words(lines[1]),
+            "d0 /dev/ublkb0 1234 running /dev/sda /dev/nvme0n1,/dev/nvme1n1"
+        );
+        assert_eq!(
+            words(lines[2]),
+            "tank_volume_1 /dev/ublkb12 7 DEAD /dev/sda /dev/x"
+        );
+        assert_eq!(lines.len(), 3, "{text}");
+        let at = |line: &str, word: &str| line.find(word).unwrap();
+        for (title, value) in [
+            ("DEVICE", "/dev/ublkb12"),
+            ("DAEMON", "DEAD"),
+            ("CACHE", "/dev/x"),
+        ] {
+            assert_eq!(at(lines[0], title), at(lines[2], value), "{title}:\n{text}");
+        }
+        // The PID column is right-aligned: numbers end where its title ends.
+        assert_eq!(
+            at(lines[0], "PID") + 3,
+            at(lines[1], "1234") + 4,
+            "\n{text}"
+        );
+        assert_eq!(at(lines[0], "PID") + 3, at(lines[2], " 7 ") + 2, "\n{text}");
+        assert!(
+            text.lines().all(|l| l == l.trim_end()),
+            "trailing blanks:\n{text}"
         );
     }
 
