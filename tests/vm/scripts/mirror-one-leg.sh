@@ -191,11 +191,13 @@ log "status -x with leg A dead: exit $code: $check"
 ((code == 1)) && [[ "$check" == "d1: WARNING - "*"$LEG0"* ]] || fail "status -x: exit $code, '$check'"
 
 # ---- replace leg A by the spare: mirrored again
+if "$WBCTL" replace d1 --old /dev/nonexistent --new "$SPARE" 2>/dev/null; then fail "replace of a non-leg succeeded"; fi
 t0=$EPOCHREALTIME
 "$WBCTL" replace d1 --old "$LEG0" --new "$SPARE" || fail "wbctl replace d1 --old $LEG0 --new $SPARE failed"
 log "wbctl replace took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')s"
 wait_mode d1 mirrored 30
 [[ "$(leg_field d1 0 path)" == "$SPARE" && "$(leg_field d1 0 health)" == ok ]] || fail "leg 0 is $(leg_field d1 0 path) $(leg_field d1 0 health)"
+grep -q "$SPARE" "$WRITEBOOST_RUN_DIR/d1.json" || fail "the state file does not name the new leg"
 log "status after replace: $(status_excerpt d1)"
 set +e
 check="$("$WBCTL" status -x d1)"
