@@ -91,6 +91,8 @@ inj_written="$written"
 dm_error wbleg0
 t_inj=$EPOCHREALTIME
 log "INJECTED: leg A ($LEG0) is now '$(dm_table wbleg0)' after $((written >> 20)) MiB of ${WRITE_MIB} MiB written"
+# Degraded while fio writes (writeback cannot catch up with it): the metrics of that mode.
+wb_metrics_check d1 degraded 30
 wait "$fio_pid" || fail "the fio verify job failed after leg A failed (see above)"
 read -r _ _ _ _ _ _ sectors _ <"$stat_file"
 after=$((sectors << 9))
