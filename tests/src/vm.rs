@@ -111,6 +111,14 @@ fn bin_dir() -> Option<PathBuf> {
     })
 }
 
+/// A release binary as the guest runs it: `$CARGO_TARGET_DIR/release/NAME`, else
+/// `build/release/NAME` (.cargo/config.toml's target dir).
+pub fn release_bin(name: &str) -> PathBuf {
+    bin_dir()
+        .unwrap_or_else(|| repo_root().join("build/release"))
+        .join(name)
+}
+
 /// What one boot gave: the script's exit status (run.sh's), everything printed, and how long.
 pub struct VmRun {
     pub status: Option<i32>,

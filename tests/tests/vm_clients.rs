@@ -53,7 +53,7 @@ fn vm_client_smb_share_copy_crash_drain() {
             disk("cache1", "512M", false),
         ],
         script: "tests/vm/scripts/client-smb.sh",
-        args: &["6"],
+        args: &["3"],
         timeout_secs: 900,
         pass_line: "client-smb: PASS",
     }

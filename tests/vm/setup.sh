@@ -30,8 +30,10 @@ CACHE="${WB_VM_CACHE:-$REPO/.vm-cache}"
 # prometheus: only for /usr/bin/promtool (`promtool check metrics|rules` in tools/tests); its
 # server is disabled again below if this script installed it.
 # dpkg-dev (dpkg-shlibdeps), man-db, lintian: `make deb` and its test (tools/tests/package.rs).
+# systemd: the VM runs it as PID 1 of a container over the installed package (vm_package.rs); a
+# container image of Debian may not have it.
 PKGS=(qemu-system-x86 busybox-static cpio fio kmod xz-utils libclang-dev xfsprogs e2fsprogs dmsetup
-    prometheus targetcli-fb open-iscsi dbus iproute2 samba cifs-utils dpkg-dev man-db lintian)
+    prometheus targetcli-fb open-iscsi dbus iproute2 samba cifs-utils dpkg-dev man-db lintian systemd)
 
 log() { echo "setup.sh: $*" >&2; }
 die() {

@@ -183,6 +183,7 @@ fn spec(run: &RunDir, backing: &Path, caches: &[&Path]) -> DaemonSpec {
 const FORMAT: Start = Start::Format {
     logical_block_size: 512,
     force: false,
+    dev_id: -1,
 };
 
 #[test]

@@ -468,9 +468,14 @@ impl Writeback {
                 continue;
             }
             let started = Instant::now();
-            self.write_back_one_batch(policy.max_bandwidth_bytes_per_sec)?;
+            match self.write_back_one_batch(policy.max_bandwidth_bytes_per_sec) {
+                // The cache is stopping: the batch in progress is left to the next start.
+                Err(e) if is_stop(&e) => break,
+                r => r?,
+            };
             std::thread::sleep(Throttle::rest_for(started.elapsed(), rate));
         }
+        // Only whole batches were added to `uncommitted`: commit them, not the one cut short.
         self.commit()
     }
 
@@ -487,8 +492,12 @@ impl Writeback {
     /// On an error nothing uncommitted is kept (the next call starts from the checkpoint).
     pub fn write_back_one_batch(&mut self, bandwidth_cap: Option<u64>) -> io::Result<usize> {
         let result = self.try_one_batch(bandwidth_cap);
-        if result.is_err() {
-            self.uncommitted.clear();
+        if let Err(e) = &result {
+            // A stop keeps the whole batches before the one it cut short (still worth a commit);
+            // an I/O error keeps nothing.
+            if !is_stop(e) {
+                self.uncommitted.clear();
+            }
             if let Some(stale) = self.ahead.take() {
                 stale.recycle(&mut self.spare);
             }
@@ -681,6 +690,7 @@ impl Writeback {
         let (whole, partial): (Vec<&BackingOp>, Vec<&BackingOp>) =
             writes.into_iter().partition(|op| is_whole_blocks(op));
         for op in zeros {
+            stop_point(log)?;
             if let BackingOp::Zero {
                 offset,
                 len,
@@ -693,6 +703,7 @@ impl Writeback {
             pace(0);
         }
         for op in partial {
+            stop_point(log)?;
             let bytes = write_one(log, op, images)?;
             stats.ios_merged += 1;
             stats.bytes_written += bytes;
@@ -709,6 +720,25 @@ impl Writeback {
 
 /// Issues whole-block writes `WRITES_IN_FLIGHT` at a time, each paced by `pace`; once one fails,
 /// no writer starts another. Returns each writer's (writes, bytes), or its error.
+/// Between two backing writes: a stopping cache cuts the batch short rather than make its stop
+/// wait for the rest (on a slow backing device, up to a batch of segments: a minute, during which
+/// a restart holds the clients' I/O). Safe: the batch's epoch is not committed, so the next start
+/// writes it back again, and the backing device meanwhile holds a part of one unflushed epoch,
+/// which a crash mid-batch leaves as well.
+fn stop_point(log: &dyn CacheLog) -> io::Result<()> {
+    if log.is_shutting_down() {
+        return Err(io::Error::new(io::ErrorKind::Interrupted, STOPPING));
+    }
+    Ok(())
+}
+
+const STOPPING: &str = "the cache is stopping";
+
+/// Whether `e` is `stop_point`'s, not an I/O error.
+fn is_stop(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted && e.to_string() == STOPPING
+}
+
 fn write_in_parallel(
     log: &dyn CacheLog,
     whole: &[&BackingOp],
@@ -729,7 +759,7 @@ fn write_in_parallel(
             let Some(op) = whole.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            match write_one(log, op, images) {
+            match stop_point(log).and_then(|()| write_one(log, op, images)) {
                 Ok(n) => {
                     ios += 1;
                     bytes += n;
@@ -998,6 +1028,8 @@ mod tests {
         backing: Mutex<Vec<u8>>,
         events: Mutex<Vec<Event>>,
         written_back: Mutex<(u64, u64)>,
+        /// The cache starts stopping once this many backing writes were made.
+        stop_after_writes: Option<usize>,
     }
 
     #[derive(Debug, Clone, PartialEq)]
@@ -1060,17 +1092,71 @@ mod tests {
                 oldest_dirty_age: Duration::ZERO,
                 idle_for: Duration::ZERO,
                 writers_waiting: false,
-                drain_requested: false,
+                // `run` (the stop test) writes back at once only when asked to drain.
+                drain_requested: self.stop_after_writes.is_some(),
                 degraded: false,
             }
         }
         fn wait_for_work(&self, _: Duration) {}
         fn is_shutting_down(&self) -> bool {
-            false
+            self.stop_after_writes.is_some_and(|n| self.writes() >= n)
+        }
+    }
+
+    impl FakeLog {
+        fn writes(&self) -> usize {
+            let events = self.events.lock().unwrap();
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Write(..)))
+                .count()
         }
     }
 
     use std::sync::Mutex;
+
+    /// A stop cuts the batch in progress short between two backing writes: `run` returns
+    /// without writing the rest, commits the whole batch before it, and not the one cut short.
+    #[test]
+    fn a_stop_cuts_the_batch_in_progress_short() {
+        for read_ahead in [true, false] {
+            // Segment 1 is epoch 1 (a batch of its own); 2..=20 are epoch 2, each with 4 blocks
+            // apart from each other: 76 backing writes that cannot merge.
+            let segments: Vec<(SegmentHeader, Vec<u8>)> = (1..=20u64)
+                .map(|id| {
+                    let entries = (0..4)
+                        .map(|i| Entry::data(id * 8 + 2 * i, i as u16, 0xff, 0))
+                        .collect();
+                    let mut h = header(id, entries);
+                    h.epoch_id = if id == 1 { 1 } else { 2 };
+                    (h, vec![id as u8; SEGMENT_SIZE_BYTES])
+                })
+                .collect();
+            let log = Arc::new(FakeLog {
+                segments,
+                backing: Mutex::new(vec![0; 21 * 8 * 4096]),
+                events: Mutex::new(Vec::new()),
+                written_back: Mutex::new((0, 0)),
+                stop_after_writes: Some(4 + 3),
+            });
+            let mut wb = Writeback::new(log.clone());
+            wb.read_ahead = read_ahead;
+            wb.run().unwrap();
+            let events = log.events.lock().unwrap().clone();
+            let commits: Vec<&Event> = events
+                .iter()
+                .filter(|e| matches!(e, Event::Commit(..)))
+                .collect();
+            assert_eq!(commits, [&Event::Commit(1, 1, vec![1])], "{events:?}");
+            // The writer that saw the stop, plus one in flight in each other writer at most.
+            let writes = log.writes();
+            assert!(
+                writes < 4 + 3 + WRITES_IN_FLIGHT,
+                "{writes} writes: not cut short"
+            );
+            assert_eq!(*log.written_back.lock().unwrap(), (1, 1));
+        }
+    }
 
     #[test]
     fn batches_are_one_epoch_flushed_before_commit_and_read_ahead() {
@@ -1112,6 +1198,7 @@ mod tests {
             backing: Mutex::new(vec![0; 81 * 4 * 4096]),
             events: Mutex::new(Vec::new()),
             written_back: Mutex::new((0, 0)),
+            stop_after_writes: None,
         });
         let mut wb = Writeback::new(log.clone());
         wb.read_ahead = read_ahead;
@@ -1261,6 +1348,7 @@ mod tests {
             backing: Mutex::new(vec![0; 64 * 4096]),
             events: Mutex::new(Vec::new()),
             written_back: Mutex::new((0, 0)),
+            stop_after_writes: None,
         })
     }
 

@@ -144,10 +144,12 @@ pub struct DaemonSpec {
 /// How the daemon gets its cache and device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
-    /// Format the legs as a new cache set, then add a device.
+    /// Format the legs as a new cache set, then add a device (`dev_id`: the id asked for, -1
+    /// the kernel's choice).
     Format {
         logical_block_size: u32,
         force: bool,
+        dev_id: i32,
     },
     /// Open the existing cache set, then add a device.
     Attach { dev_id: i32 },
@@ -547,7 +549,7 @@ fn open_and_attach(spec: &DaemonSpec, start: &Start) -> Result<(Arc<Engine>, Vec
     let (engine, holds) = open_engine(spec, start)?;
     let engine = Arc::new(engine);
     let attach = match *start {
-        Start::Format { .. } => Attach::Add { dev_id: -1 },
+        Start::Format { dev_id, .. } => Attach::Add { dev_id },
         Start::Attach { dev_id } => Attach::Add { dev_id },
         Start::Recover { dev_id, counters } => {
             if let Some(counters) = &counters {
@@ -781,6 +783,7 @@ fn open_engine(spec: &DaemonSpec, start: &Start) -> Result<(Engine, Vec<File>)> 
     if let Start::Format {
         logical_block_size,
         force,
+        ..
     } = *start
     {
         // A buffer file of an earlier cache under this name: checked to hold nothing (or

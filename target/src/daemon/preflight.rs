@@ -457,6 +457,7 @@ fn decide_start(req: &CreateRequest, found: &Found, recovering: bool) -> Result<
         start: Start::Format {
             logical_block_size: found.logical_block_size,
             force: req.force,
+            dev_id: req.dev_id,
         },
         leg_order: (0..found.caches.len()).collect(),
         existing_uuid: None,
@@ -781,6 +782,7 @@ mod tests {
             start: Start::Format {
                 logical_block_size: 512,
                 force,
+                dev_id: -1,
             },
             leg_order: (0..legs).collect(),
             existing_uuid: None,
@@ -895,6 +897,30 @@ mod tests {
                 (got, e) => panic!("row {i}: got {got:?}, expected {e:?}"),
             }
         }
+    }
+
+    /// `--dev-id` / `dev_id` pins the device whether the caches are new or re-attached: the
+    /// first start of a unit over blank legs gets /dev/ublkb<dev_id> too (it used to get the
+    /// kernel's choice).
+    #[test]
+    fn the_dev_id_asked_for_holds_for_a_new_cache_set_and_an_attached_one() {
+        let mut req = request(2, false);
+        req.dev_id = 7;
+        let new = decide_start(
+            &req,
+            &found(vec![LegContent::Blank, LegContent::Blank]),
+            false,
+        );
+        assert!(
+            matches!(new.unwrap().start, Start::Format { dev_id: 7, .. }),
+            "blank legs"
+        );
+        let attached = decide_start(
+            &req,
+            &found(vec![member(1, 0, 2, 9), member(1, 1, 2, 9)]),
+            false,
+        );
+        assert_eq!(attached.unwrap().start, Start::Attach { dev_id: 7 });
     }
 
     #[test]

@@ -91,6 +91,8 @@ inj_written="$written"
 dm_error wbleg0
 t_inj=$EPOCHREALTIME
 log "INJECTED: leg A ($LEG0) is now '$(dm_table wbleg0)' after $((written >> 20)) MiB of ${WRITE_MIB} MiB written"
+# Degraded while fio writes (writeback cannot catch up with it): the metrics of that mode.
+wb_metrics_check d1 degraded 30
 wait "$fio_pid" || fail "the fio verify job failed after leg A failed (see above)"
 read -r _ _ _ _ _ _ sectors _ <"$stat_file"
 after=$((sectors << 9))
@@ -191,11 +193,13 @@ log "status -x with leg A dead: exit $code: $check"
 ((code == 1)) && [[ "$check" == "d1: WARNING - "*"$LEG0"* ]] || fail "status -x: exit $code, '$check'"
 
 # ---- replace leg A by the spare: mirrored again
+if "$WBCTL" replace d1 --old /dev/nonexistent --new "$SPARE" 2>/dev/null; then fail "replace of a non-leg succeeded"; fi
 t0=$EPOCHREALTIME
 "$WBCTL" replace d1 --old "$LEG0" --new "$SPARE" || fail "wbctl replace d1 --old $LEG0 --new $SPARE failed"
 log "wbctl replace took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')s"
 wait_mode d1 mirrored 30
 [[ "$(leg_field d1 0 path)" == "$SPARE" && "$(leg_field d1 0 health)" == ok ]] || fail "leg 0 is $(leg_field d1 0 path) $(leg_field d1 0 health)"
+grep -q "$SPARE" "$WRITEBOOST_RUN_DIR/d1.json" || fail "the state file does not name the new leg"
 log "status after replace: $(status_excerpt d1)"
 set +e
 check="$("$WBCTL" status -x d1)"

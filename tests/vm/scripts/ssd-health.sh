@@ -111,4 +111,11 @@ sed 's/^/ssd-health: metrics: /' <<<"$found"
     fail "wbctl metrics lacks some of: $(printf '\n  %s' "${wants[@]}")"$'\n'"in: $metrics"
 # (promtool check metrics on this exposition runs on the host: tools/tests/monitoring.rs, with
 # SSD health of both kinds; starting it here costs ~20 s under emulation.)
+
+# A one-leg set on the clean SSD: its mode is "single", and its metrics pass promtool (the other
+# modes' are checked in mirror-one-leg.sh and mirror-both-fail.sh).
+"$WBCTL" delete h0 || fail "wbctl delete h0 failed"
+wb_create h1 --backing "$BACKING" --cache "$CLEAN" --force >/dev/null
+wb_metrics_check h1 single
+"$WBCTL" delete h1 || fail "wbctl delete h1 failed"
 echo "ssd-health: PASS"

@@ -17,7 +17,8 @@
 #   wb_pid NAME              the daemon's pid (from its state file)
 #   wb_fio NAME JOB [ARGS]   DEV=<device of NAME> fio JOB ARGS (output kept in $WB_OUT/NAME.fio.log);
 #                            fails on a non-zero exit or any "err=" other than 0
-#   wb_metrics_check NAME MODE  `wbctl metrics NAME` says MODE and passes `promtool check metrics`
+#   wb_metrics_check NAME MODE [SECS]  `wbctl metrics NAME` says MODE (within SECS) and passes
+#                              `promtool check metrics`
 #   dev_sha256 DEV BYTES     SHA-256 of the first BYTES of DEV (direct I/O)
 #   wb_no_kernel_io_errors   fail if the kernel logged an I/O error on a /dev/ublkb* device
 #   wb_diagnose              dump what every process waits on and the daemons' logs (called
@@ -105,10 +106,16 @@ wb_fio() {
 }
 
 wb_metrics_check() {
-    local name="$1" mode="$2" out="$WB_OUT/metrics-$1-$2.prom"
-    "$WBCTL" metrics "$name" >"$out" || fail "wbctl metrics $name failed"
-    grep -q "^writeboost_mode{device=\"$name\",mode=\"$mode\"} 1\$" "$out" ||
-        fail "wbctl metrics $name does not say mode $mode: $(grep '^writeboost_mode{' "$out" | grep ' 1$')"
+    local name="$1" mode="$2" secs="${3:-0}" out="$WB_OUT/metrics-$1-$2.prom" i
+    # With SECS, a passing mode (degraded) is waited for: each try is one snapshot, so what
+    # promtool checks is the metrics of that mode, whatever the device did in between.
+    for ((i = 0; ; i++)); do
+        "$WBCTL" metrics "$name" >"$out" || fail "wbctl metrics $name failed"
+        grep -q "^writeboost_mode{device=\"$name\",mode=\"$mode\"} 1\$" "$out" && break
+        ((i < secs * 4)) ||
+            fail "wbctl metrics $name does not say mode $mode: $(grep '^writeboost_mode{' "$out" | grep ' 1$')"
+        sleep 0.25
+    done
     if ! promtool check metrics <"$out" >"$out.check" 2>&1; then
         cat "$out.check" >&2
         fail "promtool check metrics rejects wbctl metrics $name in mode $mode ($out)"

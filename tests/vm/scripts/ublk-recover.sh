@@ -5,12 +5,12 @@
 # then proves that no acknowledged write was lost, flushed or not.
 #
 #   cargo build --release -p wb-tools --bin wbctl
-#   truncate -s 2G backing.img; truncate -s 1G cache0.img cache1.img spare.img
-#   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img --disk spare.img \
+#   truncate -s 2G backing.img; truncate -s 1G cache0.img cache1.img
+#   tests/vm/run.sh --disk backing.img --disk cache0.img --disk cache1.img \
 #       tests/vm/scripts/ublk-recover.sh [KILLS]
 #
-# At the end, `wbctl replace` swaps a cache leg for the spare disk online, and the data reads
-# back the same before and after.
+# (Replacing a leg online is mirror-one-leg.sh's: it drains the cache first, which on this
+# script's dirty cache took a minute and a half of the suite's time budget.)
 #
 # KILLS (default 2): how many times the daemon is killed during the run.
 # Prints "ublk-recover: PASS" at the end.
@@ -20,7 +20,7 @@ source "$(dirname "$0")/ublk-lib.sh"
 need_vm
 need_ublk
 KILLS="${1:-2}"
-BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)" SPARE="$(disk 3)"
+BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 
 dev="$(wb_create r0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1")"
 log "wbctl create r0 -> $dev"
@@ -92,16 +92,6 @@ fio "${last[@]}" --verify_only=1 --verify_fatal=1 >"$WB_OUT/last-writes-verify.l
     fail "unflushed writes acknowledged before kill -9 did not read back"
 }
 log "16 MiB of unflushed writes read back after kill -9 + recover"
-
-# Replace a leg online: data the same before and after, mirrored again, the state file follows.
-region=$((144 << 20)) # both jobs above
-before_sum="$(dev_sha256 "$dev" $region)"
-if "$WBCTL" replace r0 --old /dev/nonexistent --new "$SPARE" 2>/dev/null; then fail "replace of a non-leg succeeded"; fi
-"$WBCTL" replace r0 --old "$CACHE1" --new "$SPARE" || fail "wbctl replace failed"
-[[ "$(wb_field r0 mode)" == mirrored ]] || fail "mode after replace: $(wb_field r0 mode)"
-[[ "$(dev_sha256 "$dev" $region)" == "$before_sum" ]] || fail "data differs after replacing a leg"
-grep -q "$SPARE" "$WRITEBOOST_RUN_DIR/r0.json" || fail "the state file does not name the new leg"
-"$WBCTL" status r0
 
 "$WBCTL" delete r0 || fail "wbctl delete failed"
 wb_no_kernel_io_errors
