@@ -115,7 +115,7 @@ sed 's/^/ssd-health: metrics: /' <<<"$found"
 # A one-leg set on the clean SSD: its mode is "single", and its metrics pass promtool (the other
 # modes' are checked in mirror-one-leg.sh and mirror-both-fail.sh).
 "$WBCTL" delete h0 || fail "wbctl delete h0 failed"
-wb_create h1 --backing "$BACKING" --cache "$CLEAN" --force >/dev/null
+wb_create h1 --backing "$BACKING" --cache "$CLEAN" --single-leg --force >/dev/null
 wb_metrics_check h1 single
 "$WBCTL" delete h1 || fail "wbctl delete h1 failed"
 echo "ssd-health: PASS"
