@@ -205,8 +205,8 @@ fn power_cut_in_a_slot_shared_by_two_runs_keeps_every_flushed_write() {
         }
         engine.shutdown().unwrap();
     }
-    let mut tag = 2;
-    for round in 0..3 {
+    for round in 0..3u32 {
+        let tag = round + 2;
         let engine = rig.open_with(options.clone());
         check_model(&engine, &model, &format!("round {round} start"));
         for i in 0..6u64 {
@@ -225,7 +225,6 @@ fn power_cut_in_a_slot_shared_by_two_runs_keeps_every_flushed_write() {
         drop(engine);
         let _ = std::fs::remove_file(rig.buffer_path());
         rig.power_on();
-        tag += 1;
     }
     let engine = rig.open_with(options);
     check_model(&engine, &model, "after the last power cut");

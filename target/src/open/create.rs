@@ -30,49 +30,8 @@ pub fn format(
     backing_identity: &str,
     options: &FormatOptions,
 ) -> Result<Superblock> {
-    if legs.is_empty() || legs.len() > 2 {
-        return Err(EngineError::refused(
-            "cache",
-            "a cache set has one or two legs",
-        ));
-    }
-    let lbs = options.logical_block_size;
-    if lbs != 512 && lbs != 4096 {
-        return Err(EngineError::refused(
-            backing.name(),
-            format!("logical block size {lbs} is not 512 or 4096"),
-        ));
-    }
-    let backing_size = backing.size_bytes();
-    if backing_size == 0 || !backing_size.is_multiple_of(BLOCK_SIZE_BYTES as u64) {
-        return Err(EngineError::refused(
-            backing.name(),
-            format!("size {backing_size} bytes is not a non-zero multiple of 4096"),
-        ));
-    }
-    for leg in legs {
-        let size = leg.size_bytes();
-        if size % BLOCK_SIZE_BYTES as u64 != 0 {
-            return Err(EngineError::refused(
-                leg.name(),
-                format!("size {size} bytes is not a multiple of 4096"),
-            ));
-        }
-        if size < MIN_CACHE_SIZE_BYTES {
-            return Err(EngineError::refused(
-                leg.name(),
-                format!(
-                    "cache device too small: {size} bytes, need at least {MIN_CACHE_SIZE_BYTES}"
-                ),
-            ));
-        }
-    }
-    if legs.len() == 2 && legs[0].name() == legs[1].name() {
-        return Err(EngineError::refused(
-            legs[0].name(),
-            "given twice as a cache leg; a mirror needs two devices",
-        ));
-    }
+    check_devices(legs, backing, options.logical_block_size)?;
+    let (lbs, backing_size) = (options.logical_block_size, backing.size_bytes());
     if !options.force {
         refuse_if_dirty(legs)?;
     }
@@ -125,6 +84,55 @@ pub fn format(
     }
     superblock.leg_index = 0;
     Ok(superblock)
+}
+
+/// The set's shape and sizes: one or two distinct legs, each a whole number of blocks and at
+/// least `MIN_CACHE_SIZE_BYTES`; a backing device of whole blocks; a logical block size the
+/// device can expose.
+fn check_devices(legs: &[Arc<dyn Device>], backing: &dyn Device, lbs: u32) -> Result<()> {
+    if legs.is_empty() || legs.len() > 2 {
+        return Err(EngineError::refused(
+            "cache",
+            "a cache set has one or two legs",
+        ));
+    }
+    if lbs != 512 && lbs != 4096 {
+        return Err(EngineError::refused(
+            backing.name(),
+            format!("logical block size {lbs} is not 512 or 4096"),
+        ));
+    }
+    let backing_size = backing.size_bytes();
+    if backing_size == 0 || !backing_size.is_multiple_of(BLOCK_SIZE_BYTES as u64) {
+        return Err(EngineError::refused(
+            backing.name(),
+            format!("size {backing_size} bytes is not a non-zero multiple of 4096"),
+        ));
+    }
+    for leg in legs {
+        let size = leg.size_bytes();
+        if size % BLOCK_SIZE_BYTES as u64 != 0 {
+            return Err(EngineError::refused(
+                leg.name(),
+                format!("size {size} bytes is not a multiple of 4096"),
+            ));
+        }
+        if size < MIN_CACHE_SIZE_BYTES {
+            return Err(EngineError::refused(
+                leg.name(),
+                format!(
+                    "cache device too small: {size} bytes, need at least {MIN_CACHE_SIZE_BYTES}"
+                ),
+            ));
+        }
+    }
+    if legs.len() == 2 && legs[0].name() == legs[1].name() {
+        return Err(EngineError::refused(
+            legs[0].name(),
+            "given twice as a cache leg; a mirror needs two devices",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses to format over a cache set that still holds data not written back.
