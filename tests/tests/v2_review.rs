@@ -31,6 +31,22 @@ fn content(tag: u32, block: u64) -> Vec<u8> {
     v
 }
 
+/// The power goes with nothing in flight: every leg (and, if `backing`, the backing device)
+/// forgets what it did not flush, the tmpfs buffer file is gone, the devices come back. (Unlike
+/// `Rig::power_cut`, nothing is torn: these scenarios place the cut themselves.)
+fn power_cut_without_tearing(rig: &Rig, engine: Engine, backing: bool) {
+    for leg in &rig.legs {
+        leg.lose_unflushed();
+    }
+    if backing {
+        rig.backing.lose_unflushed();
+    }
+    engine.abandon();
+    drop(engine);
+    let _ = std::fs::remove_file(rig.buffer_path());
+    rig.power_on();
+}
+
 fn write_tag(engine: &Engine, model: &mut HashMap<u64, Vec<u8>>, block: u64, tag: u32, fua: bool) {
     let data = content(tag, block);
     engine.write(block * BLOCK as u64, &data, fua).unwrap();
@@ -218,13 +234,7 @@ fn power_cut_in_a_slot_shared_by_two_runs_keeps_every_flushed_write() {
         for b in 40..200u64 {
             write_tag(&engine, &mut lost, b, tag + 100, false);
         }
-        for leg in &rig.legs {
-            leg.lose_unflushed();
-        }
-        engine.abandon();
-        drop(engine);
-        let _ = std::fs::remove_file(rig.buffer_path());
-        rig.power_on();
+        power_cut_without_tearing(&rig, engine, false);
     }
     let engine = rig.open_with(options);
     check_model(&engine, &model, "after the last power cut");
@@ -262,14 +272,7 @@ fn small_flushed_segments_over_several_laps_read_back_and_survive_a_power_cut() 
     check_model(&engine, &model, "live");
     let status = engine.status();
     eprintln!("segments {:?}", status.segments);
-    for leg in &rig.legs {
-        leg.lose_unflushed();
-    }
-    rig.backing.lose_unflushed();
-    engine.abandon();
-    drop(engine);
-    let _ = std::fs::remove_file(rig.buffer_path());
-    rig.power_on();
+    power_cut_without_tearing(&rig, engine, true);
     let engine = rig.open();
     check_model(&engine, &model, "after the power cut");
 }
@@ -322,14 +325,7 @@ fn a_lost_cache_given_back_as_its_own_replacement_does_not_replay_its_old_log() 
         engine.flush().unwrap();
     }
     check_model(&engine, &model, "after replace");
-    for leg in &rig.legs {
-        leg.lose_unflushed();
-    }
-    rig.backing.lose_unflushed();
-    engine.abandon();
-    drop(engine);
-    let _ = std::fs::remove_file(rig.buffer_path());
-    rig.power_on();
+    power_cut_without_tearing(&rig, engine, true);
     let engine = rig.open_with(options);
     check_model(&engine, &model, "after the power cut");
 }
