@@ -14,23 +14,16 @@ need_vm
 need_ublk
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 RUNTIME=8
-sync_run() {
-    local out="$WB_OUT/sync-$1.json"
-    fio --name="$1" --filename="$2" --numjobs=1 --ioengine=psync --rw=randwrite --bs=4k \
-        --fsync=1 --time_based --runtime="$RUNTIME" --size=256M --offset=1536M --randrepeat=0 \
-        --norandommap --output-format=json --output="$out" --eta=never >&2 || fail "fio $1"
-    fio_json_field "$out" write iops
-}
-raw=$(sync_run raw "$CACHE0")
+raw=$(wb_fsync_fio raw "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
 log "bench: raw $raw/s"
 dev="$(wb_create s1 --backing "$BACKING" --cache "$CACHE0" --single-leg --force)"
-single=$(sync_run single "$dev")
+single=$(wb_fsync_fio single "$dev" 1 "$RUNTIME" | cut -d" " -f1)
 log "bench: single-leg $single/s"
 "$WBCTL" delete s1 >/dev/null
 dev="$(wb_create m1 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force)"
-mirrored=$(sync_run mirrored "$dev")
+mirrored=$(wb_fsync_fio mirrored "$dev" 1 "$RUNTIME" | cut -d" " -f1)
 log "bench: mirrored $mirrored/s"
 "$WBCTL" delete m1 >/dev/null
-raw2=$(sync_run raw2 "$CACHE0")
+raw2=$(wb_fsync_fio raw2 "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
 log "bench: raw again $raw2/s"
 log "fsync-legs: DONE"

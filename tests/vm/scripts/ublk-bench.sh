@@ -32,20 +32,11 @@ log "kernel $(uname -r), $(nproc) CPUs; queues $QUEUES depth $DEPTH; runtime ${R
 randwrite=(--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 --time_based
     --runtime="$RUNTIME" --ramp_time=2 --size=256M --randrepeat=0 --norandommap)
 
-# fio's fsync'd writes: one file per run, IOPS and write count read back from it.
-sync_run() { # NAME DEVICE JOBS -> "IOPS WRITES"
-    local out="$WB_OUT/sync-$1.json"
-    fio --name="$1" --filename="$2" --numjobs="$3" --ioengine=psync --rw=randwrite --bs=4k \
-        --fsync=1 --time_based --runtime="$RUNTIME" --size=256M --offset=1536M --randrepeat=0 \
-        --norandommap --output-format=json --output="$out" --eta=never >&2 ||
-        fail "fio $1 on $2 failed: $(cat "$out" 2>/dev/null)"
-    echo "$(fio_json_field "$out" write iops) $(fio_json_field "$out" write total_ios)"
-}
 sectors_written() { awk '{print $7}' "/sys/block/$(basename "$1")/stat"; }
 
 # ---- 3a. fsync'd writes on the raw cache disk, before writeboost formats it
-read -r raw1 _ <<<"$(sync_run raw-sync-1 "$CACHE0" 1)"
-read -r raw8 _ <<<"$(sync_run raw-sync-8 "$CACHE0" 8)"
+read -r raw1 _ <<<"$(wb_fsync_fio raw-sync-1 "$CACHE0" 1 "$RUNTIME")"
+read -r raw8 _ <<<"$(wb_fsync_fio raw-sync-8 "$CACHE0" 8 "$RUNTIME")"
 log "bench: raw cache disk $CACHE0: 4k randwrite fsync=1: 1 writer $raw1/s, 8 writers $raw8/s"
 
 # The writeboost device: a fresh cache, large enough that neither measurement fills it (every
@@ -93,7 +84,7 @@ PY
 for jobs in 1 8; do
     read -r stall0 <<<"$(wb_field b0 stall_ms)"
     s0=$(sectors_written "$CACHE0")
-    read -r iops writes <<<"$(sync_run wb-sync-$jobs "$dev" $jobs)"
+    read -r iops writes <<<"$(wb_fsync_fio wb-sync-$jobs "$dev" $jobs "$RUNTIME")"
     s1=$(sectors_written "$CACHE0")
     read -r stall1 cap <<<"$(wb_field b0 stall_ms capacity_bytes)"
     raw=$([[ $jobs == 1 ]] && echo "$raw1" || echo "$raw8")

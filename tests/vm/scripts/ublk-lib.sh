@@ -19,6 +19,8 @@
 #                            fails on a non-zero exit or any "err=" other than 0
 #   wb_metrics_check NAME MODE [SECS]  `wbctl metrics NAME` says MODE (within SECS) and passes
 #                              `promtool check metrics`
+#   wb_fsync_fio NAME DEV JOBS SECS  fio 4 KiB random writes with an fsync after each, JOBS writers
+#                            at QD1 for SECS on DEV: prints "IOPS WRITES" (JSON in $WB_OUT)
 #   dev_sha256 DEV BYTES     SHA-256 of the first BYTES of DEV (direct I/O)
 #   wb_no_kernel_io_errors   fail if the kernel logged an I/O error on a /dev/ublkb* device
 #   wb_diagnose              dump what every process waits on and the daemons' logs (called
@@ -121,6 +123,15 @@ wb_metrics_check() {
         fail "promtool check metrics rejects wbctl metrics $name in mode $mode ($out)"
     fi
     log "promtool check metrics: wbctl metrics $name in mode $mode passes ($(grep -c '^writeboost_' "$out") samples)"
+}
+
+wb_fsync_fio() {
+    local out="$WB_OUT/sync-$1.json"
+    fio --name="$1" --filename="$2" --numjobs="$3" --ioengine=psync --rw=randwrite --bs=4k \
+        --fsync=1 --time_based --runtime="$4" --size=256M --offset=1536M --randrepeat=0 \
+        --norandommap --output-format=json --output="$out" --eta=never >&2 ||
+        fail "fio $1 on $2 failed: $(cat "$out" 2>/dev/null)"
+    echo "$(fio_json_field "$out" write iops) $(fio_json_field "$out" write total_ios)"
 }
 
 dev_sha256() {
