@@ -54,8 +54,11 @@ fn lose_both_legs(rig: &Rig, engine: &Engine) {
     for leg in &rig.legs {
         leg.faults.dead.store(true, Ordering::Relaxed);
     }
+    // Logged in RAM until the FLUSH seals it, so that the FLUSH meets the dead legs (a write
+    // right after a FLUSH could go to the legs at once, `seal_if_sync_writer`, and the loss be
+    // noticed before the FLUSH, which would then wait in passthrough for the held backing write).
     engine
-        .write(BLOCK as u64 * 100, &[0x11u8; BLOCK], false)
+        .write_zeroes(BLOCK as u64 * 100, BLOCK as u64)
         .unwrap();
     let _ = engine.flush();
     wait_for_mode(engine, "passthrough");

@@ -175,6 +175,132 @@ fn flushes_that_arrive_during_a_commit_share_the_next_log_write() {
     }
 }
 
+/// Waits (at most 20 s) until `counter` reaches `n`; panics naming `what` if it does not.
+fn wait_for_count(counter: &AtomicU64, n: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counter.load(Ordering::Acquire) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: never reached {n}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The legs lose what they did not flush, the RAM buffer file is gone, the power comes back.
+fn power_cut_without_buffer(rig: &Rig, engine: Engine) -> Engine {
+    engine.abandon();
+    drop(engine);
+    for leg in &rig.legs {
+        leg.lose_unflushed();
+    }
+    let _ = std::fs::remove_file(rig.buffer_path());
+    rig.power_on();
+    rig.open_with(quiet(rig))
+}
+
+/// A sync writer alternates a write and a FLUSH: its write after a FLUSH is written and flushed
+/// at once, so that its own FLUSH finds it durable or on its way and writes nothing more. A
+/// second and third write before the FLUSH share the segment the FLUSH seals, and writes before
+/// this run's first FLUSH stay in RAM as any others. Every FLUSHed write survives a power cut.
+#[test]
+fn a_sync_writers_write_reaches_the_legs_before_its_flush() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let c = Arc::new(LogCounters::default());
+    let engine = open_hooked(&rig, quiet(&rig), counting(c.clone()));
+    let b = BLOCK as u64;
+    // Opening flushes the legs too: count from here.
+    let f0 = c.flushes.load(Ordering::Acquire);
+    engine.write(0, &block_of(0xa), false).unwrap();
+    engine.write(b, &block_of(0xa), false).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(
+        c.writes.load(Ordering::Acquire),
+        1,
+        "no FLUSH before: one segment"
+    );
+    assert_eq!(c.flushes.load(Ordering::Acquire) - f0, 1);
+    // B, the first write after the FLUSH, is written and flushed before any FLUSH asks.
+    engine.write(2 * b, &block_of(0xb), false).unwrap();
+    wait_for_count(&c.writes, 2, "B's segment");
+    wait_for_count(&c.flushes, f0 + 2, "B's leg flush");
+    // C and D share the segment the FLUSH seals.
+    engine.write(3 * b, &block_of(0xc), false).unwrap();
+    engine.write(4 * b, &block_of(0xd), false).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(
+        c.writes.load(Ordering::Acquire),
+        3,
+        "C and D in one segment"
+    );
+    assert_eq!(c.flushes.load(Ordering::Acquire) - f0, 3);
+    // E: written and flushed early; its FLUSH writes and flushes nothing more.
+    engine.write(5 * b, &block_of(0xe), false).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(
+        c.writes.load(Ordering::Acquire),
+        4,
+        "E's FLUSH wrote no segment"
+    );
+    assert_eq!(
+        c.flushes.load(Ordering::Acquire) - f0,
+        4,
+        "E's FLUSH flushed nothing more"
+    );
+    let engine = power_cut_without_buffer(&rig, engine);
+    for (block, byte) in [(0, 0xa), (1, 0xa), (2, 0xb), (3, 0xc), (4, 0xd), (5, 0xe)] {
+        assert_eq!(read_block(&engine, block), block_of(byte), "block {block}");
+    }
+}
+
+/// A FLUSH that arrives while the sync writer's early segment is still being written waits for
+/// it (a commit in flight) and fails nothing: the write reads back after a power cut. The leg
+/// flush of the early segment is held until the FLUSH is waiting.
+#[test]
+fn a_flush_waits_for_the_early_segment_in_flight() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    let c = Arc::new(LogCounters::default());
+    let gate = Arc::new(Gate::default());
+    let count = counting(c.clone());
+    let g = gate.clone();
+    let hook = move |leg: usize, d: &dyn Device, op: &IoOp<'_>| {
+        if matches!(op, IoOp::Flush) {
+            g.hold_if_armed();
+        }
+        count(leg, d, op)
+    };
+    let engine = Arc::new(open_hooked(&rig, quiet(&rig), hook));
+    engine.write(0, &block_of(0x1), false).unwrap();
+    engine.flush().unwrap();
+    gate.armed.store(true, Ordering::Release);
+    engine.write(BLOCK as u64, &block_of(0x2), false).unwrap();
+    assert!(
+        gate.wait_held(Duration::from_secs(20)),
+        "no early leg flush"
+    );
+    let e = engine.clone();
+    let flush = std::thread::spawn(move || e.flush());
+    // The FLUSH is issued (counted) and must wait: the leg flush it needs is held.
+    while engine.status().flushes < 2 {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(200)); // time to complete, were it wrong to
+    assert!(
+        !flush.is_finished(),
+        "a FLUSH completed before its write was durable"
+    );
+    gate.release();
+    flush.join().unwrap().expect("the FLUSH succeeds");
+    assert_eq!(
+        c.writes.load(Ordering::Acquire),
+        2,
+        "the FLUSH sealed no segment of its own"
+    );
+    let engine = Arc::into_inner(engine).expect("one owner");
+    let engine = power_cut_without_buffer(&rig, engine);
+    assert_eq!(read_block(&engine, 1), block_of(0x2));
+}
+
 /// A segment written behind durable ones in the same slot and torn by a power cut damages
 /// nothing before it: it writes only its own blocks. Every FLUSHed write reads back, the torn
 /// one reads old or new, and the log goes on behind the last whole segment.
@@ -194,18 +320,24 @@ fn a_torn_sub_segment_never_damages_the_durable_ones_before_it_in_its_slot() {
         };
         let engine = open_hooked(&rig, quiet(&rig), hook);
         let backing_block_9 = read_block(&engine, 9);
+        let backing_block_11 = read_block(&engine, 11);
         for i in 0..5u64 {
             engine
                 .write(i * BLOCK as u64, &block_of(0x10 + i as u8), false)
                 .unwrap();
             engine.flush().unwrap();
         }
-        // Segments 1..=5 sit at blocks 0, 2, 4, 6, 8 of slot 0; segment 6 goes to block 10.
-        let sixth = logfmt::Position { slot: 0, block: 10 };
-        tear.store(sixth.offset(), Ordering::Release);
+        // Segments 1..=5 sit at blocks 0, 2, 4, 6, 8 of slot 0. The next write, the first after
+        // a FLUSH, is segment 6 at block 10 (written and flushed at once: a sync writer's);
+        // the two after it are segment 7 at block 12, which the FLUSH seals: it is torn.
+        let seventh = logfmt::Position { slot: 0, block: 12 };
+        tear.store(seventh.offset(), Ordering::Release);
         engine.write(0, &block_of(0x99), false).unwrap();
         engine
             .write(9 * BLOCK as u64, &block_of(0x9a), false)
+            .unwrap();
+        engine
+            .write(11 * BLOCK as u64, &block_of(0x9b), false)
             .unwrap();
         engine.flush().unwrap();
         engine.abandon();
@@ -217,7 +349,7 @@ fn a_torn_sub_segment_never_damages_the_durable_ones_before_it_in_its_slot() {
         rig.power_on();
         let engine = rig.open_with(quiet(&rig));
         let report = engine.recovery_report();
-        assert_eq!(report.head_id(), 5, "cut {cut}: {}", report.stop_reason);
+        assert_eq!(report.head_id(), 6, "cut {cut}: {}", report.stop_reason);
         for i in 1..5u64 {
             assert_eq!(
                 read_block(&engine, i),
@@ -225,8 +357,9 @@ fn a_torn_sub_segment_never_damages_the_durable_ones_before_it_in_its_slot() {
                 "cut {cut}"
             );
         }
-        assert_eq!(read_block(&engine, 0), block_of(0x10), "cut {cut}");
+        assert_eq!(read_block(&engine, 0), block_of(0x99), "cut {cut}");
         assert_eq!(read_block(&engine, 9), backing_block_9, "cut {cut}");
+        assert_eq!(read_block(&engine, 11), backing_block_11, "cut {cut}");
         // The log goes on where the torn segment was: a new write is durable and reads back.
         engine.write(0, &block_of(0x77), false).unwrap();
         engine.flush().unwrap();
@@ -234,7 +367,7 @@ fn a_torn_sub_segment_never_damages_the_durable_ones_before_it_in_its_slot() {
         drop(engine);
         let engine = rig.open_with(quiet(&rig));
         assert_eq!(read_block(&engine, 0), block_of(0x77), "cut {cut}");
-        assert_eq!(engine.recovery_report().head_id(), 6, "cut {cut}");
+        assert_eq!(engine.recovery_report().head_id(), 7, "cut {cut}");
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use parking_lot::MutexGuard;
 
 use crate::error::{EngineError, Result};
-use crate::log::writer::LogJob;
+use crate::log::writer::{LogJob, SELF_DRIVEN_LANE};
 
 use super::state::State;
 use super::{SealReason, Shared};
@@ -68,9 +68,18 @@ impl Shared {
         if state.durable_id < target && state.commit_target < target {
             // Sealed by a full segment or the timer, not yet flushed: one leg flush for them.
             state.commit_target = target;
-            self.log_jobs
-                .send(LogJob::Flush)
-                .expect("log writer is running");
+            if self.log.sealer_idle() {
+                self.log.flush_now();
+            } else {
+                self.log.send(LogJob::Flush);
+            }
+        }
+        if state.durable_id < target {
+            // A segment (or flush) this FLUSH queued itself waits on that lane for this thread
+            // (`LogQueues::write_now`, `flush_now`): no hand-off to the leg's thread and back.
+            MutexGuard::unlocked(&mut state, || {
+                self.log.drive(self, SELF_DRIVEN_LANE, Some(target))
+            });
         }
         // The loss check comes first: a loss sets `durable_id` past every id it dropped.
         loop {
@@ -111,6 +120,7 @@ impl Shared {
     /// flight, not at once: its durability comes first anyway, and meanwhile more writes (and the
     /// FLUSHes that cover them) gather in the open segment, to share one seal (group commit).
     fn commit(&self, state: &mut MutexGuard<'_, State>, writes: u64, issued: u64) -> Result<()> {
+        state.flush_mark = state.flush_mark.max(writes);
         loop {
             let open_holds_writes = state.open.as_ref().is_some_and(|o| !o.entries.is_empty());
             if state.writes_sealed >= writes || !open_holds_writes {

@@ -110,16 +110,18 @@ impl Engine {
         let flushed = {
             let failed = self.shared.state.lock().failure.is_some();
             if failed || self.shared.stopping.load(Ordering::Acquire) {
-                Ok(())
+                // Stopped already (by an earlier shutdown, or `abandon`: what a killed daemon
+                // leaves, the buffer file included, is left as it is).
+                None
             } else {
-                self.shared.flush_internal()
+                Some(self.shared.flush_internal())
             }
         };
         self.stop_threads();
-        if flushed.is_ok() {
+        if let Some(Ok(())) = flushed {
             self.release_written_buffers();
         }
-        flushed
+        flushed.unwrap_or(Ok(()))
     }
 
     /// After the last seal: the buffer of the slot the log was writing is released once all of
@@ -168,7 +170,7 @@ impl Engine {
         for t in threads {
             let _ = t.join();
         }
-        let _ = self.shared.log_jobs.send(LogJob::Stop);
+        self.shared.log.stop();
         for t in log_threads {
             let _ = t.join();
         }

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use logfmt::{
     EntryKind, Position, DATA_BLOCKS_PER_SEGMENT, SECTORS_PER_BLOCK, SECTOR_SIZE_BYTES, SLOT_BLOCKS,
 };
@@ -48,7 +47,7 @@ use crate::device::Device;
 use crate::error::{EngineError, Result};
 use crate::log::legs::CacheLegs;
 use crate::log::ram_buffer::RamBuffers;
-use crate::log::writer::LogJob;
+use crate::log::writer::{LogJob, LogQueues};
 use crate::map::block_map::{BlockMap, Location};
 
 /// The geometry of an open cache, fixed at create.
@@ -92,7 +91,8 @@ pub struct Shared {
     pub(crate) progress: Condvar,
     /// Signalled when writeback may have work.
     pub(crate) writeback_wakeup: Condvar,
-    pub(crate) log_jobs: Sender<LogJob>,
+    /// To the log writer: `wb-log`'s queue and the legs' lanes.
+    pub(crate) log: LogQueues,
     pub stats: Stats,
     pub(crate) durable_hint: AtomicU64,
     /// When the engine started; `last_request_ns` counts from here.
@@ -178,7 +178,7 @@ impl Geometry {
 impl Shared {
     /// The shared state of an engine about to start, and the log writer's job queue.
     pub(crate) fn new(p: Parts) -> (Arc<Shared>, crossbeam_channel::Receiver<LogJob>) {
-        let (log_tx, log_rx) = crossbeam_channel::unbounded();
+        let (log, log_rx) = LogQueues::new(p.legs.all().len());
         let durable = p.state.durable_id;
         let shared = Shared {
             geometry: Geometry::of(&p.superblock),
@@ -189,7 +189,7 @@ impl Shared {
             space_freed: Condvar::new(),
             progress: Condvar::new(),
             writeback_wakeup: Condvar::new(),
-            log_jobs: log_tx,
+            log,
             stats: Stats::default(),
             durable_hint: AtomicU64::new(durable),
             started: Instant::now(),
@@ -232,6 +232,9 @@ pub(crate) enum SealReason {
     Timer,
     /// A FLUSH or FUA: durable, and the epoch ends.
     Flush,
+    /// The first write after a FLUSH, the log idle (`Shared::seal_if_sync_writer`): written and
+    /// flushed at once, same epoch.
+    Eager,
 }
 
 impl Engine {
@@ -354,6 +357,9 @@ impl crate::log::LogHost for Shared {
     }
     fn segment_count(&self) -> u64 {
         self.geometry.segment_count
+    }
+    fn queues(&self) -> &LogQueues {
+        &self.log
     }
     fn durable_hint(&self) -> u64 {
         self.durable_hint.load(Ordering::Acquire)

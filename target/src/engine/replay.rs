@@ -182,6 +182,7 @@ impl State {
             flush_error_owed: r.flush_error_owed,
             logged_writes: 0,
             writes_sealed: 0,
+            flush_mark: 0,
             epoch_ended_writes: 0,
             commit_target: 0,
             lost_writes_mark: 0,

@@ -199,6 +199,9 @@ pub(crate) struct State {
     pub writes_sealed: u64,
     /// Every write counted up to this many lies in an epoch that has ended.
     pub epoch_ended_writes: u64,
+    /// The logged writes the newest FLUSH (or FUA write) covered: the write after them is
+    /// likely a sync writer's, whose FLUSH follows (`Shared::seal_if_sync_writer`).
+    pub flush_mark: u64,
     /// The newest segment sealed by a FLUSH (group commit): while it is not durable, a FLUSH that
     /// needs the open segment sealed waits for it, and then one seal serves every such waiter.
     pub commit_target: u64,

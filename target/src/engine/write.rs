@@ -63,7 +63,27 @@ impl Shared {
         // Counted once logged, under the lock it was logged with (waiting for space releases it
         // on the way): a FLUSH issued before this point does not cover the write.
         state.logged_writes += 1;
+        self.seal_if_sync_writer(&mut state);
         Ok((generation, state.logged_writes))
+    }
+
+    /// A sync writer alternates a write and a FLUSH (fsync, O_DSYNC, a journal commit). The
+    /// first write after a FLUSH, with the log idle (everything sealed durable, so no commit in
+    /// flight for other FLUSHes to share), is sealed at once, written and flushed: that overlaps
+    /// the FLUSH's way through the kernel, and the FLUSH then finds its write durable or on its
+    /// way (a commit in flight, as a FLUSH's own seal is). If more writes come before the FLUSH,
+    /// they share the next segment: the cost is one header block and one leg flush. Writers that
+    /// do not FLUSH are never sealed early.
+    fn seal_if_sync_writer(&self, state: &mut State) {
+        // `flush_mark` 0: no FLUSH has covered a write in this run yet.
+        let first_since_flush = state.flush_mark > 0
+            && state.logged_writes == state.flush_mark + 1
+            && state.writes_sealed == state.flush_mark;
+        let log_idle = state.durable_id == state.sealed_id && self.log.sealer_idle();
+        if first_since_flush && log_idle && !state.closing_log {
+            self.seal(state, SealReason::Eager);
+            state.commit_target = state.sealed_id;
+        }
     }
 
     /// Logs one block (the sectors of `mask`, at their places in `data`) into the open segment.
@@ -376,14 +396,21 @@ impl Shared {
             state.epoch_id += 1;
             state.epoch_ended_writes = state.logged_writes;
         }
-        let job = LogJob::Segment {
-            header,
-            slot: open.position.slot,
-            buffer: open.buffer,
-            flush_legs: reason != SealReason::Full,
-        };
-        // The log writer outlives every sealer (it stops only after the last seal at shutdown).
-        self.log_jobs.send(job).expect("log writer is running");
+        let (slot, buffer) = (open.position.slot, open.buffer);
+        if matches!(reason, SealReason::Flush | SealReason::Eager) && self.log.sealer_idle() {
+            // Someone waits for this segment alone (a FLUSH, or the FLUSH expected after a sync
+            // writer's write): finalise it here, and hand it to the legs without `wb-log`. A
+            // FLUSH's thread writes it to leg 0 itself (`flush_inner`).
+            self.log
+                .write_now(self, header, slot, buffer, reason == SealReason::Flush);
+        } else {
+            self.log.send(LogJob::Segment {
+                header,
+                slot,
+                buffer,
+                flush_legs: reason != SealReason::Full,
+            });
+        }
         state.check_invariants();
     }
 
