@@ -120,7 +120,7 @@ fn vm_ublk_bench_iops_and_burst() {
             disk("cache1", "4G", false),
         ],
         script: "tests/vm/scripts/ublk-bench.sh",
-        args: &["10", "32"],
+        args: &["8", "32"],
         timeout_secs: 1500,
         pass_line: "ublk-bench: DONE",
     }
@@ -141,7 +141,7 @@ fn vm_ublk_bench_iops_and_burst() {
             .any(|f| l.contains(f))
         })
         .collect();
-    assert_eq!(figures.len(), 7, "{test}: missing figures in the VM output");
+    assert_eq!(figures.len(), 8, "{test}: missing figures in the VM output");
     for f in figures {
         let at = f.find("bench:").unwrap_or(0);
         println!("{test}: {}", &f[at..]);

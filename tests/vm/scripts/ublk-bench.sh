@@ -6,8 +6,8 @@
 #      like fio-jobs/burst-4k-randwrite.fio) through writeboost against the same burst on the
 #      throttled backing device alone -> speed-up (goal >= 3x);
 #   3. fsync'd 4 KiB writes (fio --fsync=1: one writer at QD1, then 8 writers) through writeboost
-#      against the raw cache disk (measured before the cache is created on it) -> ratio (goal for
-#      one writer >= 0.4), with the bytes each fsync'd write cost the cache leg (its
+#      against the raw cache disk (measured before the cache is created on it, and for one writer
+#      again after it is deleted) -> ratio (goal for one writer >= 0.4), with the bytes each fsync'd write cost the cache leg (its
 #      /sys/block/*/stat) and how many such writes the cache holds at that cost.
 #
 #   cargo build --release -p wb-tools --bin wbctl --bin wb-null
@@ -80,25 +80,35 @@ wb, n1, n2 = map(int, sys.argv[1:4])
 null = (n1 + n2) / 2
 print(f"bench: IOPS ratio writeboost/null = {wb}/{null:.0f} = {wb / null:.3f} (goal >= 0.8)")
 PY
-# ---- 3b. fsync'd writes through writeboost (the cache is far from full: no writer waits)
+"$WBCTL" status b0
+"$WBCTL" delete b0 >/dev/null || fail "wbctl delete failed"
+# ---- 3b. fsync'd writes through writeboost, on a fresh device: the data the phases above left
+# would be written back meanwhile (after 30 s), and under TCG writeback's reads and checkpoints
+# take the CPU the sync path needs. The cache is far from full: no writer waits.
+dev="$(wb_create b1 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force \
+    --queues "$QUEUES" --depth "$DEPTH")"
 for jobs in 1 8; do
-    read -r stall0 <<<"$(wb_field b0 stall_ms)"
+    read -r stall0 <<<"$(wb_field b1 stall_ms)"
     s0=$(sectors_written "$CACHE0")
     read -r iops writes <<<"$(wb_fsync_fio wb-sync-$jobs "$dev" $jobs "$RUNTIME")"
+    [[ $jobs == 1 ]] && wb1=$iops
     s1=$(sectors_written "$CACHE0")
-    read -r stall1 cap <<<"$(wb_field b0 stall_ms capacity_bytes)"
+    read -r stall1 cap <<<"$(wb_field b1 stall_ms capacity_bytes)"
     raw=$([[ $jobs == 1 ]] && echo "$raw1" || echo "$raw8")
     python3 - "$jobs" "$iops" "$raw" "$writes" "$((s1 - s0))" "$cap" "$((stall1 - stall0))" <<'PY'
 import sys
 jobs, iops, raw, writes, sectors, cap, stall = map(int, sys.argv[1:8])
 per = sectors * 512 / max(writes, 1)
-goal = " (goal >= 0.4)" if jobs == 1 else ""
 print(f"bench: fsync'd 4k writes, {jobs} writer(s): writeboost {iops}/s vs raw cache disk {raw}/s"
-      f" = {iops / raw:.3f}{goal}")
+      f" (before the cache) = {iops / raw:.3f}")
 print(f"bench: fsync'd 4k writes, {jobs} writer(s): {writes} writes, {per:.0f} bytes each on a cache leg,"
       f" so the {cap >> 20} MiB cache holds {int(cap / per)} of them (goal >= 200000); stalled {stall} ms")
 PY
 done
-"$WBCTL" status b0
-"$WBCTL" delete b0 >/dev/null || fail "wbctl delete failed"
+"$WBCTL" status b1
+"$WBCTL" delete b1 >/dev/null || fail "wbctl delete failed"
+# ---- 3c. the raw cache disk again (TCG's pace drifts over a run): the QD1 goal is against the
+# mean of the raw disk before and after.
+read -r raw1b _ <<<"$(wb_fsync_fio raw-sync-1b "$CACHE0" 1 "$RUNTIME")"
+awk -v wb="$wb1" -v a="$raw1" -v b="$raw1b" 'BEGIN{printf "bench: fsync'"'"'d 4k writes, 1 writer: writeboost %d/s vs raw cache disk %d/s (mean of %d before, %d after) = %.3f (goal >= 0.4)\n", wb, (a + b) / 2, a, b, wb / ((a + b) / 2)}'
 log "ublk-bench: DONE"
