@@ -127,10 +127,11 @@ sum_dev="$(dev_sha256 "$dev" $region)"
 sum_backing="$(dev_sha256 "$BACKING" $region)"
 [[ "$sum_dev" == "$sum_backing" ]] || fail "in passthrough the device reads differently from the backing device"
 log "the device and the backing device read the same (first $((region >> 20)) MiB, sha256 ${sum_dev:0:16}...)"
-python3 "$MJ" selftest --journal "$J" --seed "$SEED" --rounds 0 >"$WB_OUT/selftest-journal.txt" ||
-    { tail -30 "$WB_OUT/selftest-journal.txt"; fail "oracle self-test on this run's journal failed"; }
-grep -m3 "rejected as expected" "$WB_OUT/selftest-journal.txt" | cut -c1-220
-log "$(tail -1 "$WB_OUT/selftest-journal.txt") (images built from this run's journal)"
+# The oracle's self-test on this run's journal (reordered, torn, misdirected images built from
+# it must be rejected) runs on the host after the boot (vm_mirror.rs): it needs no device, and
+# under TCG it took ~45 s of the suite.
+cp "$J" "$WB_OUT/journal-1.txt"
+log "journal for the host's self-test: journal-1.txt, seed $SEED"
 
 # ---- replace both legs: mirrored again, and the cache works
 "$WBCTL" replace m2 --old "$LEG0" --new "$SPARE0" || fail "wbctl replace leg 0 failed"
