@@ -136,8 +136,10 @@ impl Images {
         Ok(images)
     }
 
-    /// Formats the cache image for the backing image.
+    /// Formats the cache image for the backing image. The RAM buffer file an earlier phase left
+    /// (it stops as a crash would: `abandon`) belonged to the cache this replaces: it goes too.
     pub(super) fn format(&self) -> Result<()> {
+        let _ = std::fs::remove_file(&self.buffer);
         files::format_single_leg(&self.cache, &self.backing)
     }
 
