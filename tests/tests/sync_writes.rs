@@ -187,6 +187,21 @@ fn wait_for_count(counter: &AtomicU64, n: u64, what: &str) {
     }
 }
 
+/// Leg 0 has had `writes` segment writes and, since `flushes_before`, `flushes` flushes.
+#[track_caller]
+fn assert_traffic(c: &LogCounters, flushes_before: u64, writes: u64, flushes: u64, what: &str) {
+    assert_eq!(
+        c.writes.load(Ordering::Acquire),
+        writes,
+        "{what}: segment writes"
+    );
+    assert_eq!(
+        c.flushes.load(Ordering::Acquire) - flushes_before,
+        flushes,
+        "{what}: leg flushes"
+    );
+}
+
 /// The legs lose what they did not flush, the RAM buffer file is gone, the power comes back.
 fn power_cut_without_buffer(rig: &Rig, engine: Engine) -> Engine {
     engine.abandon();
@@ -214,12 +229,7 @@ fn a_sync_writers_write_reaches_the_legs_before_its_flush() {
     engine.write(0, &block_of(0xa), false).unwrap();
     engine.write(b, &block_of(0xa), false).unwrap();
     engine.flush().unwrap();
-    assert_eq!(
-        c.writes.load(Ordering::Acquire),
-        1,
-        "no FLUSH before: one segment"
-    );
-    assert_eq!(c.flushes.load(Ordering::Acquire) - f0, 1);
+    assert_traffic(&c, f0, 1, 1, "no FLUSH before: one segment");
     // B, the first write after the FLUSH, is written and flushed before any FLUSH asks.
     engine.write(2 * b, &block_of(0xb), false).unwrap();
     wait_for_count(&c.writes, 2, "B's segment");
@@ -228,25 +238,11 @@ fn a_sync_writers_write_reaches_the_legs_before_its_flush() {
     engine.write(3 * b, &block_of(0xc), false).unwrap();
     engine.write(4 * b, &block_of(0xd), false).unwrap();
     engine.flush().unwrap();
-    assert_eq!(
-        c.writes.load(Ordering::Acquire),
-        3,
-        "C and D in one segment"
-    );
-    assert_eq!(c.flushes.load(Ordering::Acquire) - f0, 3);
+    assert_traffic(&c, f0, 3, 3, "C and D in one segment");
     // E: written and flushed early; its FLUSH writes and flushes nothing more.
     engine.write(5 * b, &block_of(0xe), false).unwrap();
     engine.flush().unwrap();
-    assert_eq!(
-        c.writes.load(Ordering::Acquire),
-        4,
-        "E's FLUSH wrote no segment"
-    );
-    assert_eq!(
-        c.flushes.load(Ordering::Acquire) - f0,
-        4,
-        "E's FLUSH flushed nothing more"
-    );
+    assert_traffic(&c, f0, 4, 4, "E's FLUSH wrote and flushed nothing more");
     let engine = power_cut_without_buffer(&rig, engine);
     for (block, byte) in [(0, 0xa), (1, 0xa), (2, 0xb), (3, 0xc), (4, 0xd), (5, 0xe)] {
         assert_eq!(read_block(&engine, block), block_of(byte), "block {block}");

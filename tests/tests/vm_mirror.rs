@@ -153,23 +153,8 @@ fn mirror_oracle_self_test() {
     if !have("python3") {
         return skip(test, "python3 is missing");
     }
-    let out = Command::new("python3")
-        .arg(repo_root().join("tests/vm/scripts/mirror-journal.py"))
-        .args(["selftest", "--seed", "7", "--rounds", "4"])
-        .output()
-        .expect("running mirror-journal.py selftest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = oracle_selftest(test, &["--seed", "7", "--rounds", "4"]);
     print!("{stdout}");
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "{test}: self-test failed: {}",
-        out.status
-    );
-    assert!(
-        stdout.contains("oracle self-test: PASS"),
-        "{test}: no PASS line"
-    );
     for kind in [
         "reordered",
         "later epoch alone",
@@ -273,20 +258,10 @@ fn journal_selftest_on_the_host(test: &str, out: &str) {
     let line = lines_with(test, out, "journal for the host's self-test: ")[0];
     let seed = line.rsplit("seed ").next().unwrap().trim();
     let journal = run_folder(test, out).join("journal-1.txt");
-    let result = Command::new("python3")
-        .arg(repo_root().join("tests/vm/scripts/mirror-journal.py"))
-        .args(["selftest", "--journal"])
-        .arg(&journal)
-        .args(["--seed", seed, "--rounds", "0"])
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{test}: oracle self-test on {} failed: {}{}",
-        journal.display(),
-        stdout,
-        String::from_utf8_lossy(&result.stderr)
+    let journal = journal.to_str().expect("a UTF-8 path");
+    let stdout = oracle_selftest(
+        test,
+        &["--journal", journal, "--seed", seed, "--rounds", "0"],
     );
     let rejected: Vec<&str> = stdout
         .lines()
@@ -303,4 +278,27 @@ fn journal_selftest_on_the_host(test: &str, out: &str) {
         "{test}: {} (images built from this run's journal, on the host)",
         stdout.lines().last().unwrap_or("")
     );
+}
+
+/// `mirror-journal.py selftest ARGS` on the host: it must exit 0 and print its PASS line.
+/// Returns what it printed.
+fn oracle_selftest(test: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/vm/scripts/mirror-journal.py"))
+        .arg("selftest")
+        .args(args)
+        .output()
+        .expect("running mirror-journal.py selftest");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{test}: self-test {args:?} failed ({}): {stdout}",
+        out.status
+    );
+    assert!(
+        stdout.contains("oracle self-test: PASS"),
+        "{test}: self-test {args:?}: no PASS line: {stdout}"
+    );
+    stdout
 }

@@ -185,10 +185,7 @@ impl LogQueues {
             "a segment sealed in place overtook wb-log"
         );
         let piece = finalise(host, header, slot, buffer);
-        for (index, lane) in self.lanes.iter().enumerate() {
-            let job = LegJob::Write { piece, flush: true };
-            lane.push(job, !caller_drives || index != SELF_DRIVEN_LANE);
-        }
+        self.push_all(|| LegJob::Write { piece, flush: true }, caller_drives);
     }
 
     /// Queues a flush of every leg, for a FLUSH whose writes are all sealed: as with
@@ -198,8 +195,14 @@ impl LogQueues {
             self.sealer_idle(),
             "a flush queued in place overtook wb-log"
         );
+        self.push_all(|| LegJob::Flush, true);
+    }
+
+    /// Queues `job` on every lane and wakes the legs' threads, all but `SELF_DRIVEN_LANE`'s if
+    /// `caller_drives` (the caller drives that lane itself once it holds no lock).
+    fn push_all(&self, job: impl Fn() -> LegJob, caller_drives: bool) {
         for (index, lane) in self.lanes.iter().enumerate() {
-            lane.push(LegJob::Flush, index != SELF_DRIVEN_LANE);
+            lane.push(job(), !caller_drives || index != SELF_DRIVEN_LANE);
         }
     }
 
@@ -355,11 +358,6 @@ impl Drop for StopLanesOnExit<'_> {
 fn sealer(host: &impl LogHost, jobs: Receiver<LogJob>) {
     let queues = host.queues();
     let _stop_lanes = StopLanesOnExit(queues);
-    let push_all = |job: &dyn Fn() -> LegJob| {
-        for lane in &queues.lanes {
-            lane.push(job(), true);
-        }
-    };
     for job in jobs {
         match job {
             LogJob::Segment {
@@ -369,12 +367,13 @@ fn sealer(host: &impl LogHost, jobs: Receiver<LogJob>) {
                 flush_legs,
             } => {
                 let piece = finalise(host, header, slot, buffer);
-                push_all(&|| LegJob::Write {
+                let job = || LegJob::Write {
                     piece,
                     flush: flush_legs,
-                });
+                };
+                queues.push_all(job, false);
             }
-            LogJob::Flush => push_all(&|| LegJob::Flush),
+            LogJob::Flush => queues.push_all(|| LegJob::Flush, false),
             LogJob::Stop => break,
         }
         queues.in_sealer.fetch_sub(1, Ordering::AcqRel);
