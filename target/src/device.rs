@@ -13,8 +13,9 @@
 //! tests need the same synchronous interface. For sync writers (a FLUSH after each 4 KiB write)
 //! io_uring was tried too, in the suite's VM, same boot, interleaved: both legs' write + flush
 //! submitted together by the FLUSH's thread, and a sync writer's early segment sent as FUA
-//! writes on both legs with no leg thread woken — no gain beyond the noise (mirrored 453–494
-//! vs 468–490 fsync'd writes/s), so the simpler blocking calls stayed.
+//! writes on both legs with no leg thread woken — no gain beyond the noise (mirrored, six
+//! rounds: 453–494 fsync'd writes/s with the latter, 468–490 with these blocking calls), so the
+//! blocking calls stayed.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
