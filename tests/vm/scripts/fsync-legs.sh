@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
 # Where the time of an fsync'd write goes (issue 14): fio psync 4 KiB randwrite `--fsync=1`, QD1,
-# on the raw cache disk, through a single-leg writeboost set on it, through a mirrored set, and on
-# the raw disk again, in one boot. A manual benchmark, not in `make test`:
-#   cargo build --release -p wb-tools --bin wbctl
+# in one boot, in rounds of
+#   - the raw cache disk;
+#   - both cache disks at once, one writer on each (what a mirrored set's legs face: in the
+#     emulated VM two disks do not go as fast as one each);
+#   - the null ublk target (wb-null: the WRITE and FLUSH round trips through ublk, no I/O);
+#   - a single-leg writeboost set on the first cache disk, then a mirrored set on both.
+# A manual benchmark, not in `make test`:
+#   cargo build --release -p wb-tools --bin wbctl --bin wb-null
 #   truncate -s 2G backing.img; truncate -s 4G cache0.img cache1.img
 #   tests/vm/run.sh --disk backing.img:throttle --disk cache0.img --disk cache1.img \
-#       tests/vm/scripts/fsync-legs.sh
-# Prints "bench: ..." lines, then "fsync-legs: DONE".
+#       tests/vm/scripts/fsync-legs.sh [ROUNDS] [RUNTIME_SECS]
+# Prints a "bench: ..." line per round, then "fsync-legs: DONE".
 set -euo pipefail
 source "$(dirname "$0")/../guest-lib.sh"
 source "$(dirname "$0")/ublk-lib.sh"
 need_vm
 need_ublk
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
-RUNTIME=8
-raw=$(wb_fsync_fio raw "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
-log "bench: raw $raw/s"
-dev="$(wb_create s1 --backing "$BACKING" --cache "$CACHE0" --single-leg --force)"
-single=$(wb_fsync_fio single "$dev" 1 "$RUNTIME" | cut -d" " -f1)
-log "bench: single-leg $single/s"
-"$WBCTL" delete s1 >/dev/null
-dev="$(wb_create m1 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force)"
-mirrored=$(wb_fsync_fio mirrored "$dev" 1 "$RUNTIME" | cut -d" " -f1)
-log "bench: mirrored $mirrored/s"
-"$WBCTL" delete m1 >/dev/null
-raw2=$(wb_fsync_fio raw2 "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
-log "bench: raw again $raw2/s"
+ROUNDS="${1:-2}" RUNTIME="${2:-6}"
+
+# One writer on each of two disks at once: prints "IOPS0 IOPS1".
+both_disks() {
+    local out="$WB_OUT/sync-both-$1.json"
+    fio --ioengine=psync --rw=randwrite --bs=4k --fsync=1 --time_based --runtime="$RUNTIME" \
+        --size=256M --offset=1536M --randrepeat=0 --norandommap --output-format=json \
+        --output="$out" --eta=never --name=leg0 --filename="$CACHE0" \
+        --name=leg1 --filename="$CACHE1" >&2 || fail "fio on both cache disks failed"
+    python3 -c 'import json, sys
+print(" ".join(str(round(j["write"]["iops"])) for j in json.load(open(sys.argv[1]))["jobs"]))' "$out"
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    raw=$(wb_fsync_fio raw-$round "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
+    both=$(both_disks "$round")
+    start_wb_null --size 2G
+    null=$(wb_fsync_fio null-$round "$WB_NULL_DEV" 1 "$RUNTIME" | cut -d" " -f1)
+    stop_wb_null
+    dev="$(wb_create s$round --backing "$BACKING" --cache "$CACHE0" --single-leg --force)"
+    single=$(wb_fsync_fio single-$round "$dev" 1 "$RUNTIME" | cut -d" " -f1)
+    "$WBCTL" delete s$round >/dev/null
+    dev="$(wb_create m$round --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force)"
+    mirrored=$(wb_fsync_fio mirrored-$round "$dev" 1 "$RUNTIME" | cut -d" " -f1)
+    "$WBCTL" delete m$round >/dev/null
+    log "bench: round $round, fsync'd 4k writes/s: raw cache disk $raw; both cache disks at" \
+        "once ${both/ / and } (each); null ublk target $null; writeboost single leg $single" \
+        "($(awk -v a="$single" -v b="$raw" 'BEGIN{printf "%.2f", a / b}')x), mirrored $mirrored" \
+        "($(awk -v a="$mirrored" -v b="$raw" 'BEGIN{printf "%.2f", a / b}')x)"
+done
 log "fsync-legs: DONE"

@@ -6,9 +6,10 @@
 #      like fio-jobs/burst-4k-randwrite.fio) through writeboost against the same burst on the
 #      throttled backing device alone -> speed-up (goal >= 3x);
 #   3. fsync'd 4 KiB writes (fio --fsync=1: one writer at QD1, then 8 writers) through writeboost
-#      against the raw cache disk (measured before the cache is created on it, and for one writer
-#      again after it is deleted) -> ratio (goal for one writer >= 0.4), with the bytes each fsync'd write cost the cache leg (its
-#      /sys/block/*/stat) and how many such writes the cache holds at that cost.
+#      against the raw cache disk (measured before the cache is created on it), with the bytes
+#      each fsync'd write cost the cache leg (its /sys/block/*/stat) and how many such writes the
+#      cache holds at that cost; then one writer in three rounds of the raw disk and a fresh
+#      mirrored set right after it -> the median of the rounds' ratios (goal >= 0.4).
 #
 #   cargo build --release -p wb-tools --bin wbctl --bin wb-null
 #   truncate -s 2G backing.img; truncate -s 4G cache0.img cache1.img
@@ -107,8 +108,20 @@ PY
 done
 "$WBCTL" status b1
 "$WBCTL" delete b1 >/dev/null || fail "wbctl delete failed"
-# ---- 3c. the raw cache disk again (TCG's pace drifts over a run): the QD1 goal is against the
-# mean of the raw disk before and after.
-read -r raw1b _ <<<"$(wb_fsync_fio raw-sync-1b "$CACHE0" 1 "$RUNTIME")"
-awk -v wb="$wb1" -v a="$raw1" -v b="$raw1b" 'BEGIN{printf "bench: fsync'"'"'d 4k writes, 1 writer: writeboost %d/s vs raw cache disk %d/s (mean of %d before, %d after) = %.3f (goal >= 0.4)\n", wb, (a + b) / 2, a, b, wb / ((a + b) / 2)}'
+# ---- 3c. one writer, side by side: TCG's pace drifts within a boot (the raw disk has measured
+# 990/s at the start of a run and 1342/s at its end), so the QD1 goal is judged on rounds that
+# each measure the raw cache disk and, right after it, a fresh mirrored set on it: each round's
+# ratio, and their median, which one round's drift does not move.
+ratios=()
+for round in 1 2 3; do
+    read -r raw _ <<<"$(wb_fsync_fio raw-sync-1-r$round "$CACHE0" 1 "$RUNTIME")"
+    dev="$(wb_create r$round --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" --force \
+        --queues "$QUEUES" --depth "$DEPTH")"
+    read -r wb _ <<<"$(wb_fsync_fio wb-sync-1-r$round "$dev" 1 "$RUNTIME")"
+    "$WBCTL" delete r$round >/dev/null || fail "wbctl delete failed"
+    ratios+=("$(awk -v w="$wb" -v r="$raw" 'BEGIN{printf "%.3f", w / r}')")
+    log "bench: round $round, 1 writer: raw cache disk $raw/s, then writeboost $wb/s = ${ratios[-1]}"
+done
+median=$(printf '%s\n' "${ratios[@]}" | sort -n | sed -n 2p)
+log "bench: fsync'd 4k writes, 1 writer: writeboost/raw cache disk per round ${ratios[*]}, median $median (goal >= 0.4)"
 log "ublk-bench: DONE"
