@@ -28,10 +28,14 @@ both_disks() {
         --output="$out" --eta=never --name=leg0 --filename="$CACHE0" \
         --name=leg1 --filename="$CACHE1" >&2 || fail "fio on both cache disks failed"
     python3 -c 'import json, sys
-print(" ".join(str(round(j["write"]["iops"])) for j in json.load(open(sys.argv[1]))["jobs"]))' "$out"
+text = open(sys.argv[1]).read()  # fio may print notes before the JSON object
+print(" ".join(str(round(j["write"]["iops"])) for j in json.loads(text[text.index("{"):])["jobs"]))' "$out"
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
+    # wb_create registers its cleanup in its own subshell only
+    on_exit "_wb_cleanup s$round"
+    on_exit "_wb_cleanup m$round"
     raw=$(wb_fsync_fio raw-$round "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
     both=$(both_disks "$round")
     start_wb_null --size 2G
