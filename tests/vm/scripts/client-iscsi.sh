@@ -94,6 +94,18 @@ grep -qs "$dev" "$CFS"/core/iblock_*/lun0/udev_path ||
 iscsiadm -m discovery -t sendtargets -p 127.0.0.1 || fail "iSCSI discovery on 127.0.0.1 failed"
 iscsiadm -m node -T "$IQN" -p 127.0.0.1 --login || fail "iSCSI login failed"
 on_exit "iscsiadm -m node -T $IQN -p 127.0.0.1 --logout >/dev/null 2>&1 || true"
+# A step that fails with the daemon down (killed or stopped under the LUN) leaves the LUN's I/O
+# held by the kernel, and the logout and clearconfig above would wait for it for ever (LIO
+# cannot release a session with commands outstanding): bring the daemon back first.
+daemon_back_if_down() {
+    [[ -e "$WRITEBOOST_RUN_DIR/i0.json" ]] || return 0 # deleted: nothing is held
+    "$WBCTL" status i0 >/dev/null 2>&1 && return 0
+    log "cleanup: the daemon is down under the LUN; bringing it back before the logout"
+    "$WBCTL" recover i0 >/dev/null 2>&1 ||
+        "$WBCTL" create i0 --backing "$BACKING" --cache "$CACHE0" --cache "$CACHE1" >/dev/null 2>&1 ||
+        log "cleanup: could not bring the daemon back"
+}
+on_exit daemon_back_if_down
 sd=""
 for ((i = 0; i < 100; i++)); do
     sd="$(iscsiadm -m session -P3 2>/dev/null | awk '/Attached scsi disk/ {print $4; exit}')"
@@ -135,9 +147,13 @@ log "flushes across $SYNCS write+fsync of $SD: $f0 -> $f1"
 ((f1 - f0 >= SYNCS)) || fail "$SYNCS fsyncs of $SD brought only $((f1 - f0)) FLUSHes to writeboost"
 
 # ---- 3. kill -9 of the daemon while fio writes over iSCSI; recover
+# The daemon must go down while fio is still writing: its writes are paced (not its verifying
+# reads), so that the write phase lasts >= 10 s however fast the host is (a fast one once wrote
+# the 16 MiB in 1.4 s, and fio was gone before the kill).
+WRITE_IOPS=$((2 * FIO_MIB * 256 / 10))
 out="$WB_OUT/iscsi-crash-fio.log"
 fio --name=iscsi-crash --filename="$SD" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((2 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
+    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((2 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
 fio_pid=$!
 on_exit "kill $fio_pid 2>/dev/null || true"
@@ -178,7 +194,7 @@ log "fio over iSCSI wrote and verified across kill -9 + recover; no error in the
 # unit's start (`wbctl create` with the same devices) takes it over. fio sees no error.
 out="$WB_OUT/iscsi-stop-fio.log"
 fio --name=iscsi-stop --filename="$SD" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((4 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
+    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((4 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
 fio_pid=$!
 on_exit "kill $fio_pid 2>/dev/null || true"
