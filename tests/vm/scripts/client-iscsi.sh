@@ -153,7 +153,8 @@ log "flushes across $SYNCS write+fsync of $SD: $f0 -> $f1"
 WRITE_IOPS=$((2 * FIO_MIB * 256 / 10))
 out="$WB_OUT/iscsi-crash-fio.log"
 fio --name=iscsi-crash --filename="$SD" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((2 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
+    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((2 * FIO_MIB))M" \
+    --randrepeat=0 --fsync=64 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
 fio_pid=$!
 on_exit "kill $fio_pid 2>/dev/null || true"
@@ -194,7 +195,8 @@ log "fio over iSCSI wrote and verified across kill -9 + recover; no error in the
 # unit's start (`wbctl create` with the same devices) takes it over. fio sees no error.
 out="$WB_OUT/iscsi-stop-fio.log"
 fio --name=iscsi-stop --filename="$SD" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((4 * FIO_MIB))M" --randrepeat=0 --fsync=64 \
+    --rate_iops=,$WRITE_IOPS --iodepth=16 --size="$((2 * FIO_MIB))M" --offset="$((4 * FIO_MIB))M" \
+    --randrepeat=0 --fsync=64 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never >"$out" 2>&1 &
 fio_pid=$!
 on_exit "kill $fio_pid 2>/dev/null || true"

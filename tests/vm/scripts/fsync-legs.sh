@@ -20,16 +20,15 @@ need_ublk
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 ROUNDS="${1:-2}" RUNTIME="${2:-6}"
 
-# One writer on each of two disks at once: prints "IOPS0 IOPS1".
+# One writer on each of two disks at once (wb_fsync_fio's job, one per disk): prints the IOPS
+# of one disk, the two writers' mean.
 both_disks() {
     local out="$WB_OUT/sync-both-$1.json"
     fio --ioengine=psync --rw=randwrite --bs=4k --fsync=1 --time_based --runtime="$RUNTIME" \
         --size=256M --offset=1536M --randrepeat=0 --norandommap --output-format=json \
         --output="$out" --eta=never --name=leg0 --filename="$CACHE0" \
         --name=leg1 --filename="$CACHE1" >&2 || fail "fio on both cache disks failed"
-    python3 -c 'import json, sys
-text = open(sys.argv[1]).read()  # fio may print notes before the JSON object
-print(" ".join(str(round(j["write"]["iops"])) for j in json.loads(text[text.index("{"):])["jobs"]))' "$out"
+    echo $(($(fio_json_field "$out" write iops) / 2))
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -48,7 +47,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     mirrored=$(wb_fsync_fio mirrored-$round "$dev" 1 "$RUNTIME" | cut -d" " -f1)
     "$WBCTL" delete m$round >/dev/null
     log "bench: round $round, fsync'd 4k writes/s: raw cache disk $raw; both cache disks at" \
-        "once ${both/ / and } (each); null ublk target $null; writeboost single leg $single" \
+        "once $both each; null ublk target $null; writeboost single leg $single" \
         "($(awk -v a="$single" -v b="$raw" 'BEGIN{printf "%.2f", a / b}')x), mirrored $mirrored" \
         "($(awk -v a="$mirrored" -v b="$raw" 'BEGIN{printf "%.2f", a / b}')x)"
 done
