@@ -12,6 +12,7 @@
 //!   the writeback seam (`impl CacheLog`);
 //! - `log/`     — the log on the cache legs: RAM buffer, log writer, legs (mirror), scan;
 //! - `map/`     — backing block → newest cached copy, and discarded / zeroed ranges;
+//! - `panics`   — what a panic does in the daemon (it ends it, unless writeback caught it);
 //! - `device`, `private_file`, `error` — files and block devices (O_DIRECT), root-only files of
 //!   the run folder, the error type.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod log;
 pub mod map;
 pub mod open;
+pub mod panics;
 pub mod private_file;
 pub mod ublk;
 

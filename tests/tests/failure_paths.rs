@@ -226,6 +226,55 @@ fn with_nowhere_to_record_a_loss_passthrough_writes_are_refused() {
     );
 }
 
+/// While a leg failure can be recorded nowhere a restart would look, FLUSHes fail, and status
+/// says so: mode "failed" with the reason in `failure` (what `status -x`, the `engine_failed`
+/// metric and its alert read). Once the record succeeds (the sync thread retries it), the device
+/// is degraded and FLUSHes succeed again.
+#[test]
+fn an_unrecordable_leg_failure_shows_as_failed_while_it_lasts() {
+    let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);
+    // Writeback on: once degraded, the log closes for passthrough as writeback catches up.
+    let engine = rig.open_with(rig.writing_back_always());
+    engine.write(0, &block_of(0xa0), false).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(
+        engine.status().failure,
+        None,
+        "a healthy engine reports a failure"
+    );
+    let blocked = rig.block_fault_file(&engine);
+    rig.legs[0].faults.dead.store(true, Ordering::Relaxed);
+    engine.write(0, &block_of(0xa1), false).unwrap();
+    let flushed = engine.flush();
+    assert!(
+        flushed.is_err(),
+        "a FLUSH succeeded with its leg's failure on record nowhere"
+    );
+    let status = engine.status();
+    assert_eq!(status.shown_mode(), "failed", "{:?}", status.failure);
+    let failure = status.failure.unwrap_or_default();
+    assert!(
+        failure.contains("cannot be recorded"),
+        "status does not say why FLUSHes fail: {failure:?} (the FLUSH said {flushed:?})"
+    );
+    drop(blocked);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.status().failure.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure was never recorded once the fault file could be written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = engine.status().shown_mode().to_string();
+    assert!(mode == "degraded" || mode == "passthrough", "mode {mode}");
+    engine.write(0, &block_of(0xa2), false).unwrap();
+    engine
+        .flush()
+        .expect("a FLUSH once the failure is on record");
+    assert_eq!(read_block(&engine, 0), block_of(0xa2));
+}
+
 #[test]
 fn a_failed_leg_stays_out_of_use_after_a_restart() {
     let rig = Rig::new(2, 16, BACKING_BYTES, BLOCK as u32);

@@ -1,8 +1,8 @@
 //! The target crate's dependencies point one way (README "How it is built"):
 //!
 //! ```text
-//! daemon → ublk → open → engine → {log, map} → control → device, private_file, error (and the
-//! crate root's `hex` and `CRITICAL_LOG_TARGET`)
+//! daemon → ublk → open → engine → {log, map} → {control, panics} → device, private_file, error
+//! (and the crate root's `hex` and `CRITICAL_LOG_TARGET`)
 //! ```
 //!
 //! Every `crate::X` path in `target/src` (tests modules aside: a test may build anything) is
@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("log", 2),
     ("map", 2),
     ("control", 1),
+    ("panics", 1),
     ("device", 0),
     ("private_file", 0),
     ("error", 0),

@@ -510,6 +510,8 @@ pub fn run(
     start: Start,
     ready: impl FnOnce(&str) + Send + Sync + 'static,
 ) -> Result<()> {
+    // Before any thread starts: a panic in any of them ends the daemon (`crate::panics`).
+    crate::panics::abort_on_uncaught_panics();
     let signals = block_stop_signals();
     let spec = leave_working_directory(spec);
     let (run_dir, name) = (spec.run_dir.clone(), spec.name.clone());

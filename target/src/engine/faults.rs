@@ -301,8 +301,13 @@ impl Shared {
             let places = match persisted {
                 Ok(places) => places,
                 Err(e) => {
-                    log::error!("CRITICAL: {e}");
-                    self.state.lock().fault_record_error = Some(e.to_string());
+                    let why = e.to_string();
+                    let before = self.state.lock().fault_record_error.replace(why.clone());
+                    // The sync thread tries again every tick: say it once, and again if the
+                    // reason changes.
+                    if before.as_deref() != Some(why.as_str()) {
+                        log::error!("CRITICAL: {e}");
+                    }
                     // FLUSHes waiting for this record fail now rather than sleep until some
                     // unrelated progress wakes them.
                     self.progress.notify_all();

@@ -83,18 +83,15 @@ impl Shared {
         }
         // The loss check comes first: a loss sets `durable_id` past every id it dropped.
         loop {
-            state.check_failed()?;
             if state.lost_generation != issued {
                 return Err(lost_since(&mut state));
             }
             if state.durable_id >= target {
                 break;
             }
-            if let Some(why) = &state.fault_record_error {
+            if let Some(why) = state.unrecorded_failure() {
                 // Held back for a leg failure that cannot be recorded: fail, not hang.
-                return Err(EngineError::CacheFailed(format!(
-                    "a cache leg failed and its failure cannot be recorded: {why}"
-                )));
+                return Err(EngineError::CacheFailed(why));
             }
             self.progress.wait(&mut state);
         }

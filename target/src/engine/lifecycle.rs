@@ -28,19 +28,16 @@ const DRAIN_GIVES_UP_AFTER_ERRORS: u64 = 5;
 
 /// One run of the writeback loop. A panic in it (a bug) becomes an error like any other: the
 /// thread logs it, counts it (status, a drain that gives up) and starts again from the
-/// checkpoint, instead of dying unnoticed while the cache fills and writers stall.
+/// checkpoint, instead of dying unnoticed while the cache fills and writers stall. (A panic
+/// anywhere else ends the daemon: `crate::panics`.)
 fn run_writeback(s: &Arc<Shared>) -> std::result::Result<(), String> {
     let log: Arc<dyn CacheLog> = s.clone();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Writeback::new(log).run())) {
+    match crate::panics::catching(|| Writeback::new(log).run()) {
         Ok(result) => result.map_err(|e| e.to_string()),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|m| m.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(no message)".into());
-            Err(format!("the writeback thread panicked: {what}"))
-        }
+        Err(panic) => Err(format!(
+            "the writeback thread panicked: {}",
+            crate::panics::message(&*panic)
+        )),
     }
 }
 
@@ -107,15 +104,12 @@ impl Engine {
 
     /// Seals and flushes the log, then stops every thread. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
-        let flushed = {
-            let failed = self.shared.state.lock().failure.is_some();
-            if failed || self.shared.stopping.load(Ordering::Acquire) {
-                // Stopped already (by an earlier shutdown, or `abandon`: what a killed daemon
-                // leaves, the buffer file included, is left as it is).
-                None
-            } else {
-                Some(self.shared.flush_internal())
-            }
+        let flushed = if self.shared.stopping.load(Ordering::Acquire) {
+            // Stopped already (by an earlier shutdown, or `abandon`: what a killed daemon
+            // leaves, the buffer file included, is left as it is).
+            None
+        } else {
+            Some(self.shared.flush_internal())
         };
         self.stop_threads();
         if let Some(Ok(())) = flushed {

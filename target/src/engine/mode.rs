@@ -162,7 +162,7 @@ impl Shared {
     pub(crate) fn check_mode_transition(&self, state: &mut State) {
         let degraded =
             self.legs.healthy_count() < self.legs.all().len() || state.replacing_legs > 0;
-        if state.passthrough || !degraded || state.failure.is_some() || state.shutting_down {
+        if state.passthrough || !degraded || state.shutting_down {
             return;
         }
         let dirty = state.sealed_id - state.written_back_id;
@@ -517,7 +517,6 @@ impl Engine {
         let s = &self.shared;
         let mut state = s.state.lock();
         loop {
-            state.check_failed()?;
             if s.replaceable(&state, leg) {
                 return Ok(());
             }

@@ -170,7 +170,6 @@ impl State {
             writers_waiting: 0,
             drain_requested: false,
             shutting_down: false,
-            failure: None,
             closing_log: false,
             replacing_legs: 0,
             passthrough: r.cache_lost.is_some(),

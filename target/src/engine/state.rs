@@ -170,7 +170,6 @@ pub(crate) struct State {
     pub writers_waiting: usize,
     pub drain_requested: bool,
     pub shutting_down: bool,
-    pub failure: Option<String>,
     /// Degraded and (almost) clean: no new segment is opened until writeback catches up, then
     /// the engine goes to passthrough (see `mode`).
     pub closing_log: bool,
@@ -368,17 +367,17 @@ impl State {
     pub fn next_after_written_back(&self) -> Position {
         self.live.front().map_or(self.place, |p| p.position)
     }
-    /// Fails once the engine has failed (every request fails from then on).
-    pub(crate) fn check_failed(&self) -> Result<()> {
-        match &self.failure {
-            Some(why) => Err(EngineError::CacheFailed(why.clone())),
-            None => Ok(()),
-        }
+    /// Why FLUSHes fail now rather than wait, if they do: a leg failed and its failure could be
+    /// recorded nowhere a restart would look (`fault_record_error`; the sync thread retries the
+    /// record, and the reason goes once it succeeds). Status shows it as the engine's failure.
+    pub(crate) fn unrecorded_failure(&self) -> Option<String> {
+        self.fault_record_error
+            .as_ref()
+            .map(|why| format!("a cache leg failed and its failure cannot be recorded: {why}"))
     }
 
-    /// Fails once the engine has failed or is stopping.
+    /// Fails once the engine is stopping.
     pub(crate) fn check_alive(&self) -> Result<()> {
-        self.check_failed()?;
         if self.shutting_down {
             return Err(EngineError::ShuttingDown);
         }

@@ -54,6 +54,9 @@ pub struct EngineStatus {
     pub oldest_dirty_age: Option<Duration>,
     pub epoch_id: u64,
     pub legs: Vec<LegStatus>,
+    /// Set while the engine fails FLUSHes instead of acknowledging them: a cache leg failed and
+    /// its failure could be recorded nowhere a restart would look. Cleared once the record
+    /// succeeds (the sync thread retries it).
     pub failure: Option<String>,
     /// mirrored | single | degraded | passthrough
     pub mode: String,
@@ -82,7 +85,7 @@ pub struct EngineStatus {
 }
 
 impl EngineStatus {
-    /// The mode as `status` and the event hook show it: "failed" once the engine failed.
+    /// The mode as `status` and the event hook show it: "failed" while `failure` is set.
     pub fn shown_mode(&self) -> &str {
         if self.failure.is_some() {
             "failed"
@@ -126,7 +129,7 @@ impl Engine {
                     repairs: l.repairs.load(Ordering::Relaxed),
                 })
                 .collect(),
-            failure: state.failure.clone(),
+            failure: state.unrecorded_failure(),
             mode: s.mode_name(&state).to_string(),
             cache_lost_at: state.cache_lost.map(|l| l.backing_holds_id),
             cache_lost: state.cache_lost.map(|l| CacheLostStatus {

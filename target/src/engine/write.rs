@@ -232,12 +232,10 @@ impl Shared {
         let mut stall_started: Option<Instant> = None;
         while state.open.is_none() {
             state.admit_to_log()?;
-            if let (true, Some(why)) = (state.closing_log, &state.fault_record_error) {
+            if let (true, Some(why)) = (state.closing_log, state.unrecorded_failure()) {
                 // The log is closing for passthrough, which waits for a failure that cannot be
                 // recorded: fail the write rather than hold it for as long as that lasts.
-                return Err(EngineError::CacheFailed(format!(
-                    "a cache leg failed and its failure cannot be recorded: {why}"
-                )));
+                return Err(EngineError::CacheFailed(why));
             }
             let at = state.place;
             let slot = &state.slots[at.slot as usize];
@@ -421,7 +419,7 @@ impl Shared {
             .open
             .as_ref()
             .is_some_and(|o| !o.entries.is_empty() && o.opened_at.elapsed() >= self.sync_interval);
-        if stale && state.failure.is_none() {
+        if stale {
             self.seal(&mut state, SealReason::Timer);
         }
     }

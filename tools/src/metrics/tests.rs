@@ -153,10 +153,10 @@ fn mode_state_set_legs_and_failures() {
             &[],
         ),
         (
-            "a lost cache and a failed engine",
+            "a lost cache and failing FLUSHes",
             up(DeviceStatus {
                 cache_lost_at: Some(3),
-                failure: Some("log write failed".into()),
+                failure: Some("a cache leg failed and its failure cannot be recorded".into()),
                 ..status()
             }),
             &[
