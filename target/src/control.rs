@@ -461,10 +461,10 @@ pub struct DeviceStatus {
     pub dev_id: u32,
     pub pid: u32,
     /// "mirrored" (or "single" for a one-leg set), "degraded" (a leg failed; writing back),
-    /// "passthrough" (requests go straight to the backing device) or "failed" (FLUSHes fail:
+    /// "passthrough" (requests go straight to the backing device) or "failed" (requests fail:
     /// `failure` says why).
     pub mode: String,
-    /// Why FLUSHes fail now: a leg failure that can be recorded nowhere (`EngineStatus::failure`).
+    /// Why requests fail now: a fault that can be recorded nowhere (`EngineStatus::failure`).
     pub failure: Option<String>,
     /// Set when every cache leg was lost: the last segment id the backing device holds.
     pub cache_lost_at: Option<u64>,

@@ -9,9 +9,12 @@
 //! (ublk user recovery), systemd restarts the daemon, and `wbctl create` takes the device over
 //! and recovers the log; nothing acknowledged is lost.
 //!
-//! The one exception is writeback, whose thread runs its loop under `catching`: a panic there
-//! is logged, counted and retried from the checkpoint (`engine::lifecycle`) while the front end
-//! keeps serving.
+//! The one exception is writeback's own logic: its thread (`wb-writeback`) runs its loop under
+//! `catching`, and a panic there is logged, counted and retried from the checkpoint
+//! (`engine::lifecycle`) while the front end keeps serving. Not covered, so fatal as anywhere
+//! else: the engine code writeback calls that changes the engine's state (`fatal`: the commit
+//! that frees log space, reading a segment from a leg), and writeback's helper threads
+//! (`wb-read`, `wb-read-ahead`, `wb-write`: the flag is per thread).
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, PanicHookInfo};
@@ -22,10 +25,24 @@ thread_local! {
 }
 
 /// Runs `f` and returns its panic, if any, as an error: under `abort_on_uncaught_panics` this
-/// is the only place a panic unwinds to instead of ending the process.
+/// is the only place a panic unwinds to instead of ending the process. The caller vouches that
+/// what `f` changes is sound after a panic half-way (code that changes the engine's state runs
+/// under `fatal`). Only this thread is covered: a thread `f` starts is not.
 pub fn catching<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
-    let outer = CAUGHT_HERE.replace(true);
-    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    within(true, || std::panic::catch_unwind(AssertUnwindSafe(f)))
+}
+
+/// Runs `f` with a panic in it ending the process even inside `catching`: for code that
+/// changes state other threads share, which a half-made change would leave unsound.
+pub fn fatal<R>(f: impl FnOnce() -> R) -> R {
+    within(false, f)
+}
+
+/// Runs `f` with `CAUGHT_HERE` set to `caught`, then puts the outer value back (an unwinding
+/// panic passes through here only on its way to a `catching`, which then restores its own).
+fn within<R>(caught: bool, f: impl FnOnce() -> R) -> R {
+    let outer = CAUGHT_HERE.replace(caught);
+    let result = f();
     CAUGHT_HERE.set(outer);
     result
 }

@@ -224,6 +224,13 @@ fn with_nowhere_to_record_a_loss_passthrough_writes_are_refused() {
         rig.backing.snapshot() == before,
         "the refused write reached the backing device"
     );
+    let status = engine.status();
+    let failure = status.failure.clone().unwrap_or_default();
+    assert!(
+        status.shown_mode() == "failed" && failure.contains("cache loss cannot be recorded"),
+        "status does not say why writes are refused: mode {}, failure {failure:?}",
+        status.shown_mode()
+    );
 }
 
 /// While a leg failure can be recorded nowhere a restart would look, FLUSHes fail, and status

@@ -5,7 +5,7 @@
 //! Each case runs in a child process (this test binary again, with `WB_PANIC_CASE` set): the
 //! daemon's hook, once installed, ends the process it is in.
 
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Output};
 
 use wb_target::panics;
@@ -35,6 +35,21 @@ fn child_case() {
             })
             .unwrap()
             .join(),
+        // Past `catching`, the thread is covered no more.
+        Some("caught-then-uncaught") => thread
+            .spawn(|| {
+                let _ = panics::catching(|| panic!("a writeback bug"));
+                panic!("a leg writer's bug");
+            })
+            .unwrap()
+            .join(),
+        // Engine code writeback calls (`fatal`) is not covered by writeback's `catching`.
+        Some("fatal-inside-catching") => thread
+            .spawn(|| {
+                let _ = panics::catching(|| panics::fatal(|| panic!("a leg writer's bug")));
+            })
+            .unwrap()
+            .join(),
         other => panic!("unknown case {other:?}"),
     };
     println!(
@@ -44,18 +59,38 @@ fn child_case() {
 }
 
 fn run_case(case: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
         .args(["--exact", "child_case", "--nocapture", "--test-threads=1"])
-        .env(CASE_ENV, case)
-        .output()
-        .unwrap()
+        .env(CASE_ENV, case);
+    // SAFETY: between fork and exec the closure only calls setrlimit, which is async-signal-safe
+    // and touches no memory of the parent's (the aborts must not leave core files on CI hosts).
+    unsafe {
+        child.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    child.output().unwrap()
 }
 
 /// Without the hook the thread would die alone and the process go on (the child would print
 /// "went on" and pass): a leg writer that died so leaves every later FLUSH waiting for ever.
 #[test]
 fn a_panic_outside_writeback_ends_the_process() {
-    let out = run_case("uncaught");
+    for case in ["uncaught", "caught-then-uncaught", "fatal-inside-catching"] {
+        assert_aborted(case);
+    }
+}
+
+fn assert_aborted(case: &str) {
+    let out = run_case(case);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -63,16 +98,16 @@ fn a_panic_outside_writeback_ends_the_process() {
     assert_eq!(
         out.status.signal(),
         Some(SIGABRT),
-        "the process was not aborted: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "{case}: the process was not aborted: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
     assert!(
         !stdout.contains("went on"),
-        "the process went on after the panic:\n{stdout}"
+        "{case}: the process went on after the panic:\n{stdout}"
     );
     assert!(
         stderr.contains("a leg writer's bug") && stderr.contains("wb-log-leg1"),
-        "the panic's message and thread are not reported:\n{stderr}"
+        "{case}: the panic's message and thread are not reported:\n{stderr}"
     );
 }
 

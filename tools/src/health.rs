@@ -7,8 +7,8 @@
 //!   within the last minute: `stall_ms_last_minute`), backing-device errors, a cache leg's SSD
 //!   worn past 80 %, its spare below the drive's threshold, a critical warning in its SMART log
 //!   or a failed SMART self-assessment (`ssd_health::warnings`);
-//! - 2 CRITICAL — the cache was lost, no cache leg is usable, FLUSHes fail (a leg failure that
-//!   can be recorded nowhere: status `failure`), the daemon is down (its device waits for
+//! - 2 CRITICAL — the cache was lost, no cache leg is usable, requests fail (a fault that can be
+//!   recorded nowhere: status `failure`), the daemon is down (its device waits for
 //!   `wbctl recover`);
 //! - 3 UNKNOWN — the status could not be read (e.g. not root).
 //!
@@ -83,7 +83,7 @@ pub fn of_status(s: &DeviceStatus) -> (Health, String) {
         );
     }
     if let Some(why) = &s.failure {
-        return (Health::Critical, format!("FLUSHes fail: {why}"));
+        return (Health::Critical, format!("requests fail: {why}"));
     }
     if !s.legs.is_empty() && failed_legs.len() == s.legs.len() {
         return (Health::Critical, "no usable cache leg".into());
@@ -298,7 +298,7 @@ mod tests {
         s.failure = Some("a cache leg failed and its failure cannot be recorded: x".into());
         let (h, text) = of_status(&s);
         assert_eq!(h, Health::Critical);
-        assert!(text.contains("FLUSHes fail: a cache leg failed"), "{text}");
+        assert!(text.contains("requests fail: a cache leg failed"), "{text}");
 
         let mut s = status("mirrored", vec![leg("/dev/a", "ok")], 0);
         s.backing_errors = 3;

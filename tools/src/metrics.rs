@@ -158,7 +158,7 @@ const DEVICE_FIGURES: &[DeviceFigure] = &[
         false, |s| secs_of_ms(s.stall_ms_last_minute)),
     ("cache_lost", "1 when every cache leg was lost and the device runs in passthrough", None,
         false, |s| flag(s.cache_lost.is_some() || s.cache_lost_at.is_some())),
-    ("engine_failed", "1 while FLUSHes fail: a leg failure can be recorded nowhere", None, false,
+    ("engine_failed", "1 while requests fail: a fault can be recorded nowhere", None, false,
         |s| flag(s.failure.is_some())),
     ("uptime", "Time since the daemon started (its counters start from 0 then)", SECONDS, false,
         |s| int(s.uptime_secs)),

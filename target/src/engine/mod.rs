@@ -298,8 +298,8 @@ impl Shared {
         Ok(())
     }
 
-    /// The state lock, for a request that goes through the log: fails if the engine failed or
-    /// stops, and reroutes (`EngineError::Passthrough`) if the log is out of use.
+    /// The state lock, for a request that goes through the log: fails if the engine stops, and
+    /// reroutes (`EngineError::Passthrough`) if the log is out of use.
     fn lock_live(&self) -> Result<MutexGuard<'_, State>> {
         let state = self.state.lock();
         state.admit_to_log()?;

@@ -367,9 +367,10 @@ impl State {
     pub fn next_after_written_back(&self) -> Position {
         self.live.front().map_or(self.place, |p| p.position)
     }
-    /// Why FLUSHes fail now rather than wait, if they do: a leg failed and its failure could be
-    /// recorded nowhere a restart would look (`fault_record_error`; the sync thread retries the
-    /// record, and the reason goes once it succeeds). Status shows it as the engine's failure.
+
+    /// The error of a FLUSH (or a write held for passthrough) that a record it waits for could
+    /// not be written for (`fault_record_error`; the sync thread retries the record, and the
+    /// reason goes once it succeeds).
     pub(crate) fn unrecorded_failure(&self) -> Option<String> {
         self.fault_record_error
             .as_ref()

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use writeback::Policy;
 
-use crate::engine::{Engine, Slot};
+use crate::engine::{Engine, Shared, Slot, State};
 
 #[derive(Debug, Clone, Default)]
 pub struct SegmentIds {
@@ -54,9 +54,9 @@ pub struct EngineStatus {
     pub oldest_dirty_age: Option<Duration>,
     pub epoch_id: u64,
     pub legs: Vec<LegStatus>,
-    /// Set while the engine fails FLUSHes instead of acknowledging them: a cache leg failed and
-    /// its failure could be recorded nowhere a restart would look. Cleared once the record
-    /// succeeds (the sync thread retries it).
+    /// Set while requests fail because a fault can be recorded nowhere a restart would look
+    /// (`Shared::requests_failing`). Cleared once the record succeeds (the sync thread retries
+    /// it).
     pub failure: Option<String>,
     /// mirrored | single | degraded | passthrough
     pub mode: String,
@@ -95,6 +95,25 @@ impl EngineStatus {
     }
 }
 
+impl Shared {
+    /// Why clients' requests fail now, if they do because a change of the fault record could not
+    /// be written (status `failure`): out of passthrough, a leg failure not on record holds every
+    /// FLUSH, which then fails (`flush_inner`); in passthrough, writes are refused while a cache
+    /// loss is not on record (`faults_on_record`). A record that fails while nothing waits for it
+    /// (a replaced leg's, in passthrough) fails no request, and is not a failure here.
+    fn requests_failing(&self, state: &State) -> Option<String> {
+        let why = state.fault_record_error.as_ref()?;
+        if state.passthrough {
+            let loss_unrecorded =
+                state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none();
+            return loss_unrecorded
+                .then(|| format!("the cache loss cannot be recorded: {why}; writes are refused"));
+        }
+        let leg_unrecorded = self.legs.failed_mask() & !state.faults_recorded.failed_legs != 0;
+        leg_unrecorded.then(|| state.unrecorded_failure()).flatten()
+    }
+}
+
 impl Engine {
     pub fn status(&self) -> EngineStatus {
         let s = &self.shared;
@@ -129,7 +148,7 @@ impl Engine {
                     repairs: l.repairs.load(Ordering::Relaxed),
                 })
                 .collect(),
-            failure: state.unrecorded_failure(),
+            failure: s.requests_failing(&state),
             mode: s.mode_name(&state).to_string(),
             cache_lost_at: state.cache_lost.map(|l| l.backing_holds_id),
             cache_lost: state.cache_lost.map(|l| CacheLostStatus {

@@ -232,9 +232,10 @@ impl Shared {
         let mut stall_started: Option<Instant> = None;
         while state.open.is_none() {
             state.admit_to_log()?;
-            if let (true, Some(why)) = (state.closing_log, state.unrecorded_failure()) {
+            if state.closing_log && state.fault_record_error.is_some() {
                 // The log is closing for passthrough, which waits for a failure that cannot be
                 // recorded: fail the write rather than hold it for as long as that lasts.
+                let why = state.unrecorded_failure().expect("checked");
                 return Err(EngineError::CacheFailed(why));
             }
             let at = state.place;

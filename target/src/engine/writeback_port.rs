@@ -58,28 +58,6 @@ impl CacheLog for Shared {
         self.policy.lock().clone().unwrap_or_default()
     }
 
-    fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
-        let (offset, used_bytes) = {
-            let state = self.state.lock();
-            if id > state.written_id || id <= state.written_back_id {
-                // Only after every leg was lost (the log was reset under writeback's feet).
-                return Err(io::Error::other(format!(
-                    "segment {id} is no longer in the cache"
-                )));
-            }
-            let placed = state.placed(id);
-            (placed.position.offset(), placed.used_bytes)
-        };
-        // Straight into the image when it is aligned for direct I/O (writeback's are).
-        if (image.as_ptr() as usize).is_multiple_of(logfmt::BLOCK_SIZE_BYTES) {
-            return read_segment_into(self, id, offset, used_bytes, image);
-        }
-        let mut buf = AlignedBuf::new(image.len());
-        let header = read_segment_into(self, id, offset, used_bytes, &mut buf[..image.len()])?;
-        image.copy_from_slice(&buf[..image.len()]);
-        Ok(header)
-    }
-
     fn backing_write(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         let _gate = self.backing_gate.read();
         if self.fenced() {
@@ -107,6 +85,86 @@ impl CacheLog for Shared {
     }
 
     fn commit(&self, through_id: u64, epoch: u64, headers: &[SegmentHeader]) -> io::Result<()> {
+        // It changes the engine's state under its lock: a panic half-way must end the daemon,
+        // not come back to writeback's retry over a half-changed state (`crate::panics`).
+        crate::panics::fatal(|| self.commit_batch(through_id, epoch, headers))
+    }
+
+    fn read_segment(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
+        // Engine code (it may take a leg out of use or repair a copy): as `commit`.
+        crate::panics::fatal(|| self.read_segment_image(id, image))
+    }
+
+    fn activity(&self, now: Instant) -> Activity {
+        let state = self.state.lock();
+        let n = self.geometry.segment_count;
+        let oldest_dirty_age = state
+            .oldest_sealed_at()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        // Occupancy in slots, the unit writeback frees: small segments packed in a slot count
+        // once.
+        Activity {
+            dirty_segments: state.slots_in_use(),
+            capacity_segments: n,
+            oldest_dirty_age,
+            idle_for: self.idle_for(now),
+            writers_waiting: state.writers_waiting > 0,
+            drain_requested: state.drain_requested,
+            // Full speed also while a replace waits for the cache to empty.
+            degraded: self.legs.healthy_count() < self.legs.all().len()
+                || state.replacing_legs > 0
+                || state.closing_log,
+        }
+    }
+
+    fn wait_for_work(&self, timeout: Duration) {
+        self.lift_fence();
+        let mut state = self.state.lock();
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.writeback_wakeup.wait_for(&mut state, timeout);
+        drop(state);
+        self.lift_fence();
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    /// `CacheLog::read_segment`: segment `id` read from a leg into `image`.
+    fn read_segment_image(&self, id: u64, image: &mut [u8]) -> io::Result<SegmentHeader> {
+        let (offset, used_bytes) = {
+            let state = self.state.lock();
+            if id > state.written_id || id <= state.written_back_id {
+                // Only after every leg was lost (the log was reset under writeback's feet).
+                return Err(io::Error::other(format!(
+                    "segment {id} is no longer in the cache"
+                )));
+            }
+            let placed = state.placed(id);
+            (placed.position.offset(), placed.used_bytes)
+        };
+        // Straight into the image when it is aligned for direct I/O (writeback's are).
+        if (image.as_ptr() as usize).is_multiple_of(logfmt::BLOCK_SIZE_BYTES) {
+            return read_segment_into(self, id, offset, used_bytes, image);
+        }
+        let mut buf = AlignedBuf::new(image.len());
+        let header = read_segment_into(self, id, offset, used_bytes, &mut buf[..image.len()])?;
+        image.copy_from_slice(&buf[..image.len()]);
+        Ok(header)
+    }
+
+    /// `CacheLog::commit`: the checkpoint past `through_id`, then the written-back segments'
+    /// blocks leave the map and their slots are freed.
+    fn commit_batch(
+        &self,
+        through_id: u64,
+        epoch: u64,
+        headers: &[SegmentHeader],
+    ) -> io::Result<()> {
         // Until the state has the new sequence: the fault record writes checkpoints too.
         let checkpoints = self.checkpoint_lock.lock();
         let sequence = {
@@ -191,45 +249,6 @@ impl CacheLog for Shared {
         Ok(())
     }
 
-    fn activity(&self, now: Instant) -> Activity {
-        let state = self.state.lock();
-        let n = self.geometry.segment_count;
-        let oldest_dirty_age = state
-            .oldest_sealed_at()
-            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        // Occupancy in slots, the unit writeback frees: small segments packed in a slot count
-        // once.
-        Activity {
-            dirty_segments: state.slots_in_use(),
-            capacity_segments: n,
-            oldest_dirty_age,
-            idle_for: self.idle_for(now),
-            writers_waiting: state.writers_waiting > 0,
-            drain_requested: state.drain_requested,
-            // Full speed also while a replace waits for the cache to empty.
-            degraded: self.legs.healthy_count() < self.legs.all().len()
-                || state.replacing_legs > 0
-                || state.closing_log,
-        }
-    }
-
-    fn wait_for_work(&self, timeout: Duration) {
-        self.lift_fence();
-        let mut state = self.state.lock();
-        if self.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        self.writeback_wakeup.wait_for(&mut state, timeout);
-        drop(state);
-        self.lift_fence();
-    }
-
-    fn is_shutting_down(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-}
-
-impl Shared {
     /// Frees the segments up to `through_id` (written back): their placements, and every slot
     /// none of whose segments is live any more.
     fn free_through(&self, state: &mut crate::engine::State, through_id: u64) {
