@@ -106,7 +106,8 @@ fn vm_ublk_kill_and_recover_during_fio() {
 /// CONTRACT §8 through ublk, from one boot: 4 KiB random-write IOPS against the null ublk target
 /// (goal ≥ 0.8) and a burst that fits in the cache against the throttled backing device alone
 /// (goal ≥ 3×), and fsync'd 4 KiB writes (1 and 8 writers) against the raw cache disk with the
-/// leg bytes each cost, and one writer in three side-by-side rounds (goal: median ≥ 0.4×).
+/// leg bytes each cost, and one writer in three side-by-side rounds (goal: median ≥ 0.4×; both
+/// cache disks written at once measured in each round too, what a mirror's legs face).
 /// Prints the figures; asserts only that they were measured (benchmarks never assert timings).
 #[test]
 fn vm_ublk_bench_iops_and_burst() {

@@ -20,23 +20,12 @@ need_ublk
 BACKING="$(disk 0)" CACHE0="$(disk 1)" CACHE1="$(disk 2)"
 ROUNDS="${1:-2}" RUNTIME="${2:-6}"
 
-# One writer on each of two disks at once (wb_fsync_fio's job, one per disk): prints the IOPS
-# of one disk, the two writers' mean.
-both_disks() {
-    local out="$WB_OUT/sync-both-$1.json"
-    fio --ioengine=psync --rw=randwrite --bs=4k --fsync=1 --time_based --runtime="$RUNTIME" \
-        --size=256M --offset=1536M --randrepeat=0 --norandommap --output-format=json \
-        --output="$out" --eta=never --name=leg0 --filename="$CACHE0" \
-        --name=leg1 --filename="$CACHE1" >&2 || fail "fio on both cache disks failed"
-    echo $(($(fio_json_field "$out" write iops) / 2))
-}
-
 for ((round = 1; round <= ROUNDS; round++)); do
     # wb_create registers its cleanup in its own subshell only
     on_exit "_wb_cleanup s$round"
     on_exit "_wb_cleanup m$round"
     raw=$(wb_fsync_fio raw-$round "$CACHE0" 1 "$RUNTIME" | cut -d" " -f1)
-    both=$(both_disks "$round")
+    both=$(wb_fsync_fio_both "$round" "$CACHE0" "$CACHE1" "$RUNTIME")
     start_wb_null --size 2G
     null=$(wb_fsync_fio null-$round "$WB_NULL_DEV" 1 "$RUNTIME" | cut -d" " -f1)
     stop_wb_null

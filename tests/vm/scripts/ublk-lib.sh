@@ -134,6 +134,18 @@ wb_fsync_fio() {
     echo "$(fio_json_field "$out" write iops) $(fio_json_field "$out" write total_ios)"
 }
 
+# wb_fsync_fio_both NAME DISK0 DISK1 RUNTIME: wb_fsync_fio's job, one writer on each of two
+# disks at once (what a mirrored set's two legs face); prints the IOPS of one disk (the two
+# writers' mean).
+wb_fsync_fio_both() {
+    local out="$WB_OUT/sync-both-$1.json"
+    fio --ioengine=psync --rw=randwrite --bs=4k --fsync=1 --time_based --runtime="$4" \
+        --size=256M --offset=1536M --randrepeat=0 --norandommap --output-format=json \
+        --output="$out" --eta=never --name=leg0 --filename="$2" --name=leg1 --filename="$3" >&2 ||
+        fail "fio $1 on $2 and $3 at once failed: $(cat "$out" 2>/dev/null)"
+    echo $(($(fio_json_field "$out" write iops) / 2))
+}
+
 dev_sha256() {
     dd if="$1" bs=1M count=$(($2 >> 20)) iflag=direct status=none | sha256sum | cut -d' ' -f1
 }
