@@ -157,6 +157,11 @@ impl Shared {
         })
     }
 
+    /// A leg is out of use and its failure is not on record yet.
+    pub(crate) fn leg_failure_unrecorded(&self, state: &State) -> bool {
+        self.legs.failed_mask() & !state.faults_recorded.failed_legs != 0
+    }
+
     /// Degraded → (closing the log) → passthrough, as writeback catches up. Called by the sync
     /// timer and after every writeback commit.
     pub(crate) fn check_mode_transition(&self, state: &mut State) {
@@ -172,7 +177,7 @@ impl Shared {
             self.seal(state, SealReason::Timer);
         }
         if state.closing_log && state.open.is_none() && state.written_back_id == state.sealed_id {
-            if self.legs.failed_mask() & !state.faults_recorded.failed_legs != 0 {
+            if self.leg_failure_unrecorded(state) {
                 // Not before the failure is on record: a restart could otherwise take the failed
                 // leg for a good one and replay its stale log over the passthrough writes.
                 // The sync timer records it and calls again.
@@ -207,7 +212,7 @@ impl Shared {
             // Only a loss matters here (a leg failure or its end does not make a passthrough
             // write unsafe), and once it is on record, nothing more is to wait for.
             let state = self.state.lock();
-            if state.cache_lost.is_none() || state.faults_recorded.cache_lost.is_some() {
+            if !state.loss_unrecorded() {
                 return Ok(());
             }
         }
@@ -406,7 +411,7 @@ impl Engine {
                 format!("leg {index} was replaced meanwhile"),
             ));
         }
-        if state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none() {
+        if state.loss_unrecorded() {
             // Lost while this waited, and not on record: attaching now would drop the loss.
             return Err(EngineError::CacheFailed(
                 "the cache was lost while the replacement waited, and the loss is not on record \
@@ -467,11 +472,7 @@ impl Engine {
     /// log (and adopt its buffers) over what passthrough wrote since.
     fn loss_on_record_before_replace(&self) -> Result<()> {
         let s = &self.shared;
-        let unrecorded = {
-            let state = s.state.lock();
-            state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none()
-        };
-        if !unrecorded {
+        if !s.state.lock().loss_unrecorded() {
             return Ok(());
         }
         s.record_faults().map_err(|e| {

@@ -368,6 +368,12 @@ impl State {
         self.live.front().map_or(self.place, |p| p.position)
     }
 
+    /// Every leg was lost and the loss is not on record yet: no passthrough write may reach the
+    /// backing device and no leg may be attached before it is (`mode`).
+    pub(crate) fn loss_unrecorded(&self) -> bool {
+        self.cache_lost.is_some() && self.faults_recorded.cache_lost.is_none()
+    }
+
     /// The error of a FLUSH (or a write held for passthrough) that a record it waits for could
     /// not be written for (`fault_record_error`; the sync thread retries the record, and the
     /// reason goes once it succeeds).

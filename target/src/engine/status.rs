@@ -104,13 +104,14 @@ impl Shared {
     fn requests_failing(&self, state: &State) -> Option<String> {
         let why = state.fault_record_error.as_ref()?;
         if state.passthrough {
-            let loss_unrecorded =
-                state.cache_lost.is_some() && state.faults_recorded.cache_lost.is_none();
-            return loss_unrecorded
+            return state
+                .loss_unrecorded()
                 .then(|| format!("the cache loss cannot be recorded: {why}; writes are refused"));
         }
-        let leg_unrecorded = self.legs.failed_mask() & !state.faults_recorded.failed_legs != 0;
-        leg_unrecorded.then(|| state.unrecorded_failure()).flatten()
+        if !self.leg_failure_unrecorded(state) {
+            return None;
+        }
+        state.unrecorded_failure()
     }
 }
 

@@ -135,7 +135,7 @@ both_disks_iops() { # ROUND: the IOPS of each cache disk with both written at on
     echo "$out"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a / b}'; }
-median_of() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+median_of_3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
 ratios=() of_both=()
 for round in 1 2 3; do
     on_exit "_wb_cleanup r$round" # wb_create registers it in its own subshell only
@@ -153,6 +153,6 @@ for round in 1 2 3; do
         "$both/s each, writeboost $wb/s = ${ratios[-1]} of the raw disk, ${of_both[-1]} of both at once"
 done
 log "bench: fsync'd 4k writes, 1 writer: writeboost/raw cache disk per round ${ratios[*]}," \
-    "median $(median_of "${ratios[@]}") (goal >= 0.4); writeboost/both cache disks at once" \
-    "per round ${of_both[*]}, median $(median_of "${of_both[@]}")"
+    "median $(median_of_3 "${ratios[@]}") (goal >= 0.4); writeboost/both cache disks at once" \
+    "per round ${of_both[*]}, median $(median_of_3 "${of_both[@]}")"
 log "ublk-bench: DONE"
